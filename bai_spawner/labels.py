@@ -20,6 +20,7 @@ Containers:
     {PREFIX}quanta                 comma-separated quanta, one per device
     {PREFIX}fgpu                   total fGPU as shown to users, e.g. "0.5"
     {PREFIX}cpu-millis, {PREFIX}memory-bytes
+    {PREFIX}request-id             the scheduler admission this container belongs to
 """
 
 PREFIX = "org.bai-hub."
@@ -44,6 +45,8 @@ QUANTA = PREFIX + "quanta"
 FGPU = PREFIX + "fgpu"
 CPU_MILLIS = PREFIX + "cpu-millis"
 MEMORY_BYTES = PREFIX + "memory-bytes"
+REQUEST_ID = PREFIX + "request-id"
+IMAGE = PREFIX + "image"
 
 KIND_KERNEL = "kernel"
 KIND_PRIVATE = "private"

@@ -1,0 +1,519 @@
+"""The bai-scheduler JupyterHub service: REST API, engine watchers, pages.
+
+Run by the hub as a managed service (see hub_config/jupyterhub_config.py),
+reading the same config file as the hub; its own options live under
+``c.BaiScheduler``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+from urllib.parse import urlparse
+
+from tornado import httpserver, web
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
+from traitlets.config import Application
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+
+from . import engines, inventory
+from .hubapi import HubAPI, HubAPIError
+from .model import Node, RequestKey
+from .queue import QueuePolicy, UserLimits
+from .service import Refused, SchedulerService, placement_to_json
+from .store import Store, StoreUnavailable
+from .units import FgpuUnits
+
+MAX_BODY = 64 * 1024
+NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
+
+
+class BaiScheduler(Application):
+    name = "bai-scheduler"
+    description = "Queue, capacity and placement for BAI Hub sessions"
+
+    config_file = Unicode(
+        "", config=True,
+        help="Config file to load (the hub's jupyterhub_config.py; only c.BaiScheduler is used).",
+    )
+    aliases = {"config": "BaiScheduler.config_file", "db-url": "BaiScheduler.db_url"}
+
+    db_url = Unicode(
+        "sqlite:///bai_scheduler.sqlite", config=True,
+        help="SQLAlchemy URL of the queue and allocation database, e.g. "
+        "postgresql://bai:secret@db/bai. SQLite is fine for one machine.",
+    )
+    fgpu_per_gpu = Integer(
+        2, config=True,
+        help="How many fGPU one physical GPU is. 2 means 1 fGPU = half a GPU's memory and SMs.",
+    )
+    fgpu_step = Unicode(
+        "0.5", config=True,
+        help="Smallest fGPU amount a user may ask for, and the step of every request "
+        "(one step = one quantum). Must divide fgpu_per_gpu exactly.",
+    )
+    nodes = List(
+        Dict(), config=True,
+        help="""Worker nodes, one Docker engine each. Keys: name, docker_url ("" = local engine
+        from DOCKER_HOST or the default socket; "tcp://host:2376" with tls {client_cert, ca_cert}),
+        gpus ("auto": real GPUs read with nvidia-ml-py on the local engine, else the simulated
+        inventory; an int: that many simulated GPUs), gpu_memory (e.g. "8GiB"), gpu_name, sm_count,
+        cpu (millicores the scheduler may hand out, 0 = unlimited), memory (bytes or "64GiB").""",
+    )
+
+    @default("nodes")
+    def _default_nodes(self):
+        return [{"name": "local", "docker_url": "", "gpus": "auto"}]
+
+    simulated_gpus = Dict(
+        {"gpus": 1, "gpu_memory": "8GiB", "gpu_name": "Simulated GPU (8 GiB)", "sm_count": 108},
+        config=True,
+        help="Inventory used for a node with gpus='auto' when NVML finds no GPU (this mirrors "
+        "the seed's demo: one 8 GiB GPU). The hub and pages then say GPUs are simulated.",
+    )
+    queue_order = Unicode("fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).")
+    queue_head = Unicode(
+        "backfill", config=True,
+        help="What a head that does not fit does: 'strict' (everyone waits), 'skip' (skip it after "
+        "skip_after passes) or 'backfill' (smaller requests start when they cannot delay the head).",
+    )
+    skip_after = Integer(3, config=True, help="Passes a head may block before 'skip' lets others past.")
+    span = Unicode(
+        "whole-then-fraction", config=True,
+        help="Requests above one GPU: 'whole-then-fraction' (whole devices, then a fraction on one "
+        "more device of the same node) or 'whole-only' (above one GPU only whole multiples).",
+    )
+    strategy = Unicode(
+        "concentrate", config=True,
+        help="Placement: 'concentrate' (best fit; keeps whole GPUs free) or 'spread' (emptiest first).",
+    )
+    max_running_per_user = Integer(0, config=True, help="Running sessions a user may have (0 = no limit).")
+    max_pending_per_user = Integer(0, config=True, help="Queued sessions a user may have (0 = no limit).")
+    max_fgpu_per_user = Unicode("0", config=True, help="fGPU a user may hold at once, e.g. '2' (0 = no limit).")
+    max_cpu_per_user = Float(0, config=True, help="CPUs a user may hold at once (0 = no limit).")
+    max_memory_per_user = Unicode("0", config=True, help="Memory a user may hold at once, e.g. '32GiB' (0 = no limit).")
+    wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
+    max_launch = Integer(8, config=True, help="Most sessions a user may launch in one action.")
+
+    @validate("fgpu_step")
+    def _check_step(self, proposal):
+        FgpuUnits(self.fgpu_per_gpu, proposal.value)
+        return proposal.value
+
+    @validate("queue_order")
+    def _check_order(self, proposal):
+        if proposal.value not in ("fifo", "drf"):
+            raise ValueError("queue_order must be 'fifo' or 'drf'")
+        return proposal.value
+
+    @validate("queue_head")
+    def _check_head(self, proposal):
+        if proposal.value not in ("strict", "skip", "backfill"):
+            raise ValueError("queue_head must be 'strict', 'skip' or 'backfill'")
+        return proposal.value
+
+    # -- assembly ---------------------------------------------------------------
+
+    @property
+    def units(self) -> FgpuUnits:
+        return FgpuUnits(self.fgpu_per_gpu, self.fgpu_step)
+
+    def build_nodes(self) -> list[Node]:
+        nodes = []
+        for spec in self.nodes:
+            spec = dict(spec)
+            gpus = spec.get("gpus", "auto")
+            if gpus == "auto":
+                try:
+                    devices = inventory.nvml_devices(self.units)
+                    node = inventory.simulated_nodes([{**spec, "gpus": 0}], self.units)[0]
+                    node = Node(node.name, node.docker_url, devices, node.cpu_millis, node.memory_bytes, simulated=False)
+                    self.log.info("Node %s: %d real GPU(s) from NVML", node.name, len(devices))
+                except inventory.NoGpuError as e:
+                    node = inventory.simulated_nodes([{**self.simulated_gpus, **spec, "gpus": self.simulated_gpus.get("gpus", 1)}], self.units)[0]
+                    self.log.warning(
+                        "Node %s: no GPU found (%s); using a SIMULATED inventory of %d GPU(s)",
+                        node.name, e, len(node.devices),
+                    )
+            else:
+                node = inventory.simulated_nodes([spec], self.units)[0]
+                self.log.warning("Node %s: SIMULATED inventory of %d GPU(s)", node.name, len(node.devices))
+            nodes.append(node)
+        return nodes
+
+    def limits(self) -> UserLimits:
+        return UserLimits(
+            max_running=self.max_running_per_user,
+            max_pending=self.max_pending_per_user,
+            max_quanta=self.units.to_quanta(self.max_fgpu_per_user),
+            max_cpu_millis=int(self.max_cpu_per_user * 1000),
+            max_memory_bytes=inventory.parse_bytes(self.max_memory_per_user),
+        )
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s bai-scheduler] %(message)s")
+        self.log = logging.getLogger("bai_scheduler")
+        self.node_list = self.build_nodes()
+        self.store = Store(self.db_url)
+        self.service = SchedulerService(
+            self.node_list, self.units, self.store,
+            policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
+            limits=self.limits(), span=self.span, strategy=self.strategy,
+        )
+        self.hub = HubAPI()
+        self.internal_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        self.service.on_orphan_admitted = self.start_orphan
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/bai-scheduler/")
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.hub_auth = HubOAuth(api_token=self.internal_token, cache_max_age=60)
+
+    async def start_orphan(self, rec, attempts: int = 60):
+        """Ask the hub to start a server admitted while nobody waited for it."""
+        for _ in range(attempts):
+            if self.service.get(rec.key) is not rec or self.service.is_attached(rec.key):
+                return
+            try:
+                await self.hub.start_server(rec.key.user, rec.key.server, rec.user_options)
+                return
+            except HubAPIError as e:
+                if e.code == 400 and "already" in str(e):
+                    return
+                self.log.warning("Hub could not start %s yet: %s", rec.key, e)
+            except OSError as e:
+                self.log.warning("Hub unreachable while starting %s: %s", rec.key, e)
+            await asyncio.sleep(5)
+
+    async def reconcile_all(self, *_):
+        facts = []
+        for node in self.node_list:
+            try:
+                facts += await asyncio.to_thread(engines.session_containers, engines.make_client(node), node.name)
+            except Exception as e:
+                self.log.error("Cannot list containers on node %s (%s): skipping reconcile", node.name, e)
+                return
+        try:
+            result = await self.service.reconcile(facts)
+        except StoreUnavailable as e:
+            self.log.error("Reconcile postponed: %s", e)
+            return
+        if any(result.values()):
+            self.log.warning("Reconciled with the engines: %s", result)
+
+    async def container_gone(self, facts):
+        try:
+            freed = await self.service.release(facts.key, facts.request_id)
+        except StoreUnavailable as e:
+            self.log.error("Could not record that %s ended: %s", facts.key, e)
+            return
+        self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
+
+    def make_app(self) -> web.Application:
+        from . import pages
+
+        p = self.prefix
+        name = r"([^/]+)"
+        handlers = [
+            (p + r"api/health", HealthHandler),
+            (p + r"api/capacity", CapacityHandler),
+            (p + r"api/requests", RequestsHandler),
+            (p + rf"api/requests/{name}/?([^/]*)/wait", WaitHandler),
+            (p + rf"api/requests/{name}/?([^/]*)", RequestHandler),
+            (p + r"api/launch", LaunchHandler),
+            (p + r"metrics", MetricsHandler),
+            (p + r"oauth_callback", HubOAuthCallbackHandler),
+        ] + pages.handlers(p)
+        return web.Application(
+            handlers,
+            bai=self,
+            hub_auth=self.hub_auth,
+            cookie_secret=os.urandom(32),
+            template_path=os.path.join(os.path.dirname(__file__), "templates"),
+            static_path=os.path.join(os.path.dirname(__file__), "static"),
+            static_url_prefix=p + "static/",
+            xsrf_cookies=False,
+        )
+
+    def start(self):
+        asyncio.run(self.serve())
+
+    async def serve(self):
+        url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))
+        await self.reconcile_all()
+        loop = asyncio.get_running_loop()
+        self.watchers = [
+            engines.EventWatcher(n, loop, self.container_gone, self.reconcile_all) for n in self.node_list
+        ]
+        for w in self.watchers:
+            w.start()
+        server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
+        server.listen(url.port or 80, url.hostname or "127.0.0.1")
+        self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
+        await asyncio.Event().wait()
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    @property
+    def bai(self) -> BaiScheduler:
+        return self.settings["bai"]
+
+    @property
+    def service(self) -> SchedulerService:
+        return self.bai.service
+
+    def is_internal(self) -> bool:
+        auth = self.request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        return bool(
+            self.bai.internal_token and scheme.lower() in ("token", "bearer")
+            and hmac.compare_digest(token, self.bai.internal_token)
+        )
+
+    def identity(self) -> dict:
+        """The caller: the hub's spawner (internal), a user, or 403."""
+        if self.is_internal():
+            return {"name": None, "admin": True, "internal": True}
+        user = self.current_user
+        if not user:
+            raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
+        return {"name": user["name"], "admin": bool(user.get("admin")), "internal": False}
+
+    def check_owner(self, who: dict, user: str) -> None:
+        if not (who["admin"] or who["name"] == user):
+            raise web.HTTPError(404, "No such request.")
+
+    def json_body(self, allowed: set) -> dict:
+        if len(self.request.body) > MAX_BODY:
+            raise web.HTTPError(413, f"Request body over {MAX_BODY} bytes.")
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPError(400, "Body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "Body must be a JSON object.")
+        unknown = set(body) - allowed
+        if unknown:
+            raise web.HTTPError(400, f"Unknown field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
+        return body
+
+    def write_json(self, obj, status: int = 200):
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(obj))
+
+    def write_error(self, status_code, **kwargs):
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        if isinstance(exc, StoreUnavailable):
+            status_code, message = 503, "The scheduler's database is unavailable; nothing was changed. Try again shortly."
+            self.set_status(503)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    def log_exception(self, typ, value, tb):
+        if isinstance(value, StoreUnavailable):
+            self.bai.log.error("Database unavailable during %s %s", self.request.method, self.request.uri)
+            return
+        super().log_exception(typ, value, tb)
+
+    @staticmethod
+    def key(user: str, server: str) -> RequestKey:
+        for part in (user, server):
+            if part and not NAME_RE.match(part):
+                raise web.HTTPError(400, "Invalid user or server name.")
+        return RequestKey(user, server)
+
+
+class HealthHandler(BaseHandler):
+    def get(self):
+        self.write_json({"ok": self.service.degraded is None, "degraded": self.service.degraded})
+
+
+class CapacityHandler(BaseHandler):
+    def get(self):
+        self.identity()
+        units = self.bai.units
+        nodes = []
+        snap = self.service.capacity()
+        for node in self.bai.node_list:
+            nodes.append({
+                "name": node.name,
+                "docker_url": node.docker_url,
+                "simulated": node.simulated,
+                "devices": [
+                    {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
+                     "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}
+                    for d in node.devices
+                ],
+                "cpu_millis": node.cpu_millis,
+                "memory_bytes": node.memory_bytes,
+            })
+        self.write_json({
+            "fgpu_per_gpu": units.fgpu_per_gpu,
+            "fgpu_step": str(units.fgpu_step),
+            "quanta_per_gpu": units.quanta_per_gpu,
+            "span": self.bai.span,
+            "nodes": nodes,
+            "usage": snap,
+            "queue_length": len(self.service.pending()),
+            "simulated": any(n.simulated for n in self.bai.node_list),
+        })
+
+
+class RequestsHandler(BaseHandler):
+    def get(self):
+        who = self.identity()
+        out = [
+            self.service.status(r) for r in self.service.records.values()
+            if who["admin"] or r.key.user == who["name"]
+        ]
+        out.sort(key=lambda s: (s["state"] != "RUNNING", s.get("position") or 0, s["submitted_at"]))
+        self.write_json({"requests": out, "epoch": self.service.epoch})
+
+
+class RequestHandler(BaseHandler):
+    FIELDS = {"quanta", "cpu_millis", "memory_bytes", "image", "user_options"}
+
+    def get(self, user, server):
+        who = self.identity()
+        self.check_owner(who, user)
+        rec = self.service.get(self.key(user, server))
+        if rec is None:
+            raise web.HTTPError(404, "No such request.")
+        self.write_json(self.service.status(rec))
+
+    async def put(self, user, server):
+        """The spawner registers (or re-attaches to) the request of the server it starts."""
+        if not self.is_internal():
+            raise web.HTTPError(403, "Only the hub's spawner registers requests; start servers through the hub.")
+        body = self.json_body(self.FIELDS)
+        nums = {}
+        for field in ("quanta", "cpu_millis", "memory_bytes"):
+            v = body.get(field, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**53:
+                raise web.HTTPError(400, f"{field} must be a non-negative integer.")
+            nums[field] = v
+        image = body.get("image", "")
+        options = body.get("user_options", {})
+        if not isinstance(image, str) or not isinstance(options, dict):
+            raise web.HTTPError(400, "image must be a string and user_options an object.")
+        try:
+            rec = await self.service.submit(
+                self.key(user, server), image=image, user_options=options, reattach=True, **nums
+            )
+        except Refused as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.write_json(self.service.status(rec), 201)
+
+    async def delete(self, user, server):
+        who = self.identity()
+        key = self.key(user, server)
+        if who["internal"]:
+            freed = await self.service.release(key, self.get_argument("request_id", None) or None)
+            self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
+            return
+        self.check_owner(who, user)
+        rec = self.service.get(key)
+        if rec is None:
+            raise web.HTTPError(404, "No such request.")
+        # Go through the hub so its view of the server stays true; the spawner's
+        # stop() then releases. A request the hub no longer tracks is released here.
+        try:
+            await self.bai.hub.stop_server(user, server)
+        except (HubAPIError, OSError) as e:
+            self.bai.log.info("Hub stop of %s: %s; releasing directly", key, e)
+        await self.service.release(key, rec.id)
+        self.write_json({"released": True})
+
+
+class WaitHandler(BaseHandler):
+    async def get(self, user, server):
+        if not self.is_internal():
+            raise web.HTTPError(403, "Only the hub's spawner waits on requests.")
+        key = self.key(user, server)
+        try:
+            epoch = int(self.get_argument("epoch", "-1"))
+            timeout = min(float(self.get_argument("timeout", str(self.bai.wait_timeout))), 300.0)
+        except ValueError:
+            raise web.HTTPError(400, "epoch and timeout must be numbers.") from None
+        rec = await self.service.wait(key, epoch, timeout)
+        if rec is None:
+            self.write_json({"state": "GONE", "epoch": self.service.epoch,
+                             "reason": "The request was cancelled."})
+            return
+        self.write_json(self.service.status(rec))
+
+
+class LaunchHandler(BaseHandler):
+    """Start several sessions of one shape at once (named servers through the hub)."""
+
+    async def post(self):
+        who = self.identity()
+        body = self.json_body({"count", "options", "user", "prefix"})
+        user = body.get("user") or who["name"]
+        if not isinstance(user, str) or not user:
+            raise web.HTTPError(400, "Say which user launches.")
+        self.check_owner(who, user)
+        count = body.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.bai.max_launch:
+            raise web.HTTPError(400, f"count must be a whole number from 1 to {self.bai.max_launch}.")
+        options = body.get("options", {})
+        if not isinstance(options, dict):
+            raise web.HTTPError(400, "options must be an object.")
+        prefix = body.get("prefix", "session")
+        if not isinstance(prefix, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", prefix):
+            raise web.HTTPError(400, "prefix must be lower-case letters, digits and '-' (at most 31).")
+        names = await launch_sessions(self.bai.hub, user, prefix, count, options)
+        self.write_json({"launched": names}, 202)
+
+
+async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:
+    try:
+        model = await hub.get_user(user)
+    except HubAPIError as e:
+        raise web.HTTPError(404 if e.code == 404 else 502, f"Hub: {e}") from None
+    taken = set((model or {}).get("servers", {}))
+    names, i = [], 1
+    while len(names) < count:
+        name = f"{prefix}-{i}"
+        i += 1
+        if name in taken:
+            continue
+        try:
+            await hub.start_server(user, name, options)
+        except HubAPIError as e:
+            raise web.HTTPError(400 if e.code < 500 else 502,
+                                f"Started {names or 'none'}; {name} refused: {e}") from None
+        names.append(name)
+    return names
+
+
+class MetricsHandler(BaseHandler):
+    def get(self):
+        from .metrics import render
+
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish(render(self.service))
+
+
+def main(argv=None):
+    app = BaiScheduler.instance()
+    app.initialize(argv)
+    app.start()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

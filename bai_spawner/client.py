@@ -1,0 +1,63 @@
+"""The spawner's side of the scheduler service API (async, tornado HTTP client)."""
+from __future__ import annotations
+
+import json
+from urllib.parse import quote, urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+
+class SchedulerError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SchedulerClient:
+    def __init__(self, url: str, token: str, prefix: str = "/services/bai-scheduler/"):
+        self.base = url.rstrip("/") + "/" + prefix.strip("/") + "/api"
+        self.token = token
+
+    def _path(self, user: str, server: str) -> str:
+        path = f"/requests/{quote(user, safe='')}"
+        return path + (f"/{quote(server, safe='')}" if server else "")
+
+    async def _call(self, method: str, path: str, body=None, timeout: float = 30):
+        headers = {"Authorization": f"token {self.token}", "Content-Type": "application/json"}
+        try:
+            resp = await AsyncHTTPClient().fetch(
+                self.base + path, method=method, headers=headers,
+                body=None if body is None else json.dumps(body),
+                allow_nonstandard_methods=True, request_timeout=timeout,
+            )
+        except HTTPClientError as e:
+            message = str(e)
+            if e.response is not None and e.response.body:
+                try:
+                    message = json.loads(e.response.body).get("message", message)
+                except ValueError:
+                    pass
+            raise SchedulerError(e.code, message) from None
+        except OSError as e:
+            raise SchedulerError(503, f"The BAI scheduler service is unreachable ({e}).") from None
+        return json.loads(resp.body) if resp.body else {}
+
+    async def register(self, user, server, *, quanta, cpu_millis, memory_bytes, image, user_options):
+        return await self._call("PUT", self._path(user, server), {
+            "quanta": quanta, "cpu_millis": cpu_millis, "memory_bytes": memory_bytes,
+            "image": image, "user_options": user_options,
+        })
+
+    async def wait(self, user, server, epoch: int, timeout: float = 30):
+        q = urlencode({"epoch": epoch, "timeout": timeout})
+        return await self._call("GET", self._path(user, server) + f"/wait?{q}", timeout=timeout + 15)
+
+    async def release(self, user, server, request_id: str = ""):
+        q = f"?request_id={quote(request_id)}" if request_id else ""
+        return await self._call("DELETE", self._path(user, server) + q)
+
+    async def capacity(self):
+        return await self._call("GET", "/capacity")
+
+    async def launch(self, user: str, count: int, options: dict):
+        return await self._call("POST", "/launch", {"user": user, "count": count, "options": options})

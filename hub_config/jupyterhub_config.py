@@ -1,0 +1,154 @@
+"""BAI Hub deployment: one file for the hub and the bai-scheduler service.
+
+Every default works for the one-machine demo (SQLite, the local Docker engine,
+simulated GPUs when none are found).  Environment variables (all optional):
+
+  BAI_DATA_DIR         state folder (databases, secrets)        default ./var
+  BAI_HUB_PORT         public port of the proxy on 127.0.0.1    default 8000
+  BAI_HUB_API_PORT     hub's internal API port                  default 8081
+  BAI_PROXY_API_PORT   configurable-http-proxy API port         default 8001
+  BAI_SCHEDULER_PORT   bai-scheduler service port               default 8090
+  BAI_NAME_PREFIX      prefix of containers and volumes         default bai-
+  BAI_HUB_DB_URL       hub database URL                         default SQLite in BAI_DATA_DIR
+  BAI_SCHEDULER_DB_URL scheduler database URL                   default SQLite in BAI_DATA_DIR
+  BAI_ADMIN_USER       the first admin's name                   default admin
+  BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
+  BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
+
+Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
+c.JupyterHub.ssl_cert/ssl_key), and list GPU nodes in c.BaiScheduler.nodes.
+"""
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+c = get_config()  # noqa: F821
+
+here = Path(__file__).resolve().parent
+data = Path(os.environ.get("BAI_DATA_DIR", "var")).resolve()
+data.mkdir(parents=True, exist_ok=True)
+os.chmod(data, 0o700)
+env = os.environ.get
+prefix = env("BAI_NAME_PREFIX", "bai-")
+
+
+def secret_file(name: str, nbytes: int = 32) -> str:
+    """A secret generated once and kept in the data folder (mode 600)."""
+    path = data / name
+    if not path.exists():
+        path.write_text(secrets.token_hex(nbytes))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def docker_bridge_gateway() -> str:
+    try:
+        out = subprocess.run(
+            ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+            capture_output=True, text=True, timeout=10,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "172.17.0.1"
+
+
+hub_port = int(env("BAI_HUB_PORT", "8000"))
+scheduler_port = int(env("BAI_SCHEDULER_PORT", "8090"))
+
+# -- hub ------------------------------------------------------------------------------
+c.JupyterHub.bind_url = f"http://127.0.0.1:{hub_port}"
+c.JupyterHub.hub_ip = "0.0.0.0"  # containers connect over the Docker bridge
+c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
+c.JupyterHub.hub_connect_ip = env("BAI_HUB_CONNECT_IP") or docker_bridge_gateway()
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env('BAI_PROXY_API_PORT', '8001')}"
+c.ConfigurableHTTPProxy.auth_token = secret_file("proxy-token")
+c.ConfigurableHTTPProxy.pid_file = str(data / "proxy.pid")
+c.JupyterHub.db_url = env("BAI_HUB_DB_URL", f"sqlite:///{data / 'jupyterhub.sqlite'}")
+c.JupyterHub.cookie_secret_file = str(data / "cookie-secret")
+c.JupyterHub.pid_file = str(data / "jupyterhub.pid")
+c.JupyterHub.template_paths = [str(here / "templates")]
+c.JupyterHub.template_vars = {"bai_scheduler_prefix": "/services/bai-scheduler/"}
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.named_server_limit_per_user = 16
+c.JupyterHub.default_url = "/hub/home"
+# The scheduler is the admission control: queued spawns wait there, so the
+# hub's own throttles must not count them against other users.
+c.JupyterHub.concurrent_spawn_limit = 0
+c.JupyterHub.active_server_limit = 0
+# A dead container is noticed by the scheduler at once (engine events); the
+# hub's own poll only has to catch up.
+c.JupyterHub.last_activity_interval = 60
+
+# -- accounts -------------------------------------------------------------------------
+admin_user = env("BAI_ADMIN_USER", "admin")
+c.JupyterHub.authenticator_class = "native"
+c.Authenticator.admin_users = {admin_user}
+c.Authenticator.allow_all = True  # NativeAuthenticator's approval step decides who gets in
+c.NativeAuthenticator.open_signup = False  # new sign-ups wait for an admin's approval
+c.NativeAuthenticator.minimum_password_length = 10
+c.NativeAuthenticator.check_common_password = True
+c.NativeAuthenticator.allowed_failed_logins = 5
+c.NativeAuthenticator.seconds_before_next_try = 300
+c.NativeAuthenticator.enable_signup = True
+
+# -- sessions -------------------------------------------------------------------------
+c.JupyterHub.spawner_class = "bai"
+scheduler_token = secret_file("scheduler-token")
+c.BaiSpawner.scheduler_url = f"http://127.0.0.1:{scheduler_port}"
+c.BaiSpawner.scheduler_token = scheduler_token
+c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", "bai/sklearn:1.6.1")
+c.BaiSpawner.name_template = prefix + "{username}--{servername}"
+c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
+c.BaiSpawner.gpu_backend = "hami"
+c.BaiSpawner.http_timeout = 120
+
+# -- the scheduler service --------------------------------------------------------------
+c.BaiScheduler.db_url = env("BAI_SCHEDULER_DB_URL", f"sqlite:///{data / 'bai_scheduler.sqlite'}")
+c.BaiScheduler.fgpu_per_gpu = 2
+c.BaiScheduler.fgpu_step = "0.5"
+c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto"}]
+
+service_env = {k: v for k, v in os.environ.items() if k.startswith(("BAI_", "DOCKER_"))}
+service_env["BAI_DATA_DIR"] = str(data)
+c.JupyterHub.services = [
+    {
+        "name": "bai-scheduler",
+        "url": f"http://127.0.0.1:{scheduler_port}",
+        "api_token": scheduler_token,
+        "command": [sys.executable, "-m", "bai_scheduler.app", f"--config={__file__}"],
+        "environment": service_env,
+        "cwd": str(data),
+        "display": True,
+        "oauth_no_confirm": True,
+    },
+    {
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler",
+                    f"--timeout={env('BAI_IDLE_TIMEOUT', '3600')}", "--cull-every=60"],
+    },
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "user",
+        "scopes": ["self", "access:services!service=bai-scheduler"],
+    },
+    {
+        "name": "bai-scheduler",
+        "description": "Start queued sessions when admitted; read who is running what.",
+        "scopes": ["list:users", "read:users", "read:servers", "servers"],
+        "services": ["bai-scheduler"],
+    },
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    },
+]
+
+extra = env("BAI_EXTRA_CONFIG")
+if extra:
+    load_subconfig(extra)  # noqa: F821
