@@ -225,7 +225,7 @@ class SchedulerService:
             raise Refused(f"{key} already has a request", 409) from None
         if decision.state == "REFUSED":
             raise Refused(decision.reason, 400)
-        request = self.scheduler.get(key)
+        request = decision.request
         rec = Record(
             id=uuid.uuid4().hex,
             request=request,
@@ -237,8 +237,11 @@ class SchedulerService:
             rec.admitted_at = time.time()
         self.records[key] = rec
         self.attach(key)
-        self._persist(upserts=[rec])
+        # The same pass may admit others (e.g. a skipped head now behind us).
+        others = self._mark_admitted(decision.also_admitted)
+        self._persist(upserts=[rec, *others])
         await self._notify()
+        self._start_orphans(others)
         return rec
 
     async def release(self, key: RequestKey, request_id: str | None = None) -> list[Record]:
@@ -379,9 +382,8 @@ class SchedulerService:
 
     # -- views -------------------------------------------------------------------
 
-    def capacity(self) -> dict:
-        snap = self.scheduler.capacity.snapshot() if hasattr(self.scheduler, "capacity") else {}
-        return snap
+    def capacity(self) -> list[dict]:
+        return self.scheduler.capacity.snapshot()
 
 
 def placement_to_json(p: Placement) -> dict:
