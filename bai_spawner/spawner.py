@@ -296,9 +296,13 @@ class BaiSpawner(DockerSpawner):
         try:
             status = await self._wait_admitted(status, units)
             return await self._run_container(status, image, opts, units)
-        except BaseException:
-            # Cancelled (Stop while pending), refused, or the container failed:
-            # give the share back so nothing leaks.
+        except asyncio.CancelledError:
+            # The hub cancels a pending spawn when the user stops it (stop()
+            # then releases) or when the hub itself shuts down: the request must
+            # then stay queued, so nothing is released here.
+            raise
+        except Exception:
+            # Refused, or the container failed: give the share back at once.
             await self._release()
             raise
 
@@ -396,7 +400,7 @@ class BaiSpawner(DockerSpawner):
     async def stop(self, now=False):
         request_id = self.request_id
         try:
-            if self.object_id or self.container_name:
+            if self.object_id:
                 await super().stop(now=now)
         except docker.errors.NotFound:
             pass

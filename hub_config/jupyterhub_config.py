@@ -79,6 +79,8 @@ c.JupyterHub.default_url = "/hub/home"
 # hub's own throttles must not count them against other users.
 c.JupyterHub.concurrent_spawn_limit = 0
 c.JupyterHub.active_server_limit = 0
+# Sessions outlive a hub restart; queued requests live in the scheduler's database.
+c.JupyterHub.cleanup_servers = False
 # A dead container is noticed by the scheduler at once (engine events); the
 # hub's own poll only has to catch up.
 c.JupyterHub.last_activity_interval = 60
