@@ -1,0 +1,78 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hubtools import Hub, docker
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+KERNEL_IMAGE = "bai/sklearn:1.6.1"
+OLD_IMAGE = "bai/sklearn:1.5.2"
+
+
+def pytest_configure(config):
+    ARTIFACTS.mkdir(exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    if docker("info").returncode != 0:
+        pytest.fail("No Docker engine answers: run scripts/setup.sh (it starts dockerd).")
+    return True
+
+
+@pytest.fixture(scope="session")
+def kernel_images(docker_engine):
+    missing = [i for i in (KERNEL_IMAGE, OLD_IMAGE) if docker("image", "inspect", i).returncode != 0]
+    if missing:
+        subprocess.run([shutil.which("bai-images") or ".venv/bin/bai-images", "build"], check=True)
+    return KERNEL_IMAGE
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory, kernel_images):
+    """One hub for the suite: 1 simulated 8 GiB GPU at 2 fGPU per GPU (the seed's demo)."""
+    h = Hub(tmp_path_factory.mktemp("hub"))
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+        shutil.copy(h.log_path, ARTIFACTS / "jupyterhub-main.log") if h.log_path.exists() else None
+        h.cleanup_docker()
+
+
+@pytest.fixture
+def fresh_hub(tmp_path, kernel_images):
+    """A hub of its own, for tests that restart or break things."""
+    hubs = []
+
+    def make(**kw):
+        h = Hub(tmp_path / f"hub{len(hubs)}", **kw)
+        hubs.append(h)
+        return h
+
+    yield make
+    for h in hubs:
+        h.stop()
+        h.cleanup_docker()
+
+
+@pytest.fixture
+def users(hub, request):
+    """Makes users with tokens; stops their servers afterwards so capacity is free again."""
+    made = []
+
+    def make(name, admin=False):
+        full = f"{request.node.name[:20].replace('_', '').lower()}{name}"
+        token = hub.add_user(full, admin=admin)
+        made.append(full)
+        return full, token
+
+    yield make
+    for name in made:
+        for server in list(hub.servers(name)):
+            hub.stop_server(name, server)
+        for server in list(hub.servers(name)):
+            hub.wait_gone(name, server)
