@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from urllib.parse import urlparse
 
@@ -216,7 +217,7 @@ class BaiScheduler(Application):
         self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
 
     def make_app(self) -> web.Application:
-        from . import pages
+        from . import pages, snapshots
 
         p = self.prefix
         name = r"([^/]+)"
@@ -229,7 +230,7 @@ class BaiScheduler(Application):
             (p + r"api/launch", LaunchHandler),
             (p + r"metrics", MetricsHandler),
             (p + r"oauth_callback", HubOAuthCallbackHandler),
-        ] + pages.handlers(p)
+        ] + pages.handlers(p) + snapshots.handlers(p)
         return web.Application(
             handlers,
             bai=self,
@@ -256,7 +257,14 @@ class BaiScheduler(Application):
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
         self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.log.info("bai-scheduler stopping; queued requests stay in the database")
+        server.stop()
+        for w in self.watchers:
+            w.stop()
 
 
 # -- handlers --------------------------------------------------------------------
