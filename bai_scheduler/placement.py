@@ -394,15 +394,19 @@ class Capacity:
             if r and self.span == "whole-only":
                 return None
             need = k + (1 if r else 0)
+            free = self._free
             for ni, devs in enumerate(self._node_devs):
+                if len(devs) < need or (best is not None and self._node_free[ni] <= best[0]):
+                    continue  # cannot beat the best node found so far
                 usable = [d for d in devs if d not in excl and self._cap[d] == Q]
                 if len(usable) < need or not could_host(ni):
                     continue
-                usable.sort(key=lambda d: (-self._free[d], d))
-                chosen = tuple(usable[:need])
-                f = sum(self._free[d] for d in chosen)
+                if len(usable) > need:
+                    usable.sort(key=lambda d: (-free[d], d))
+                    usable = usable[:need]
+                f = sum(free[d] for d in usable)
                 if best is None or f > best[0]:
-                    best = (f, ni, chosen)
+                    best = (f, ni, tuple(usable))
         if best is None:
             return None
         _, ni, devs = best

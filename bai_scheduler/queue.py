@@ -113,11 +113,21 @@ class Scheduler:
         self._pending: dict[RequestKey, Request] = {}
         self._order: list[int] = []  # pending seqs, ascending
         self._by_seq: dict[int, RequestKey] = {}
+        self._req_by_seq: dict[int, Request] = {}
         self._admitted: dict[RequestKey, tuple[Request, Placement]] = {}
         self._usage: dict[str, _Usage] = {}
         self._fails: dict[int, int] = {}  # seq -> passes it blocked the queue (skip policy)
         self._pending_q: Counter = Counter()  # quanta of pending requests
+        # pending seqs by (quanta, cpu, memory): a pass skips a whole shape once one such fails
+        self._by_shape: dict[tuple[int, int, int], list[int]] = {}
         self._drf_cache: list[Request] | None = None
+        # (stopped, reservations, count) left by the last full FIFO pass; None when capacity was
+        # given back or restored since, so the next pass must be a full one.
+        self._settled = None
+        lim = self.limits
+        self._has_limits = bool(
+            lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes
+        )
 
     # ------------------------------------------------------------------ helpers
     def _user(self, user: str) -> _Usage:
@@ -130,23 +140,41 @@ class Scheduler:
         if key in self._pending or key in self._admitted:
             raise DuplicateRequest(f"{key} already has a pending or running session")
 
+    @staticmethod
+    def _shape(req: Request) -> tuple[int, int, int]:
+        return (req.quanta, req.cpu_millis, req.memory_bytes)
+
+    @staticmethod
+    def _insert(lst: list[int], seq: int):
+        if not lst or seq > lst[-1]:
+            lst.append(seq)
+        else:
+            insort(lst, seq)
+
     def _add_pending(self, req: Request):
         self._pending[req.key] = req
         self._by_seq[req.seq] = req.key
-        if not self._order or req.seq > self._order[-1]:
-            self._order.append(req.seq)
-        else:
-            insort(self._order, req.seq)
+        self._req_by_seq[req.seq] = req
+        self._insert(self._order, req.seq)
+        shape = self._shape(req)
+        lst = self._by_shape.get(shape)
+        if lst is None:
+            lst = self._by_shape[shape] = []
+        self._insert(lst, req.seq)
         self._user(req.key.user).pending += 1
         self._pending_q[req.quanta] += 1
         self._drf_cache = None
 
-    def _remove_pending(self, req: Request, reindex: bool = True):
+    def _remove_pending(self, req: Request):
         del self._pending[req.key]
         del self._by_seq[req.seq]
-        if reindex:
-            i = bisect_left(self._order, req.seq)
-            del self._order[i]
+        del self._req_by_seq[req.seq]
+        del self._order[bisect_left(self._order, req.seq)]
+        shape = self._shape(req)
+        lst = self._by_shape[shape]
+        del lst[bisect_left(lst, req.seq)]
+        if not lst:
+            del self._by_shape[shape]
         self._fails.pop(req.seq, None)
         self._user(req.key.user).pending -= 1
         c = self._pending_q[req.quanta] - 1
@@ -230,6 +258,11 @@ class Scheduler:
         self._seq += 1
         req = replace(request, seq=self._seq)
         self._add_pending(req)
+        if self._settled is not None and self.policy.order == "fifo":
+            placement = self._submit_settled(req)
+            if placement is not None:
+                return Decision("RUNNING", placement, None, "", req)
+            return Decision("PENDING", None, self.position(req.key), self.wait_reason(req.key), req)
         admitted = self.schedule()
         others = tuple(a for a in admitted if a[0].key != req.key)
         if req.key in self._admitted:
@@ -243,10 +276,12 @@ class Scheduler:
         Unknown keys are ignored (release is idempotent).
         """
         if key in self._pending:
+            self._settled = None
             self._remove_pending(self._pending[key])
         elif key in self._admitted:
             req, placement = self._admitted.pop(key)
             self.capacity.give_back(placement)
+            self._settled = None
             self._user(key.user).add(req, -1)
             self._drf_cache = None
         else:
@@ -257,6 +292,7 @@ class Scheduler:
         """After a restart: a running session; takes its capacity (ValueError if it cannot)."""
         self._check_duplicate(request.key)
         self.capacity.take(placement)
+        self._settled = None
         self._admit(request, placement)
         self._seq = max(self._seq, request.seq)
 
@@ -267,6 +303,7 @@ class Scheduler:
             self._seq += 1
             request = replace(request, seq=self._seq)
         self._seq = max(self._seq, request.seq)
+        self._settled = None
         self._add_pending(request)
         return request
 
@@ -284,7 +321,7 @@ class Scheduler:
         """Pending requests in queue order."""
         if self.policy.order == "drf":
             return list(self._drf_order())
-        return [self._pending[self._by_seq[s]] for s in self._order]
+        return [self._req_by_seq[s] for s in self._order]
 
     def admitted(self) -> dict[RequestKey, tuple[Request, Placement]]:
         return dict(self._admitted)
@@ -321,7 +358,7 @@ class Scheduler:
             return self._drf_cache
         per_user: dict[str, list[Request]] = {}
         for s in self._order:
-            r = self._pending[self._by_seq[s]]
+            r = self._req_by_seq[s]
             per_user.setdefault(r.key.user, []).append(r)
         usage = {
             user: _Usage(u.running, u.quanta, u.cpu, u.mem) for user, u in self._usage.items()
@@ -353,6 +390,7 @@ class Scheduler:
         return self._pass_fifo()
 
     def _pass_setup(self):
+        self._settled = None
         self._res = Reservations()
         self._failed: dict[tuple[int, int], int] = {}  # (cpu, mem) -> least quanta that failed
         self._reserved_count = 0
@@ -361,13 +399,19 @@ class Scheduler:
 
     def _exhausted(self) -> bool:
         """True when no pending request can fit any more in this pass."""
-        if 0 in self._pending_q:
+        pq = self._pending_q
+        if 0 in pq:
             return False
+        smallest = min(pq)
+        # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
+        # so once a request of that size without CPU/memory failed, all the rest fail too
+        f = self._failed.get((0, 0))
+        if f is not None and f <= smallest:
+            return True
         if self._maxfree_dirty:
             self._maxfree = self.capacity.max_free(self._res)
             self._maxfree_dirty = False
-        smallest = min(min(self._pending_q), self.capacity.quanta_per_gpu)
-        return self._maxfree < smallest
+        return self._maxfree < min(smallest, self.capacity.quanta_per_gpu)
 
     def _try(self, req: Request) -> Placement | None:
         """Place and take ``req`` if it fits outside the reservations; None otherwise."""
@@ -407,43 +451,133 @@ class Scheduler:
                 self._maxfree_dirty = True
         return "pass"
 
+    def _dominated(self, shape) -> bool:
+        """True if a request of ``shape`` cannot fit: one no bigger in every way failed."""
+        q, cpu, mem = shape
+        for (c, m), fq in self._failed.items():
+            if q >= fq and cpu >= c and mem >= m:
+                return True
+        return False
+
     def _pass_fifo(self):
+        """FIFO pass.  Strict/backfill merge the per-shape lists in seq order and drop a shape
+        (and every shape it dominates) as soon as one of its requests fails: the same requests
+        are admitted as by walking the whole queue, in far fewer steps.  Skip walks the queue,
+        since each failing request there may stop the pass."""
         self._pass_setup()
+        if self.policy.head == "skip":
+            out, stopped = self._walk_fifo()
+        else:
+            out, stopped = self._merge_fifo()
+        # Nothing more can start until capacity is given back: a later submit only has to try
+        # the new request against the same reservations (see _submit_settled).
+        self._settled = (stopped, self._res, self._reserved_count)
+        return out
+
+    def _admit_pending(self, req, placement, out):
+        out.append((req, placement))
+        self._admit(req, placement)
+        self._remove_pending(req)
+
+    def _walk_fifo(self):
         out = []
-        order = self._order
-        done = set()
-        for s in order:
-            req = self._pending[self._by_seq[s]]
-            if self._limit_reason(req):
+        reqs = self._req_by_seq
+        limited = self._has_limits
+        for s in list(self._order):
+            req = reqs[s]
+            if limited and self._limit_reason(req):
                 continue
             placement = self._try(req)
             if placement is not None:
-                out.append((req, placement))
-                done.add(s)
-                self._admit(req, placement)
-                self._remove_pending(req, reindex=False)
+                self._admit_pending(req, placement, out)
                 if not self._pending_q:
                     break
                 continue
-            if self._blocked(req) == "stop" or self._exhausted():
+            if self._blocked(req) == "stop":
+                return out, True
+            if self._exhausted():
                 break
-        if done:
-            self._order = [s for s in order if s not in done]
-        return out
+        return out, False
+
+    def _merge_fifo(self):
+        out = []
+        reqs = self._req_by_seq
+        limited = self._has_limits
+        by_shape = self._by_shape
+        heap = [(lst[0], shape, 0) for shape, lst in by_shape.items()]
+        heapq.heapify(heap)
+        reservations = self.policy.reservations
+        while heap:
+            s, shape, i = heap[0]
+            if self._failed and self._reserved_count >= reservations and self._dominated(shape):
+                heapq.heappop(heap)
+                continue
+            req = reqs[s]
+            if limited and self._limit_reason(req):
+                placement = None
+                i += 1
+            else:
+                placement = self._try(req)
+                if placement is not None:
+                    self._admit_pending(req, placement, out)  # removes seq s from by_shape[shape]
+                    if not self._pending_q:
+                        break
+                else:
+                    if self._blocked(req) == "stop":
+                        return out, True
+                    if self._exhausted():
+                        break
+                    if self._reserved_count >= reservations:
+                        heapq.heappop(heap)  # the rest of this shape fails too (now dominated)
+                        continue
+                    i += 1
+            lst = by_shape.get(shape)
+            if lst is not None and i < len(lst):
+                heapq.heapreplace(heap, (lst[i], shape, i))
+            else:
+                heapq.heappop(heap)
+        return out, False
+
+    def _submit_settled(self, req: Request) -> Placement | None:
+        """Admit ``req`` if a full pass would, given that the queue before it is settled.
+
+        The previous full pass left every earlier request unable to start, and capacity has only
+        shrunk since, so they still cannot start; only the new (last in FIFO order) request can.
+        """
+        stopped, res, nres = self._settled
+        if stopped or (self._has_limits and self._limit_reason(req)):
+            return None
+        placement = self.capacity.place(req, res)
+        if placement is not None:
+            self.capacity.take(placement)
+            self._admit(req, placement)
+            self._remove_pending(req)
+            return placement
+        head = self.policy.head
+        if head == "strict":
+            stopped = True
+        elif head == "skip":
+            n = self._fails.get(req.seq, 0) + 1
+            self._fails[req.seq] = n
+            stopped = n <= self.policy.skip_after
+        elif nres < self.policy.reservations:
+            nres += 1
+            self.capacity.reserve(req, res)
+        self._settled = (stopped, res, nres)
+        return None
 
     def _pass_drf(self):
         self._pass_setup()
         out = []
         per_user: dict[str, list[Request]] = {}
         for s in self._order:
-            r = self._pending[self._by_seq[s]]
+            r = self._req_by_seq[s]
             per_user.setdefault(r.key.user, []).append(r)
         heap = [
             (self._dominant(self._usage.get(user)), reqs[0].seq, user, 0)
             for user, reqs in per_user.items()
         ]
         heapq.heapify(heap)
-        done = set()
         while heap:
             _, _, user, i = heapq.heappop(heap)
             req = per_user[user][i]
@@ -453,15 +587,10 @@ class Scheduler:
             else:
                 placement = self._try(req)
                 if placement is not None:
-                    out.append((req, placement))
-                    done.add(req.seq)
-                    self._admit(req, placement)
-                    self._remove_pending(req, reindex=False)
+                    self._admit_pending(req, placement, out)
                 elif self._blocked(req) == "stop" or self._exhausted():
                     break
             if i + 1 < len(per_user[user]):
                 nxt = per_user[user][i + 1]
                 heapq.heappush(heap, (self._dominant(self._usage.get(user)), nxt.seq, user, i + 1))
-        if done:
-            self._order = [s for s in self._order if s not in done]
         return out

@@ -1,0 +1,261 @@
+"""Scheduler benchmark: one big scheduling pass, or a replay of a churn trace.
+
+    .venv/bin/python benchmarks/scheduler_bench.py [--nodes 1000 --gpus-per-node 8 --requests 10000] --json
+    .venv/bin/python benchmarks/scheduler_bench.py --trace [PATH] --json
+    .venv/bin/python benchmarks/scheduler_bench.py --quick [--trace] --json
+
+Both modes drive the real ``Capacity`` and ``Scheduler``.  The last line printed is one JSON
+object with the figures.  Every placement is checked independently: a second, shadow
+``Capacity`` takes (and gives back) every admitted placement, and a ``take`` that raises counts
+as a placement failure; requests of up to one GPU spread over more than one device count as
+split, placements smaller than the request as short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from decimal import Decimal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bai_scheduler.inventory import simulated_nodes  # noqa: E402
+from bai_scheduler.model import Request, RequestKey  # noqa: E402
+from bai_scheduler.placement import Capacity  # noqa: E402
+from bai_scheduler.queue import QueuePolicy, Scheduler  # noqa: E402
+from bai_scheduler.units import FgpuUnits  # noqa: E402
+
+DEFAULT_TRACE = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces", "churn.jsonl"))
+UNITS = FgpuUnits(fgpu_per_gpu=10, fgpu_step=1)  # 0.1 GPU = 1 quantum, as the trace README says
+Q = UNITS.quanta_per_gpu
+# the trace's size mix (GPUs: count of arrivals in churn.jsonl)
+SIZE_MIX = {0.1: 2990, 0.2: 2029, 0.3: 999, 0.5: 2042, 1.0: 1020, 2.0: 707, 4.0: 314}
+
+
+def make_nodes(n: int, gpus: int):
+    return simulated_nodes(
+        [{"name": f"n{i}", "gpus": gpus, "gpu_memory": "80GiB", "sm_count": 132} for i in range(n)],
+        UNITS,
+    )
+
+
+def quanta_of(size_gpus: float) -> int:
+    """A size in whole GPUs (the trace's unit) as quanta: 0.1 GPU = 1 fGPU = 1 quantum."""
+    return UNITS.to_quanta(Decimal(str(size_gpus)) * UNITS.fgpu_per_gpu)
+
+
+class Checker:
+    """Independent check of every placement against a shadow Capacity."""
+
+    def __init__(self, nodes):
+        self.shadow = Capacity(nodes, Q, units=UNITS)
+        self.failures = self.split = self.short = 0
+
+    def admit(self, req, placement) -> bool:
+        if req.quanta <= Q and len(placement.shares) > 1:
+            self.split += 1
+        if placement.quanta < req.quanta:
+            self.short += 1
+        try:
+            self.shadow.take(placement)
+            return True
+        except ValueError:
+            self.failures += 1
+            return False
+
+    def release(self, placement):
+        self.shadow.give_back(placement)
+
+
+def policy_from(args) -> QueuePolicy:
+    return QueuePolicy(
+        order=args.policy, head=args.head, skip_after=args.skip_after, reservations=args.reservations
+    )
+
+
+def one_pass(nodes_n, gpus, requests_n, args, seed=1):
+    rng = random.Random(seed)
+    sizes = list(SIZE_MIX)
+    weights = list(SIZE_MIX.values())
+    nodes = make_nodes(nodes_n, gpus)
+    cap = Capacity(nodes, Q, span=args.span, strategy=args.strategy, units=UNITS)
+    sched = Scheduler(cap, policy_from(args))
+    users = max(1, requests_n // 4)
+    for i, size in enumerate(rng.choices(sizes, weights, k=requests_n)):
+        sched.restore_pending(
+            Request(RequestKey(f"user{rng.randrange(users)}", f"s{i}"), quanta_of(size), seq=i + 1)
+        )
+    t0 = time.perf_counter()
+    admitted = sched.schedule()
+    dt = time.perf_counter() - t0
+    check = Checker(nodes)
+    for req, placement in admitted:
+        check.admit(req, placement)
+    assert len(sched.pending()) + len(admitted) == requests_n
+    return {
+        "pass_seconds": round(dt, 4),
+        "admitted": len(admitted),
+        "pending_after": requests_n - len(admitted),
+        "placement_failures": check.failures,
+        "split_allocations": check.split,
+        "short_allocations": check.short,
+        "fgpu_utilization": round(cap.used_quanta / cap.total_quanta, 4),
+        "us_per_request": round(dt / requests_n * 1e6, 2),
+    }
+
+
+def run_pass(args):
+    res = {"mode": "pass", "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+           "requests": args.requests}
+    res.update(one_pass(args.nodes, args.gpus_per_node, args.requests, args))
+    if not args.no_10x:
+        big = one_pass(args.nodes * 10, args.gpus_per_node, args.requests * 10, args)
+        res["pass_seconds_10x"] = big["pass_seconds"]
+        res["admitted_10x"] = big["admitted"]
+        res["placement_failures"] += big["placement_failures"]
+        res["split_allocations"] += big["split_allocations"]
+        res["short_allocations"] += big["short_allocations"]
+        res["growth_10x"] = round(big["pass_seconds"] / max(res["pass_seconds"], 1e-9), 2)
+    return res
+
+
+def load_trace(path, max_ticks=None):
+    arrivals = {}
+    last_t = 0
+    with open(path) as f:
+        for line in f:
+            ev = json.loads(line)
+            t = ev["t"]
+            if max_ticks is not None and t >= max_ticks:
+                break
+            last_t = max(last_t, t)
+            if ev["op"] == "arrive":  # the trace's depart lines are ignored: we queue
+                arrivals.setdefault(t, []).append(ev)
+    return arrivals, last_t + 1
+
+
+def run_trace(args):
+    arrivals, ticks = load_trace(args.trace, args.max_ticks)
+    nodes = make_nodes(args.trace_nodes, args.trace_gpus)
+    cap = Capacity(nodes, Q, span=args.span, strategy=args.strategy, units=UNITS)
+    sched = Scheduler(cap, policy_from(args))
+    check = Checker(nodes)
+    departs: dict[int, list] = {}
+    info = {}  # key -> (arrival tick, hold)
+    waits = []
+    util_sum = 0.0
+    peak = 0.0
+    sched_time = 0.0
+    decisions = 0
+    perf = time.perf_counter
+    placing = [0, 0.0]  # Capacity.place calls, seconds spent in them
+    real_place = cap.place
+
+    def timed_place(request, reserved=None):
+        t0 = perf()
+        try:
+            return real_place(request, reserved)
+        finally:
+            placing[1] += perf() - t0
+            placing[0] += 1
+
+    cap.place = timed_place  # instance attribute: the Scheduler's calls go through it
+
+    def admitted_now(t, pairs):
+        for req, placement in pairs:
+            arr, hold = info[req.key]
+            waits.append(t - arr)
+            if check.admit(req, placement):
+                departs.setdefault(t + hold, []).append((req.key, placement))
+
+    for t in range(ticks):
+        for key, placement in departs.pop(t, ()):
+            t0 = perf()
+            newly = sched.release(key)
+            sched_time += perf() - t0
+            decisions += 1
+            check.release(placement)
+            admitted_now(t, newly)
+        for ev in arrivals.get(t, ()):
+            key = RequestKey(f"u{ev['id'] % 97}", f"s{ev['id']}")
+            info[key] = (t, ev["hold"])
+            t0 = perf()
+            d = sched.submit(Request(key, quanta_of(ev["size"])))
+            sched_time += perf() - t0
+            decisions += 1
+            if d.state == "RUNNING":
+                admitted_now(t, [(d.request, d.placement)])
+            admitted_now(t, d.also_admitted)
+        u = cap.used_quanta / cap.total_quanta
+        util_sum += u
+        peak = max(peak, u)
+    n_arrivals = sum(len(v) for v in arrivals.values())
+    return {
+        "mode": "trace",
+        "trace": os.path.relpath(args.trace, ROOT),
+        "ticks": ticks,
+        "arrivals": n_arrivals,
+        "nodes": args.trace_nodes,
+        "gpus_per_node": args.trace_gpus,
+        "mean_utilization": round(util_sum / ticks, 4),
+        "peak_utilization": round(peak, 4),
+        "admitted": len(waits),
+        "still_pending": len(sched.pending()),
+        "mean_wait_ticks": round(sum(waits) / len(waits), 1) if waits else 0.0,
+        "split_allocations": check.split,
+        "short_allocations": check.short,
+        "placement_failures": check.failures,
+        # one placement decision: a Capacity.place() call (found a spot or said no)
+        "us_per_placement": round(placing[1] / max(1, placing[0]) * 1e6, 2),
+        "placement_decisions": placing[0],
+        # everything: all submit/release calls and the passes they run, per call and per admission
+        "us_per_scheduler_call": round(sched_time / max(1, decisions) * 1e6, 2),
+        "us_per_admission_all_in": round(sched_time / max(1, len(waits)) * 1e6, 2),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--no-10x", action="store_true", help="skip the 10x nodes and requests pass")
+    ap.add_argument("--trace", nargs="?", const=DEFAULT_TRACE, default=None,
+                    help=f"replay a churn trace (default path: {DEFAULT_TRACE})")
+    ap.add_argument("--trace-nodes", type=int, default=20)
+    ap.add_argument("--trace-gpus", type=int, default=4)
+    ap.add_argument("--max-ticks", type=int, default=None, help="replay only ticks below this")
+    ap.add_argument("--policy", choices=["fifo", "drf"], default="fifo", help="queue order")
+    ap.add_argument("--head", choices=["strict", "skip", "backfill"], default="backfill")
+    ap.add_argument("--skip-after", type=int, default=3)
+    ap.add_argument("--reservations", type=int, default=1)
+    ap.add_argument("--strategy", choices=["concentrate", "spread"], default="concentrate")
+    ap.add_argument("--span", choices=["whole-then-fraction", "whole-only"], default="whole-then-fraction")
+    ap.add_argument("--quick", action="store_true", help="small sizes / a trace prefix (seconds)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = ap.parse_args(argv)
+    if args.quick:
+        if args.trace:
+            args.max_ticks = args.max_ticks or 3000
+        else:
+            args.nodes, args.requests = min(args.nodes, 50), min(args.requests, 500)
+    res = run_trace(args) if args.trace else run_pass(args)
+    res["policy"] = {
+        "order": args.policy, "head": args.head, "skip_after": args.skip_after,
+        "reservations": args.reservations, "strategy": args.strategy, "span": args.span,
+    }
+    res["default_policy"] = "order=fifo head=backfill reservations=1 strategy=concentrate span=whole-then-fraction"
+    if not args.json:
+        for k, v in res.items():
+            print(f"{k:>22}: {v}")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

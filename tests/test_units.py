@@ -1,0 +1,112 @@
+"""fGPU units: parsing user amounts into integer quanta."""
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, strategies as st
+
+from bai_scheduler.units import FgpuError, FgpuUnits, format_bytes
+
+U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
+
+
+def test_half_fgpu_is_one_quantum():
+    assert U.quanta_per_gpu == 4
+    assert U.to_quanta("0.5") == 1
+    assert U.to_quanta("1") == 2
+    assert U.to_quanta(2) == 4
+    assert U.to_quanta(" 1.5 ") == 3
+
+
+def test_zero_is_cpu_only():
+    assert U.to_quanta(0) == 0
+    assert U.to_quanta("0") == 0
+
+
+@pytest.mark.parametrize(
+    "amount, words",
+    [
+        ("-1", "negative"),
+        (-0.5, "negative"),
+        ("NaN", "finite"),
+        ("nan", "finite"),
+        ("inf", "finite"),
+        ("-Infinity", "finite"),
+        ("0.3", "not a whole number of steps"),
+        ("0.25", "not a whole number of steps"),
+        ("abc", "must be a number"),
+        ("", "must be a number"),
+        (None, "must be a number"),
+        (True, "must be a number"),
+        ([1], "must be a number"),
+    ],
+)
+def test_refusals_say_why_and_state_the_step(amount, words):
+    with pytest.raises(FgpuError) as e:
+        U.to_quanta(amount, max_quanta=4)
+    msg = str(e.value)
+    assert words in msg
+    assert "steps of 0.5 fGPU" in msg
+    assert "at most 2 fGPU" in msg
+
+
+def test_too_large_states_max():
+    with pytest.raises(FgpuError, match=r"more than allowed \(steps of 0.5 fGPU, at most 2 fGPU\)"):
+        U.to_quanta("2.5", max_quanta=4)
+    assert U.to_quanta("2", max_quanta=4) == 4
+
+
+def test_fgpu_error_is_value_error():
+    assert issubclass(FgpuError, ValueError)
+
+
+def test_bad_unit_config():
+    with pytest.raises(ValueError):
+        FgpuUnits(fgpu_per_gpu=0)
+    with pytest.raises(ValueError):
+        FgpuUnits(fgpu_per_gpu=1, fgpu_step=Decimal("0.3"))
+    with pytest.raises(ValueError):
+        FgpuUnits(fgpu_per_gpu=1, fgpu_step=Decimal("-0.5"))
+
+
+def test_to_fgpu_and_helpers():
+    assert U.to_fgpu(1) == "0.5"
+    assert U.to_fgpu(4) == "2"
+    assert U.to_fgpu(0) == "0"
+    assert U.memory_bytes(1, 8 * 1024**3) == 2 * 1024**3
+    assert U.sm_percent(1) == 25
+    assert U.gpu_fraction(6) == 1.5
+    assert format_bytes(2 * 1024**3) == "2 GiB"
+    assert format_bytes(3 * 1024**3 // 2) == "1.5 GiB"
+
+
+def test_tenth_steps_are_exact():
+    u = FgpuUnits(fgpu_per_gpu=10, fgpu_step=Decimal(1))
+    assert u.quanta_per_gpu == 10
+    u = FgpuUnits(fgpu_per_gpu=1, fgpu_step=Decimal("0.1"))
+    assert u.to_quanta("0.3") == 3  # exact in Decimal, 0.30000000000000004 in float
+    assert u.to_quanta(0.3) == 3
+
+
+@given(st.integers(min_value=0, max_value=10_000))
+def test_round_trip(quanta):
+    assert U.to_quanta(U.to_fgpu(quanta)) == quanta
+
+
+@given(st.integers(min_value=0, max_value=100), st.integers(min_value=0, max_value=100))
+def test_max_quanta_is_enforced(quanta, limit):
+    text = U.to_fgpu(quanta)
+    if quanta <= limit:
+        assert U.to_quanta(text, max_quanta=limit) == quanta
+    else:
+        with pytest.raises(FgpuError):
+            U.to_quanta(text, max_quanta=limit)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=0, max_value=100))
+def test_non_multiples_are_refused(value):
+    steps = value / U.fgpu_step
+    if steps == steps.to_integral_value():
+        assert U.to_quanta(str(value)) == int(steps)
+    else:
+        with pytest.raises(FgpuError, match="whole number of steps"):
+            U.to_quanta(str(value))
