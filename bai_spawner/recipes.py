@@ -2,7 +2,9 @@
 
 A recipe is one small TOML file in ``hub_config/images/``::
 
-    name = "sklearn-1.6"              # recipe name; the image is <prefix><name>:<version>
+    name = "sklearn-1.6"              # recipe name = file name without .toml
+    image = "sklearn"                 # optional; the image is <prefix><image>:<version>
+                                      # (default: the recipe name)
     framework = "scikit-learn"
     version = "1.6.1"                 # also the image tag
     display_name = "scikit-learn 1.6"
@@ -51,7 +53,7 @@ _HOST_RE = re.compile(r"\{host:([A-Za-z0-9_.-]+)\}")
 _DEB_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")
 
 _REQUIRED = ("name", "framework", "version", "display_name", "base", "packages")
-_OPTIONAL = ("description", "default", "python", "test", "kind")
+_OPTIONAL = ("image", "description", "default", "python", "test", "kind")
 _BASE_ONLY = ("apt", "suite", "venvs", "extensions")
 
 # Directories never part of the extensions/ source digest.
@@ -81,6 +83,7 @@ class Recipe:
     suite: str = "bookworm"
     venvs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     extensions: bool = False
+    image: str = ""
     path: str = ""
 
     @property
@@ -93,8 +96,12 @@ class Recipe:
         """Shown to users in the catalog."""
         return self.kind == KIND_KERNEL
 
+    @property
+    def repository(self) -> str:
+        return self.image or self.name
+
     def image_ref(self, prefix: str = "bai/") -> str:
-        return f"{prefix}{self.name}:{self.version}"
+        return f"{prefix}{self.repository}:{self.version}"
 
     def requirement_names(self) -> list[str]:
         return [Requirement(p).name for p in self.packages]
@@ -128,6 +135,7 @@ class Recipe:
             "packages": list(self.packages), "python": self.python, "test": self.test,
             "apt": sorted(self.apt), "suite": self.suite,
             "venvs": {n: list(r) for n, r in self.venvs}, "extensions": self.extensions,
+            "image": self.repository,
         }
 
 
@@ -189,6 +197,9 @@ def parse_recipe(data: Mapping, path: str = "<recipe>") -> Recipe:
     if path.endswith(".toml") and stem != name:
         raise _err(path, "name", f"is {name!r} but the file is named {stem}.toml",
                    f"rename the file to {name}.toml or set name = {stem!r}")
+    image = _str(data, "image", path, required=False,
+                 pattern=re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$"),
+                 hint='"sklearn" (lower case; the image is <prefix><image>:<version>)') or ""
     framework = _str(data, "framework", path, hint='"scikit-learn"')
     version = _str(data, "version", path, pattern=_TAG_RE,
                    hint='"1.6.1" (it becomes the image tag: letters, digits, . _ -)')
@@ -241,7 +252,7 @@ def parse_recipe(data: Mapping, path: str = "<recipe>") -> Recipe:
     return Recipe(name=name, framework=framework, version=version, display_name=display_name,
                   base=base, packages=packages, description=description, default=default,
                   python=python, test=test, kind=kind, apt=apt, suite=suite,
-                  venvs=tuple(venvs), extensions=extensions, path=path)
+                  venvs=tuple(venvs), extensions=extensions, image=image, path=path)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
