@@ -1,0 +1,318 @@
+"""Capacity: placement rules, take/give_back bookkeeping, and property tests against brute force."""
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from bai_scheduler.inventory import simulated_nodes
+from bai_scheduler.model import Device, Node, Placement, Request, RequestKey, Share
+from bai_scheduler.placement import Capacity, Reservations
+from bai_scheduler.units import FgpuUnits
+
+U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
+Q = U.quanta_per_gpu
+
+
+def nodes(*gpus, cpu=0, memory=0):
+    return simulated_nodes(
+        [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": cpu, "memory": memory}
+         for i, g in enumerate(gpus)],
+        U,
+    )
+
+
+def req(q, cpu=0, mem=0, name="s"):
+    return Request(RequestKey("u", name), q, cpu, mem)
+
+
+def cap_of(*gpus, **kw):
+    return Capacity(nodes(*gpus), Q, units=U, **kw)
+
+
+def test_sub_gpu_goes_on_one_device_exactly():
+    cap = cap_of(2)
+    p = cap.place(req(3))
+    assert p.node == "n0" and len(p.shares) == 1 and p.quanta == 3
+    cap.take(p)
+    assert cap.device_used(p.shares[0].device_uuid) == 3
+    # 2 quanta: 1 left on that device, 4 on the other: never split 1+1, goes whole to the other
+    p2 = cap.place(req(2))
+    assert len(p2.shares) == 1 and p2.shares[0].device_uuid != p.shares[0].device_uuid
+
+
+def test_concentrate_is_best_fit_and_keeps_whole_gpus_free():
+    cap = cap_of(2, 2)
+    a = cap.place(req(1))
+    cap.take(a)
+    b = cap.place(req(1))
+    assert b.shares[0].device_uuid == a.shares[0].device_uuid  # fullest device that fits
+    cap.take(b)
+    # a full GPU still goes to an empty device; three stay entirely free
+    assert sum(1 for n in cap.snapshot() for d in n["devices"] if d["used_quanta"] == 0) == 3
+
+
+def test_concentrate_prefers_fullest_node_on_ties():
+    cap = cap_of(2, 2)
+    cap.take(Placement("n1", (Share("GPU-sim-n1-0", 4),)))
+    p = cap.place(req(2))
+    assert p.node == "n1" and p.shares[0].device_uuid == "GPU-sim-n1-1"
+
+
+def test_spread_takes_emptiest():
+    cap = cap_of(2, 2, strategy="spread")
+    cap.take(Placement("n0", (Share("GPU-sim-n0-0", 1),)))
+    p = cap.place(req(1))
+    assert p.node == "n1"
+    cap.take(p)
+    p = cap.place(req(1))
+    assert cap.device_used(p.shares[0].device_uuid) == 0  # an untouched device
+
+
+def test_whole_then_fraction():
+    cap = cap_of(4)
+    cap.take(Placement("n0", (Share("GPU-sim-n0-3", 3),)))
+    p = cap.place(req(2 * Q + 1))  # 2 whole + 1 quantum: the 1 goes on the partly used device
+    assert p.quanta == 2 * Q + 1
+    assert sorted(s.quanta for s in p.shares) == [1, Q, Q]
+    assert Share("GPU-sim-n0-3", 1) in p.shares
+    cap.take(p)
+    assert cap.place(req(Q + 1)) is None  # one whole device left, no room for the remainder
+    assert cap.place(req(Q)) is not None
+
+
+def test_whole_only():
+    cap = cap_of(4, span="whole-only")
+    assert cap.place(req(Q + 1)) is None
+    assert "only whole GPUs" in cap.can_ever_fit(req(Q + 1))
+    p = cap.place(req(3 * Q))
+    assert len(p.shares) == 3 and all(s.quanta == Q for s in p.shares)
+    assert cap.place(req(2)) is not None  # fractions up to one device are still fine
+
+
+def test_multi_gpu_stays_on_one_node():
+    cap = cap_of(2, 2)
+    assert cap.place(req(3 * Q)) is None
+    assert cap.can_ever_fit(req(3 * Q)) == "asks for 6 fGPU but the largest node has 4 fGPU"
+    assert cap.can_ever_fit(req(2 * Q)) is None
+
+
+def test_can_ever_fit_reasons():
+    cap = Capacity(nodes(1, cpu=2, memory="4GiB"), Q, units=U)
+    assert cap.can_ever_fit(req(Q)) is None
+    assert "CPU" in cap.can_ever_fit(req(1, cpu=3000))
+    assert "memory" in cap.can_ever_fit(req(1, mem=5 * 1024**3))
+    nogpu = Capacity(nodes(0), Q, units=U)
+    assert "no GPU" in nogpu.can_ever_fit(req(1))
+    assert nogpu.can_ever_fit(req(0, cpu=100)) is None
+    assert "no nodes" in Capacity([], Q, units=U).can_ever_fit(req(1))
+
+
+def test_cpu_memory_limits_are_respected():
+    cap = Capacity(nodes(1, 1, cpu=1, memory="2GiB"), Q, units=U)
+    a = cap.place(req(1, cpu=800))
+    cap.take(a)
+    b = cap.place(req(1, cpu=800))
+    assert b.node != a.node  # no CPU left on the first node
+    cap.take(b)
+    assert cap.place(req(1, cpu=800)) is None
+    assert cap.place(req(1, cpu=200)) is not None
+    with pytest.raises(ValueError):
+        cap.take(Placement(a.node, (), 300, 0))
+    assert cap.node_used(a.node) == (800, 0)
+
+
+def test_cpu_only_requests():
+    cap = Capacity(nodes(0, 1, cpu=1), Q, units=U)
+    p = cap.place(req(0, cpu=1000))
+    assert p.shares == () and p.cpu_millis == 1000
+    cap.take(p)
+    p2 = cap.place(req(0, cpu=1000))
+    assert p2.node != p.node
+    cap.take(p2)
+    assert cap.place(req(0, cpu=1)) is None
+    assert cap.place(req(0)) is not None  # nothing asked, always room
+
+
+def test_take_and_give_back_refuse_bad_placements():
+    cap = cap_of(1)
+    with pytest.raises(ValueError, match="unknown node"):
+        cap.take(Placement("nope", ()))
+    with pytest.raises(ValueError, match="unknown device"):
+        cap.take(Placement("n0", (Share("GPU-x", 1),)))
+    with pytest.raises(ValueError, match="free"):
+        cap.take(Placement("n0", (Share("GPU-sim-n0-0", Q + 1),)))
+    with pytest.raises(ValueError, match="free"):  # duplicate shares add up
+        cap.take(Placement("n0", (Share("GPU-sim-n0-0", 3), Share("GPU-sim-n0-0", 2))))
+    with pytest.raises(ValueError, match="positive"):
+        cap.take(Placement("n0", (Share("GPU-sim-n0-0", 0),)))
+    assert cap.used_quanta == 0
+    with pytest.raises(ValueError, match="in use"):
+        cap.give_back(Placement("n0", (Share("GPU-sim-n0-0", 1),)))
+    cap.take(Placement("n0", (Share("GPU-sim-n0-0", 2),)))
+    with pytest.raises(ValueError):
+        cap.give_back(Placement("n0", (Share("GPU-sim-n0-0", 3),)))
+    cap.give_back(Placement("n0", (Share("GPU-sim-n0-0", 2),)))
+    assert cap.used_quanta == 0
+
+
+def test_device_on_wrong_node_refused():
+    cap = cap_of(1, 1)
+    with pytest.raises(ValueError, match="not on node"):
+        cap.take(Placement("n0", (Share("GPU-sim-n1-0", 1),)))
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError):
+        Capacity(nodes(1), Q, span="any")
+    with pytest.raises(ValueError):
+        Capacity(nodes(1), Q, strategy="random")
+    with pytest.raises(ValueError, match="duplicate node"):
+        Capacity(nodes(1) + nodes(1), Q)
+
+
+def test_snapshot():
+    cap = Capacity(nodes(2, cpu=4, memory="8GiB"), Q, units=U)
+    cap.take(Placement("n0", (Share("GPU-sim-n0-1", 3),), 500, 1024))
+    (n,) = cap.snapshot()
+    assert n["name"] == "n0" and n["cpu_millis_total"] == 4000 and n["cpu_millis_used"] == 500
+    assert n["memory_bytes_total"] == 8 * 1024**3 and n["memory_bytes_used"] == 1024
+    assert [(d["uuid"], d["index"], d["capacity_quanta"], d["used_quanta"]) for d in n["devices"]] == [
+        ("GPU-sim-n0-0", 0, 4, 0), ("GPU-sim-n0-1", 1, 4, 3)]
+    assert n["devices"][0]["memory_bytes"] == 8 * 1024**3 and n["devices"][0]["name"] == "Simulated GPU"
+
+
+def test_reservation_is_avoided():
+    cap = cap_of(2)
+    cap.take(Placement("n0", (Share("GPU-sim-n0-0", 3),)))
+    cap.take(Placement("n0", (Share("GPU-sim-n0-1", 2),)))
+    held = Reservations()
+    r = cap.reserve(req(Q), held)  # a whole GPU: closest is device 1 (2 free)
+    assert r.devices == ("GPU-sim-n0-1",)
+    assert cap.place(req(1), held).shares[0].device_uuid == "GPU-sim-n0-0"
+    assert cap.place(req(2), held) is None
+    assert cap.place(req(2)) is not None
+    assert cap.max_free(held) == 1 and cap.max_free() == 2
+
+
+def test_mig_devices_and_uneven_sizes():
+    devs = (Device("MIG-a", 0, "1g", 5, 14, Q, "GPU-p", "1g.5gb"), Device("MIG-b", 0, "3g", 20, 42, Q, "GPU-p", "3g.20gb"))
+    cap = Capacity([Node("m", "", devs)], Q, units=U)
+    p = cap.place(req(Q))
+    assert p.shares[0].device_uuid in {"MIG-a", "MIG-b"}
+
+
+# ---------------------------------------------------------------- properties against brute force
+def brute_fit(cap: Capacity, r: Request) -> bool:
+    """Does any placement exist for r right now (no reservations)?"""
+    for node in cap.nodes:
+        cpu_used, mem_used = cap.node_used(node.name)
+        if node.cpu_millis and cpu_used + r.cpu_millis > node.cpu_millis:
+            continue
+        if node.memory_bytes and mem_used + r.memory_bytes > node.memory_bytes:
+            continue
+        free = [cap.device_free(d.uuid) for d in node.devices]
+        if r.quanta == 0:
+            return True
+        if r.quanta <= Q:
+            if any(f >= r.quanta for f in free):
+                return True
+            continue
+        k, rem = divmod(r.quanta, Q)
+        if rem and cap.span == "whole-only":
+            continue
+        whole = [i for i, f in enumerate(free) if f == Q]
+        if len(whole) < k:
+            continue
+        others = [f for i, f in enumerate(free) if i not in whole[:k]]
+        if not rem or any(f >= rem for f in others):
+            return True
+    return False
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["place", "place", "place", "release"]),
+        st.integers(min_value=0, max_value=3 * Q),
+        st.sampled_from([0, 0, 300, 700]),
+        st.integers(min_value=0, max_value=100),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.lists(st.integers(min_value=0, max_value=4), min_size=1, max_size=4),
+    cpu=st.sampled_from([0, 1, 2]),
+    span=st.sampled_from(["whole-then-fraction", "whole-only"]),
+    strategy=st.sampled_from(["concentrate", "spread"]),
+    steps=ops,
+)
+def test_random_workloads_never_overallocate(layout, cpu, span, strategy, steps):
+    cap = Capacity(nodes(*layout, cpu=cpu), Q, span=span, strategy=strategy, units=U)
+    held = []
+    for op, q, c, pick in steps:
+        if op == "release" and held:
+            p = held.pop(pick % len(held))
+            before = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            cap.give_back(p)
+            after = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            for s in p.shares:
+                before[s.device_uuid] -= s.quanta
+            assert before == after  # exactly what was taken
+            continue
+        r = req(q, cpu=c)
+        p = cap.place(r)
+        if p is None:
+            assert not brute_fit(cap, r), f"{r} fits somewhere but was not placed"
+            continue
+        assert p.quanta == q and p.cpu_millis == c  # never short
+        if q <= Q:
+            assert len(p.shares) <= 1  # never split
+        else:
+            assert len({s.device_uuid for s in p.shares}) == len(p.shares)
+            wholes = [s for s in p.shares if s.quanta == Q]
+            assert len(wholes) >= q // Q
+            if span == "whole-only":
+                assert all(s.quanta == Q for s in p.shares)
+        if strategy == "concentrate" and 0 < q <= Q:
+            chosen = cap.device_free(p.shares[0].device_uuid)
+            feasible = [
+                cap.device_free(d.uuid)
+                for n in cap.nodes
+                for d in n.devices
+                if cap.device_free(d.uuid) >= q
+                and (not n.cpu_millis or cap.node_used(n.name)[0] + c <= n.cpu_millis)
+            ]
+            assert chosen == min(feasible)  # best fit
+        cap.take(p)
+        held.append(p)
+        for n in cap.snapshot():
+            for d in n["devices"]:
+                assert 0 <= d["used_quanta"] <= d["capacity_quanta"]
+            assert not n["cpu_millis_total"] or n["cpu_millis_used"] <= n["cpu_millis_total"]
+    assert cap.used_quanta == sum(p.quanta for p in held)
+    for p in held:
+        cap.give_back(p)
+    assert cap.used_quanta == 0
+    # the indexes survived all that: a fresh capacity places identically
+    fresh = Capacity(nodes(*layout, cpu=cpu), Q, span=span, strategy=strategy, units=U)
+    for q in range(0, 3 * Q + 1):
+        a, b = cap.place(req(q)), fresh.place(req(q))
+        assert (a is None) == (b is None)
+        if a:
+            assert a.quanta == b.quanta
+
+
+def test_many_takes_rebuild_indexes():
+    cap = Capacity(nodes(*[8] * 4), Q, units=U)
+    taken = []
+    for i in range(20000):
+        p = cap.place(req(1 + i % Q))
+        if p is None:
+            cap.give_back(taken.pop(0))
+            continue
+        cap.take(p)
+        taken.append(p)
+    assert cap.used_quanta == sum(p.quanta for p in taken)
+    assert cap._entries <= cap._entry_limit + 64
