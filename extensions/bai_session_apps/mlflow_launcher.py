@@ -161,16 +161,19 @@ def serve_error(port: int, reason: str, log_lines: list[str]) -> int:
         # Someone else holds the port: nothing we can serve on it.
         log(f"cannot serve the error page on port {port}: {e}")
         return 1
+    server.timeout = 0.5
     stop = threading.Event()
 
     def _term(signum, frame):
+        # only set a flag: creating threads or taking locks inside a signal
+        # handler can deadlock with the interrupted main thread
         stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     watch_parent(lambda: _term(None, None))
-    server.serve_forever(poll_interval=0.5)
+    while not stop.is_set():
+        server.handle_request()
     server.server_close()
     return 1
 
@@ -211,6 +214,24 @@ def run(argv=None, environ=None) -> int:
     log(f"MLflow {'.'.join(map(str, version)) or '(unknown version)'}: {' '.join(cmd)}")
 
     lines: collections.deque[str] = collections.deque(maxlen=400)
+    terminated = threading.Event()
+    holder: dict = {}
+
+    def _term(signum, frame):
+        terminated.set()
+        child = holder.get("child")
+        if child is not None:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    # before the child exists, so a stop during start-up cannot orphan it
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    # jupyter-server-proxy does not always stop its processes when the Jupyter
+    # server dies; don't leave MLflow behind.
+    watch_parent(lambda: _term(None, None))
     try:
         child = subprocess.Popen(
             cmd,
@@ -225,21 +246,9 @@ def run(argv=None, environ=None) -> int:
         )
     except OSError as e:
         return serve_error(args.port, f"cannot run {mlflow_bin}: {e}", [])
-
-    terminated = threading.Event()
-
-    def _term(signum, frame):
-        terminated.set()
-        try:
-            os.killpg(child.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
-    # jupyter-server-proxy does not always stop its processes when the Jupyter
-    # server dies; don't leave MLflow behind.
-    watch_parent(lambda: _term(None, None))
+    holder["child"] = child
+    if terminated.is_set():
+        _term(None, None)
 
     for line in child.stdout:
         sys.stderr.write(line)
