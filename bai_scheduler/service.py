@@ -75,7 +75,7 @@ class SchedulerService:
         self.on_orphan_admitted: Callable[[Record], Awaitable[None]] | None = None
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
-        self._rebuild(self.store.load())
+        self.reload()
 
     # -- building state ----------------------------------------------------
 
@@ -107,21 +107,27 @@ class SchedulerService:
             self.records[rec.key] = rec
 
     def reload(self) -> None:
-        """Throw away memory and rebuild from the database (after a failed write)."""
+        """Throw away memory and rebuild from the database."""
         self._rebuild(self.store.load())
+        self._committed = {k: replace(r) for k, r in self.records.items()}
 
     def _persist(self, upserts=(), deletes=()) -> None:
+        """Write a change; if the database fails, memory goes back to the last
+        state that was written (kept in ``_committed``), so no share is granted
+        or freed that the database does not know of."""
+        upserts, deletes = list(upserts), list(deletes)
         try:
-            self.store.apply(list(upserts), list(deletes))
-            self.degraded = None
+            self.store.apply(upserts, [r.id for r in deletes])
         except StoreUnavailable as e:
             self.degraded = str(e)
-            # Memory may be ahead of the database now: go back to what is stored.
-            try:
-                self.reload()
-            except StoreUnavailable:
-                pass
+            self._rebuild([replace(r) for r in self._committed.values()])
             raise
+        self.degraded = None
+        for r in deletes:
+            if self._committed.get(r.key) is not None and self._committed[r.key].id == r.id:
+                del self._committed[r.key]
+        for r in upserts:
+            self._committed[r.key] = replace(r)
 
     # -- queries -------------------------------------------------------------
 
@@ -258,7 +264,7 @@ class SchedulerService:
         del self.records[key]
         self._attached.pop(key, None)
         admitted = self._mark_admitted(admitted_pairs)
-        self._persist(upserts=admitted, deletes=[rec.id])
+        self._persist(upserts=admitted, deletes=[rec])
         if admitted:
             self.admission_latencies.append(time.perf_counter() - t0)
             del self.admission_latencies[:-10000]
@@ -373,7 +379,7 @@ class SchedulerService:
                 fixed.append(rec)
             self._rebuild(fixed)
             self._persist(upserts=list(self.records.values()),
-                          deletes=[r.id for r in self.store.load() if r.key not in self.records
+                          deletes=[r for r in self.store.load() if r.key not in self.records
                                    or self.records[r.key].id != r.id])
             await self._notify()
         await self.schedule()
