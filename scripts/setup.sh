@@ -57,6 +57,13 @@ if [ ! -x .venv/node/node_modules/.bin/configurable-http-proxy ]; then
 fi
 ln -sf ../node/node_modules/.bin/configurable-http-proxy .venv/bin/configurable-http-proxy
 
+# Full MLflow in its own venv, as in the kernel images, for the session-app tests.
+if [ $WITH_TEST = 1 ] && [ ! -x .venv/mlflow/bin/mlflow ]; then
+  say "installing MLflow for the session-app tests"
+  python3 -m venv .venv/mlflow
+  .venv/mlflow/bin/pip install -q "mlflow==3.17.2"
+fi
+
 # Kernel images (cached: unchanged recipes are not rebuilt).
 say "building kernel images (cached)"
 .venv/bin/bai-images build
