@@ -101,6 +101,22 @@ class BaiScheduler(Application):
     wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
     max_launch = Integer(8, config=True, help="Most sessions a user may launch in one action.")
 
+    # -- snapshots (bai_scheduler/snapshots.py) --
+    private_image_repo = Unicode(
+        "bai-private", config=True,
+        help="Repository prefix of private images made from sessions: <repo>/<user>:<tag>. "
+        "Lower-case Docker repository path, e.g. 'bai-private' or 'registry.local/bai-private'.",
+    )
+    max_private_images_per_user = Integer(
+        5, config=True, help="Private images (snapshots) one user may own at once (0 = no limit).",
+    )
+    snapshot_pause = Bool(
+        True, config=True,
+        help="Freeze the session's processes while `docker commit` runs (Docker's default). The "
+        "image is then a consistent copy; the session resumes unchanged afterwards. False: no "
+        "freeze, but a file being written during the commit may be captured half-written.",
+    )
+
     @validate("fgpu_step")
     def _check_step(self, proposal):
         FgpuUnits(self.fgpu_per_gpu, proposal.value)
@@ -192,6 +208,17 @@ class BaiScheduler(Application):
                 self.log.warning("Hub unreachable while starting %s: %s", rec.key, e)
             await asyncio.sleep(5)
 
+    reconcile_interval = Float(
+        60, config=True,
+        help="Seconds between full reconciles with the engines. Engine events free shares at once; "
+        "this only collects what events could not tell (e.g. an admission whose spawn never came).",
+    )
+
+    async def reconcile_forever(self):
+        while True:
+            await asyncio.sleep(self.reconcile_interval)
+            await self.reconcile_all()
+
     async def reconcile_all(self, *_):
         facts = []
         for node in self.node_list:
@@ -254,6 +281,7 @@ class BaiScheduler(Application):
         ]
         for w in self.watchers:
             w.start()
+        sweeper = asyncio.ensure_future(self.reconcile_forever())
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
         self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
@@ -263,6 +291,7 @@ class BaiScheduler(Application):
         await stop.wait()
         self.log.info("bai-scheduler stopping; queued requests stay in the database")
         server.stop()
+        sweeper.cancel()
         for w in self.watchers:
             w.stop()
 

@@ -338,14 +338,16 @@ class SchedulerService:
 
     # -- repair from the engine ------------------------------------------------
 
-    async def reconcile(self, containers: list[ContainerFacts]) -> dict:
+    async def reconcile(self, containers: list[ContainerFacts], grace: float = 300.0) -> dict:
         """Make the allocations agree with the session containers on the engines.
 
         The engine wins: a running container keeps exactly the share its labels
-        state; an admitted request whose container is gone (and not just being
-        started by a waiting spawner) is released; a running container the
-        database forgot is restored.
+        state; an admitted request whose container is gone is released, unless
+        a spawner still waits on it or it was admitted less than ``grace``
+        seconds ago (its container may be being created right now); a running
+        container the database forgot is restored.
         """
+        now = time.time()
         running = {c.key: c for c in containers if c.running}
         records = dict(self.records)
         restored, repaired, released = [], [], []
@@ -364,7 +366,8 @@ class SchedulerService:
                 )
                 (repaired if old else restored).append(key)
         for key, rec in list(records.items()):
-            if rec.state == "RUNNING" and key not in running and not self.is_attached(key):
+            if (rec.state == "RUNNING" and key not in running and not self.is_attached(key)
+                    and (rec.admitted_at or 0) < now - grace):
                 del records[key]
                 released.append(key)
         if restored or repaired or released:

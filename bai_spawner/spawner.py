@@ -72,6 +72,11 @@ class BaiSpawner(DockerSpawner):
         help="Seconds a session may take from admission until its server answers. Time spent queued "
         "does not count: JupyterHub's start_timeout is raised so a queued spawn is never killed.",
     )
+    scheduler_outage_timeout = Float(
+        180, config=True,
+        help="Seconds a queued spawn keeps retrying while the scheduler service is unreachable "
+        "(it restarts with the hub, or after a crash); the request itself stays queued either way.",
+    )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
 
     @validate("gpu_backend")
@@ -313,7 +318,7 @@ class BaiSpawner(DockerSpawner):
             if message != last:
                 self._emit(10, message)
                 last = message
-            status = await self.scheduler.wait(self.user.name, self.name, status["epoch"], self.wait_poll_seconds)
+            status = await self._wait_once(status)
             if status.get("state") == "GONE" or (status.get("id") and status["id"] != self.request_id):
                 raise web.HTTPError(409, "The queued request was cancelled.")
         placement = status["placement"]
@@ -323,6 +328,20 @@ class BaiSpawner(DockerSpawner):
         self._emit(50, f"Admitted on node {placement['node']} with {status['fgpu']} fGPU"
                        + (" (simulated GPU)" if placement.get("simulated") and placement["shares"] else ""))
         return status
+
+    async def _wait_once(self, status: dict) -> dict:
+        """One long-poll; rides out a scheduler restart instead of failing the spawn."""
+        deadline = asyncio.get_running_loop().time() + self.scheduler_outage_timeout
+        delay = 0.5
+        while True:
+            try:
+                return await self.scheduler.wait(self.user.name, self.name, status["epoch"], self.wait_poll_seconds)
+            except SchedulerError as e:
+                if e.status not in (502, 503, 599) or asyncio.get_running_loop().time() > deadline:
+                    raise web.HTTPError(503, f"Lost the scheduler while queued: {e}") from None
+                self._emit(10, "The scheduler is restarting; your place in the queue is kept")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
 
     async def _run_container(self, status: dict, image, opts: SessionOptions, units: FgpuUnits):
         try:
