@@ -124,6 +124,7 @@ class Scheduler:
         # (stopped, reservations, count) left by the last full FIFO pass; None when capacity was
         # given back or restored since, so the next pass must be a full one.
         self._settled = None
+        self._done: set[int] = set()
         lim = self.limits
         self._has_limits = bool(
             lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes
@@ -165,16 +166,22 @@ class Scheduler:
         self._pending_q[req.quanta] += 1
         self._drf_cache = None
 
-    def _remove_pending(self, req: Request):
+    def _remove_pending(self, req: Request, deferred: set | None = None):
+        """Forget a pending request.  With ``deferred`` (inside a pass) its seq stays in the
+        ordered lists until ``_compact`` drops all of the pass's seqs at once (deleting from the
+        front of a long list one by one would make a big pass quadratic)."""
         del self._pending[req.key]
         del self._by_seq[req.seq]
         del self._req_by_seq[req.seq]
-        del self._order[bisect_left(self._order, req.seq)]
-        shape = self._shape(req)
-        lst = self._by_shape[shape]
-        del lst[bisect_left(lst, req.seq)]
-        if not lst:
-            del self._by_shape[shape]
+        if deferred is not None:
+            deferred.add(req.seq)
+        else:
+            del self._order[bisect_left(self._order, req.seq)]
+            shape = self._shape(req)
+            lst = self._by_shape[shape]
+            del lst[bisect_left(lst, req.seq)]
+            if not lst:
+                del self._by_shape[shape]
         self._fails.pop(req.seq, None)
         self._user(req.key.user).pending -= 1
         c = self._pending_q[req.quanta] - 1
@@ -385,12 +392,16 @@ class Scheduler:
         """One scheduling pass; returns the requests it admitted, with their placements."""
         if not self._pending:
             return []
-        if self.policy.order == "drf":
-            return self._pass_drf()
-        return self._pass_fifo()
+        try:
+            if self.policy.order == "drf":
+                return self._pass_drf()
+            return self._pass_fifo()
+        finally:
+            self._compact()  # no-op when the pass already compacted
 
     def _pass_setup(self):
         self._settled = None
+        self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
         self._res = Reservations()
         self._failed: dict[tuple[int, int], int] = {}  # (cpu, mem) -> least quanta that failed
         self._reserved_count = 0
@@ -469,6 +480,7 @@ class Scheduler:
             out, stopped = self._walk_fifo()
         else:
             out, stopped = self._merge_fifo()
+        self._compact()
         # Nothing more can start until capacity is given back: a later submit only has to try
         # the new request against the same reservations (see _submit_settled).
         self._settled = (stopped, self._res, self._reserved_count)
@@ -477,7 +489,35 @@ class Scheduler:
     def _admit_pending(self, req, placement, out):
         out.append((req, placement))
         self._admit(req, placement)
-        self._remove_pending(req)
+        self._remove_pending(req, self._done)
+
+    def _compact(self):
+        done = self._done
+        if not done:
+            return
+        if len(done) <= 16:  # a few: delete each (cheap memmove); many: filter once
+            for seq in done:
+                del self._order[bisect_left(self._order, seq)]
+            for shape in list(self._by_shape):
+                lst = self._by_shape[shape]
+                for seq in done:
+                    i = bisect_left(lst, seq)
+                    if i < len(lst) and lst[i] == seq:
+                        del lst[i]
+                if not lst:
+                    del self._by_shape[shape]
+            done.clear()
+            return
+        self._order = [s for s in self._order if s not in done]
+        for shape in list(self._by_shape):
+            lst = self._by_shape[shape]
+            kept = [s for s in lst if s not in done]
+            if len(kept) != len(lst):
+                if kept:
+                    self._by_shape[shape] = kept
+                else:
+                    del self._by_shape[shape]
+        done.clear()
 
     def _walk_fifo(self):
         out = []
@@ -519,9 +559,10 @@ class Scheduler:
             else:
                 placement = self._try(req)
                 if placement is not None:
-                    self._admit_pending(req, placement, out)  # removes seq s from by_shape[shape]
+                    self._admit_pending(req, placement, out)
                     if not self._pending_q:
                         break
+                    i += 1
                 else:
                     if self._blocked(req) == "stop":
                         return out, True
@@ -531,8 +572,8 @@ class Scheduler:
                         heapq.heappop(heap)  # the rest of this shape fails too (now dominated)
                         continue
                     i += 1
-            lst = by_shape.get(shape)
-            if lst is not None and i < len(lst):
+            lst = by_shape[shape]
+            if i < len(lst):
                 heapq.heapreplace(heap, (lst[i], shape, i))
             else:
                 heapq.heappop(heap)
