@@ -3,9 +3,10 @@
 Pure functions over image attribute dicts as returned by the docker SDK
 (``APIClient.images()`` or ``client.images.list()[i].attrs``): keys ``Id``,
 ``RepoTags``, ``Labels`` (``Config.Labels`` in ``attrs``), ``Size``,
-``Created``. Only images labelled ``org.bai-hub.kind`` = ``kernel`` (built from a
-recipe) or ``private`` (a user's snapshot) are part of the catalog; everything
-else on the engine is ignored.
+``Created``. Only tagged images labelled ``org.bai-hub.kind`` = ``kernel`` (built
+from a recipe) or ``private`` (a user's snapshot, which also needs an owner) are
+part of the catalog; everything else on the engine is ignored (untagged ones
+are leftovers of a rebuild that a running container still uses).
 
 ``load_catalog`` is the only function here that talks to Docker; it runs the
 blocking call in a worker thread.
@@ -35,7 +36,7 @@ class ImageNotAllowed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class CatalogImage:
-    ref: str                 # "bai/sklearn:1.6.1" (first tag), or the image id if untagged
+    ref: str                 # "bai/sklearn:1.6.1" (first tag; untagged images are not listed)
     framework: str
     version: str
     display_name: str
@@ -83,13 +84,15 @@ def to_catalog_image(image: Mapping[str, Any]) -> CatalogImage | None:
     if kind == L.KIND_PRIVATE and not lab.get(L.OWNER):
         return None  # a private image nobody owns must not be launchable by anyone
     tags = _tags(image)
+    if not tags:
+        return None  # superseded by a rebuild (its tag moved on) or never tagged
     image_id = image.get("Id") or image.get("id") or ""
     framework = lab.get(L.FRAMEWORK, "")
     version = lab.get(L.VERSION, "")
     display = lab.get(L.DISPLAY_NAME) or (f"{framework} {version}".strip() if framework else "") \
-        or (tags[0] if tags else image_id[:19])
+        or tags[0]
     return CatalogImage(
-        ref=tags[0] if tags else image_id,
+        ref=tags[0],
         framework=framework,
         version=version,
         display_name=display,

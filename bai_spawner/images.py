@@ -62,7 +62,9 @@ echo "[bai] user {user} ({uid}:{gid}), home {home}"
 id -u {user} >/dev/null 2>&1 || useradd --create-home --home-dir {home} --uid {uid} --gid {gid} --shell /bin/bash {user}
 mkdir -p /opt/bai
 echo "[bai] venv {venv}"
-python3 -m venv {venv}
+# --system-site-packages keeps the user site enabled: `pip install --user X`
+# goes to ~/.local (the home volume) and shadows the image's packages.
+python3 -m venv --system-site-packages {venv}
 {venv}/bin/pip install {pipflags} --find-links {mnt}/wheels/venv {venv_specs}
 {extra_venvs}
 chown -R {uid}:{gid} {venv} {home}

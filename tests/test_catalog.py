@@ -61,11 +61,15 @@ def test_build_catalog_keeps_only_labelled_kernel_and_private():
                                         "bai/sklearn:1.6.1", "bai/sklearn:1.5.2"]
 
 
-def test_build_catalog_accepts_sdk_attrs_and_untagged():
-    attrs = {"Id": "sha256:" + "4" * 64, "RepoTags": [], "Size": 5, "Created": "2025-01-01T00:00:00Z",
+def test_build_catalog_accepts_sdk_attrs_and_skips_untagged():
+    attrs = {"Id": "sha256:" + "4" * 64, "RepoTags": ["bai/numpy:2.0"], "Size": 5,
+             "Created": "2025-01-01T00:00:00Z",
              "Config": {"Labels": {L.KIND: L.KIND_KERNEL, L.FRAMEWORK: "numpy", L.VERSION: "2.0"}}}
     (c,) = build_catalog([attrs])
-    assert c.ref == attrs["Id"] and c.display_name == "numpy 2.0" and c.created == "2025-01-01T00:00:00Z"
+    assert c.ref == "bai/numpy:2.0" and c.display_name == "numpy 2.0" and c.created == "2025-01-01T00:00:00Z"
+    # a rebuild moved the tag on; the old image (still used by a container) is not offered
+    assert build_catalog([dict(attrs, RepoTags=["<none>:<none>"])]) == []
+    assert build_catalog([dict(attrs, RepoTags=None)]) == []
 
 
 def test_group_by_framework_newest_first():
