@@ -726,37 +726,38 @@ def handlers(prefix: str) -> list:
     class AdminPage(base):
         """The admin panel: running sessions, snapshot action, progress, private images."""
 
+        def chrome(self, who: dict | None) -> dict:
+            """What base.html (shared with the other service pages) needs."""
+            hub_base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
+            hub_base = hub_base if hub_base.endswith("/") else hub_base + "/"
+            return {"hub": hub_base + "hub/", "prefix": self.bai.prefix, "who": who, "active": "snapshots",
+                    "simulated": any(n.simulated for n in self.bai.node_list)}
+
         @web.authenticated
         def get(self):
-            user = self.current_user
-            if not user.get("admin"):
-                raise web.HTTPError(403, "This page is for admins.")
+            who = self.identity()
+            if not who["admin"]:
+                raise web.HTTPError(403, "The snapshot panel is for admins. Ask an admin to turn your "
+                                         "session into a private image.")
             mgr = get_manager(self.bai)
-            hub_base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
-            self.render(
-                "admin_snapshots.html",
-                user=user["name"],
-                prefix=self.bai.prefix,
-                hub_base=hub_base if hub_base.endswith("/") else hub_base + "/",
-                xsrf=self.xsrf_token.decode() if isinstance(self.xsrf_token, bytes) else self.xsrf_token,
-                repo=mgr.repo,
-                cap=mgr.cap,
-                pause=mgr.pause,
-                config_json=json.dumps({"prefix": self.bai.prefix, "repo": mgr.repo, "cap": mgr.cap,
-                                        "xsrf": self.xsrf_token.decode() if isinstance(self.xsrf_token, bytes)
-                                        else self.xsrf_token}).replace("<", "\\u003c"),
-            )
+            xsrf = self.xsrf_token
+            xsrf = xsrf.decode() if isinstance(xsrf, bytes) else xsrf
+            config = {"prefix": self.bai.prefix, "repo": mgr.repo, "cap": mgr.cap, "xsrf": xsrf}
+            self.render("admin_snapshots.html", repo=mgr.repo, cap=mgr.cap, pause=mgr.pause,
+                        config_json=json.dumps(config).replace("<", "\\u003c"), **self.chrome(who))
 
         def write_error(self, status_code, **kwargs):
             exc = kwargs.get("exc_info", (None, None))[1]
             message = self._reason
             if isinstance(exc, web.HTTPError) and exc.log_message:
                 message = exc.log_message % exc.args if exc.args else exc.log_message
-            hub_base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
+            try:
+                who = self.identity() if self.current_user else None
+            except Exception:
+                who = None
             self.set_header("Content-Type", "text/html; charset=UTF-8")
-            self.finish(self.render_string(
-                "admin_error.html", status=status_code, message=message,
-                hub_base=hub_base if hub_base.endswith("/") else hub_base + "/"))
+            self.finish(self.render_string("admin_error.html", status=status_code, message=message,
+                                           **self.chrome(who)))
 
     return [
         (prefix + r"api/snapshots/?", SnapshotsHandler),
