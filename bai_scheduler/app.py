@@ -324,7 +324,10 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         user = self.current_user
         if not user:
             raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
-        return {"name": user["name"], "admin": bool(user.get("admin")), "internal": False}
+        scopes = set(user.get("scopes") or ())
+        # Admin users, and services (or tokens) granted server administration.
+        admin = bool(user.get("admin")) or bool(scopes & {"admin:servers", "admin:users"})
+        return {"name": user["name"], "admin": admin, "internal": False}
 
     def check_owner(self, who: dict, user: str) -> None:
         if not (who["admin"] or who["name"] == user):

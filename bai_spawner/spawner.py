@@ -90,6 +90,12 @@ class BaiSpawner(DockerSpawner):
     def _default_start_timeout(self):
         return 7 * 24 * 3600
 
+    @default("apply_user_options")
+    def _default_apply_user_options(self):
+        # Options are validated in start(), against the live catalog and
+        # capacity, so the form and the REST API meet the same checks.
+        return lambda spawner, user_options: None
+
     @default("remove")
     def _default_remove(self):
         return True
@@ -415,6 +421,13 @@ class BaiSpawner(DockerSpawner):
         except SchedulerError as e:
             # The engine's events and the service's reconcile free it later.
             self.log.error("Could not release %s's share now: %s", self._log_name, e)
+
+    async def poll(self):
+        # A request still queued (no container yet) counts as alive, so that the
+        # hub's Stop on a pending spawn calls stop() and the queue entry is removed.
+        if not self.object_id and self.request_id:
+            return None
+        return await super().poll()
 
     async def stop(self, now=False):
         request_id = self.request_id
