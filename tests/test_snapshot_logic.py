@@ -532,3 +532,26 @@ async def test_delete_via_manager():
     assert await mgr.delete_image("bai-test-private/alice:v1") == {"deleted": "bai-test-private/alice:v1",
                                                                    "nodes": ["n1"]}
     assert (await mgr.images())[0] == []
+
+
+async def test_commits_run_in_threads_the_loop_stays_responsive_and_extra_jobs_queue():
+    eng, svc, _ = make()
+    mgr = S.Snapshots([Node("n1", "")], svc, repo="p", concurrency=1, client_factory=lambda node, timeout=60: eng)
+    for server, rid in (("a", "r1"), ("b", "r2")):
+        svc.add("alice", server, rid=rid)
+        eng.add_session(f"c-{server}", "alice", server, rid)
+    eng.commit_delay = 0.4
+    first = await mgr.submit("alice", "a", "v1")
+    second = await mgr.submit("alice", "b", "v2")
+    await asyncio.sleep(0.05)
+    assert (first.state, second.state) == ("committing", "queued")
+    # The event loop keeps serving while the blocking commit runs.
+    worst = 0.0
+    while first.active:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.2, worst
+    await mgr.wait_idle()
+    assert (first.state, second.state) == ("done", "done")
+    assert second.started_at >= first.finished_at
