@@ -220,9 +220,10 @@ def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) 
             "total": units.to_fgpu(n["capacity_quanta"]),
             "percent": round(100 * n["used_quanta"] / n["capacity_quanta"]) if n["capacity_quanta"] else 0,
             "cpu": (f"{n.get('cpu_millis_used', 0) / 1000:g} of {cpu_total / 1000:g} CPU" if cpu_total
-                    else f"{n.get('cpu_millis_used', 0) / 1000:g} CPU (no limit)"),
+                    else f"{n.get('cpu_millis_used', 0) / 1000:g} CPU"),
             "memory": (f"{format_bytes(n.get('memory_bytes_used', 0))} of {format_bytes(mem_total)}" if mem_total
-                       else f"{format_bytes(n.get('memory_bytes_used', 0))} (no limit)"),
+                       else format_bytes(n.get("memory_bytes_used", 0))),
+            "limited": bool(cpu_total or mem_total),
             "devices": devices,
         })
     return out
@@ -432,7 +433,7 @@ class PageHandler(BaseHandler):
             images = catalog_mod.visible_to(await load_catalog(self.bai), who["name"], is_admin=False)
             form_html = render_form(visible=images, user=who["name"], capacity=cap, units=self.bai.units,
                                     limits=form_limits(self.bai, cap), service_prefix=self.bai.prefix,
-                                    values=values)
+                                    values=values, simulated_note=False)
         except Exception as e:  # Docker down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
             form_html = ('<div class="alert alert-danger">The image catalog is unavailable '

@@ -124,9 +124,12 @@ def _image_options(visible, selected: str) -> tuple[str, str]:
         out.append(f'<optgroup label="{escape(framework or "Other")}">')
         for n, img in enumerate(images):
             py = f" · Python {img.python}" if img.python else ""
+            label = img.display_name
+            if img.version and img.version not in label.split():
+                label += f" ({img.version})"
             newest = " · newest" if n == 0 and len(images) > 1 else ""
             sel = " selected" if img.ref == default else ""
-            out.append(f'<option value="{escape(img.ref)}"{sel}>{escape(img.display_name + py + newest)}</option>')
+            out.append(f'<option value="{escape(img.ref)}"{sel}>{escape(label + py + newest)}</option>')
         out.append("</optgroup>")
     if private:
         out.append('<optgroup label="My private images">')
@@ -142,10 +145,11 @@ def _image_options(visible, selected: str) -> tuple[str, str]:
 
 
 def render_form(*, visible, user, capacity, units: FgpuUnits, limits: Limits, service_prefix: str,
-                values: dict | None = None) -> str:
+                values: dict | None = None, simulated_note: bool = True) -> str:
     """The form's fields (the caller wraps them in a <form> with its submit button).
 
     ``values``: raw values to fill in again (after a refused post).
+    ``simulated_note``: say "GPUs are simulated" (off where the page says it already).
     """
     values = values or {}
     image_opts, _ = _image_options(visible, str(values.get("image") or ""))
@@ -174,7 +178,7 @@ def render_form(*, visible, user, capacity, units: FgpuUnits, limits: Limits, se
         '<i class="fa fa-flask mt-1" aria-hidden="true"></i><div><strong>GPUs on this hub are simulated.</strong> '
         "fGPU shares are scheduled, queued and labelled as on real hardware, but no GPU is attached to the sessions."
         "</div></div>"
-        if capacity.get("simulated") else ""
+        if capacity.get("simulated") and simulated_note else ""
     )
     gpu_names = sorted({d["name"] for n in capacity.get("nodes", []) for d in n.get("devices", [])})
     gpu_text = f"One GPU here is a {escape(', '.join(gpu_names))} ({escape(format_bytes(device_mem))})." if gpu_names else ""

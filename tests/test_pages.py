@@ -121,7 +121,7 @@ def test_node_rows_fgpu_memory_and_live_stats():
     assert g0["memory_granted"] == "6 GiB" and g0["memory_total"] == "8 GiB"
     assert g0["live"] == {"memory": "2 GiB of 8 GiB", "memory_percent": 25, "utilization": 37}
     assert g1["live"] is None and g1["label"] == "GPU 1 · 1g.10gb"
-    assert "no limit" in n["cpu"] and n["memory"].startswith("3 GiB")
+    assert n["cpu"] == "1.5 CPU" and n["memory"] == "3 GiB" and not n["limited"]
 
 
 # -- the form's live note ------------------------------------------------------------------------
@@ -182,6 +182,8 @@ def test_form_groups_images_newest_first_with_python_and_private_group():
     sk = html.index('label="scikit-learn"')
     assert html.index("bai/sklearn:1.6.1", sk) < html.index("bai/sklearn:1.5.2", sk)
     assert "scikit-learn 1.6.1 · Python 3.11 · newest" in html
+    shortname = form(visible=[image("bai/sklearn:1.6.1", "scikit-learn", "1.6.1", display="scikit-learn 1.6")])
+    assert "scikit-learn 1.6 (1.6.1) · Python 3.11" in shortname
     assert 'value="bai-private/ann:exp"' in html
     assert 'name="image_name"' in html
 
@@ -210,6 +212,7 @@ def test_form_keeps_posted_values_and_escapes_them():
 
 def test_form_without_images_says_what_to_do():
     assert "bai-images build" in form(visible=[])
+    assert "simulated" not in form(simulated_note=False).split("<script")[0].replace("Simulated GPU (8 GiB)", "")
 
 
 # -- hub templates: they compile, extend JupyterHub's, keep NativeAuthenticator's features ------------
