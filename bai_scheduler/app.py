@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -340,6 +341,8 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             body = json.loads(self.request.body or b"{}")
         except (ValueError, UnicodeDecodeError):
             raise web.HTTPError(400, "Body is not valid JSON.") from None
+        except RecursionError:  # e.g. "[[[[…" thousands deep: json.loads gives up
+            raise web.HTTPError(400, "Body is nested too deeply.") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "Body must be a JSON object.")
         unknown = set(body) - allowed
@@ -486,9 +489,13 @@ class WaitHandler(BaseHandler):
         key = self.key(user, server)
         try:
             epoch = int(self.get_argument("epoch", "-1"))
-            timeout = min(float(self.get_argument("timeout", str(self.bai.wait_timeout))), 300.0)
+            timeout = float(self.get_argument("timeout", str(self.bai.wait_timeout)))
         except ValueError:
             raise web.HTTPError(400, "epoch and timeout must be numbers.") from None
+        if not math.isfinite(timeout):
+            # NaN would hold the long-poll open for ever (every comparison is False).
+            raise web.HTTPError(400, "timeout must be a finite number of seconds.")
+        timeout = min(max(timeout, 0.0), 300.0)
         rec = await self.service.wait(key, epoch, timeout)
         if rec is None:
             self.write_json({"state": "GONE", "epoch": self.service.epoch,
