@@ -501,7 +501,16 @@ class Snapshots:
             raise SnapshotError(f"{ref} is being made right now; wait until its snapshot is done.", 409)
         deleted = []
         for node in self.nodes.values():
-            if await asyncio.to_thread(lambda n=node: delete_blocking(self._client(n), ref)):
+            try:
+                gone = await asyncio.to_thread(lambda n=node: delete_blocking(self._client(n), ref))
+            except docker.errors.APIError as e:
+                if e.status_code == 400:
+                    raise SnapshotError(f"{ref!r} is not a valid image name.", 400) from None
+                raise SnapshotError(f"The Docker engine of node {node.name} refused: {e.explanation or e}", 502) from None
+            except (docker.errors.DockerException, OSError) as e:
+                raise SnapshotError(f"The Docker engine of node {node.name} does not answer ({e.__class__.__name__}); "
+                                    f"nothing was deleted there.", 503) from None
+            if gone:
                 deleted.append(node.name)
         if not deleted:
             raise SnapshotError(f"No image {ref} on any node.", 404)
