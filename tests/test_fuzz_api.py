@@ -55,7 +55,7 @@ def record_counts():
     except (OSError, ValueError):
         old = {}
     old.update(COUNTS)
-    old["total"] = sum(v for k, v in old.items() if k != "total")
+    old["total"] = sum(v for k, v in old.items() if k != "total" and not k.startswith("of-which"))
     path.write_text(json.dumps(old, indent=1, sort_keys=True))
     return old
 
@@ -65,12 +65,13 @@ def print_counts(request):
     yield
     if COUNTS:
         counts = record_counts()
-        line = (f"[fuzz] cases tried: {sum(COUNTS.values())} {dict(sorted(COUNTS.items()))} "
+        tried = sum(v for k, v in COUNTS.items() if not k.startswith("of-which"))
+        line = (f"[fuzz] cases tried: {tried} {dict(sorted(COUNTS.items()))} "
                 f"(all runs recorded in test-artifacts/fuzz-counts.json: {counts['total']})")
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("")
-            reporter.write_line(line)
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                print("\n" + line, flush=True)
         else:
             print(line)
 
@@ -277,7 +278,7 @@ def assert_clean(code: int, headers: dict, body: bytes, what: str, log=""):
     if code in (502, 503):
         msg = json.loads(body).get("message", "")
         assert re.search(r"docker|engine|unavailable|unreachable", msg, re.I), f"{what} -> {code}: {msg}"
-        COUNTS["service-503-engine-down"] += 1
+        COUNTS["of-which-503-engine-down"] += 1
         return
     assert code < 500, f"{what} -> {code}: {body[:500]!r}\n{log}"
     if code >= 400:
@@ -496,6 +497,9 @@ def test_fuzz_standalone_service(svc, call):
         assert code < 500, f"{what} -> {code}: {out[:300]!r}\n{svc.log_tail()}"
         if "static/" in path:
             assert code != 200, f"{what}: served a file outside static/"
+    elif code == 404 and out.startswith(b"<html><title>404: Not Found"):
+        # No route matched (e.g. extra path segments): tornado's own plain 404.
+        COUNTS["of-which-unrouted-404"] += 1
     else:
         assert_clean(code, headers, out, what, svc.log_tail())
     if 200 <= code < 300 and method in ("PUT", "POST", "DELETE"):
