@@ -65,12 +65,22 @@ def stop_all(hub, name):
 
 
 def wait_capacity_free(hub, timeout=120):
-    """The suite shares one 2-fGPU cluster: wait until no other test holds any of it."""
+    """The suite shares one 2-fGPU cluster: wait until no other test holds any of it.
+
+    The scheduler adopts every BAI session container on the engine at start-up and
+    in its periodic sweep, including those of other hubs on the same engine; when
+    another suite runs in parallel its sessions show up here and hold the fGPU.
+    """
     def free():
         cap = hub.service("GET", "api/capacity").json()
         used = sum(d["used_quanta"] for n in cap["usage"] for d in n["devices"])
         return used == 0 and cap["queue_length"] == 0
-    hub.wait_for(free, timeout, interval=1, what="the cluster's fGPU to be free")
+    try:
+        hub.wait_for(free, timeout, interval=1, what="the cluster's fGPU to be free")
+    except AssertionError:
+        holders = sorted(f"{k} ({r['state']}, {r['fgpu']} fGPU)" for k, r in hub.requests().items())
+        raise AssertionError(f"The 2-fGPU cluster is still held after {timeout}s by: {holders} "
+                             "(another hub on the same Docker engine?)") from None
 
 
 def shot(page, name):
