@@ -45,6 +45,11 @@ class BaiScheduler(Application):
     )
     aliases = {"config": "BaiScheduler.config_file", "db-url": "BaiScheduler.db_url"}
 
+    hub_id = Unicode(
+        "bai", config=True,
+        help="This deployment's name on its session containers (label org.bai-hub.hub); the service "
+        "reconciles and watches only containers with it. Must equal c.BaiSpawner.hub_id.",
+    )
     db_url = Unicode(
         "sqlite:///bai_scheduler.sqlite", config=True,
         help="SQLAlchemy URL of the queue and allocation database, e.g. "
@@ -224,7 +229,7 @@ class BaiScheduler(Application):
         facts = []
         for node in self.node_list:
             try:
-                facts += await asyncio.to_thread(engines.session_containers, engines.make_client(node), node.name)
+                facts += await asyncio.to_thread(engines.session_containers, engines.make_client(node), node.name, self.hub_id)
             except Exception as e:
                 self.log.error("Cannot list containers on node %s (%s): skipping reconcile", node.name, e)
                 return
@@ -278,7 +283,7 @@ class BaiScheduler(Application):
         await self.reconcile_all()
         loop = asyncio.get_running_loop()
         self.watchers = [
-            engines.EventWatcher(n, loop, self.container_gone, self.reconcile_all) for n in self.node_list
+            engines.EventWatcher(n, loop, self.container_gone, self.reconcile_all, self.hub_id) for n in self.node_list
         ]
         for w in self.watchers:
             w.start()

@@ -57,9 +57,9 @@ def facts_from_labels(node: str, container_id: str, lab: dict, running: bool) ->
     )
 
 
-def session_containers(client: docker.APIClient, node: str) -> list[ContainerFacts]:
+def session_containers(client: docker.APIClient, node: str, hub_id: str) -> list[ContainerFacts]:
     out = []
-    for c in client.containers(all=True, filters={"label": labels.REQUEST_ID}):
+    for c in client.containers(all=True, filters={"label": [labels.REQUEST_ID, f"{labels.HUB}={hub_id}"]}):
         facts = facts_from_labels(node, c["Id"], c.get("Labels") or {}, c.get("State") == "running")
         if facts is not None:
             out.append(facts)
@@ -73,8 +73,9 @@ class EventWatcher:
     reconcile (events missed while disconnected are recovered from state).
     """
 
-    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, on_gone, on_reconnect):
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, on_gone, on_reconnect, hub_id: str):
         self.node = node
+        self.hub_id = hub_id
         self.loop = loop
         self.on_gone = on_gone  # coroutine fn(ContainerFacts)
         self.on_reconnect = on_reconnect  # coroutine fn(node_name)
@@ -92,7 +93,7 @@ class EventWatcher:
         while not self._stop.is_set():
             try:
                 client = make_client(self.node, timeout=None)
-                stream = client.events(decode=True, filters={"type": "container", "label": labels.REQUEST_ID})
+                stream = client.events(decode=True, filters={"type": "container", "label": [labels.REQUEST_ID, f"{labels.HUB}={self.hub_id}"]})
                 if not first:
                     asyncio.run_coroutine_threadsafe(self.on_reconnect(self.node.name), self.loop)
                 first = False

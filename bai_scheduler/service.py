@@ -81,7 +81,7 @@ class SchedulerService:
 
     def _new_scheduler(self) -> Scheduler:
         capacity = Capacity(
-            self.nodes, self.units.quanta_per_gpu, span=self.span, strategy=self.strategy
+            self.nodes, self.units.quanta_per_gpu, span=self.span, strategy=self.strategy, units=self.units
         )
         return Scheduler(capacity, self.policy, self.limits)
 

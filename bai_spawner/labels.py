@@ -14,6 +14,8 @@ Images:
     {PREFIX}created       private images: ISO time of the snapshot
 
 Containers:
+    {PREFIX}hub                    the hub deployment the session belongs to (several
+                                   hubs may share an engine; each sees only its own)
     {PREFIX}user, {PREFIX}server   whose session this is
     {PREFIX}node                   scheduler node name
     {PREFIX}devices                comma-separated GPU uuids
@@ -46,6 +48,7 @@ FGPU = PREFIX + "fgpu"
 CPU_MILLIS = PREFIX + "cpu-millis"
 MEMORY_BYTES = PREFIX + "memory-bytes"
 REQUEST_ID = PREFIX + "request-id"
+HUB = PREFIX + "hub"
 IMAGE = PREFIX + "image"
 
 KIND_KERNEL = "kernel"

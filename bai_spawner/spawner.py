@@ -48,6 +48,11 @@ class BaiSpawner(DockerSpawner):
         help="The bai-scheduler service's API token (the hub config shares it); the service "
         "accepts request registration only with it.",
     )
+    hub_id = Unicode(
+        "bai", config=True,
+        help="Names this hub deployment on its containers (label org.bai-hub.hub). Must equal "
+        "c.BaiScheduler.hub_id; lets several hubs share Docker engines without seeing each other's sessions.",
+    )
     gpu_backend = Unicode(
         "hami", config=True,
         help="How a GPU share is enforced in the container: 'hami' (HAMi-core libvgpu.so: memory "
@@ -386,6 +391,7 @@ class BaiSpawner(DockerSpawner):
             labels.USER: self.user.name,
             labels.SERVER: self.name,
             labels.REQUEST_ID: self.request_id,
+            labels.HUB: self.hub_id,
             labels.IMAGE: self.image,
             labels.CPU_MILLIS: str(int((self.cpu_limit or 0) * 1000)),
             labels.MEMORY_BYTES: str(int(self.mem_limit or 0)),

@@ -87,34 +87,7 @@ c.JupyterHub.last_activity_interval = 60
 
 # -- accounts -------------------------------------------------------------------------
 admin_user = env("BAI_ADMIN_USER", "admin")
-c.JupyterHub.authenticator_class = "native"
-
-
-def _null_statsd_for_nativeauthenticator():
-    """NativeAuthenticator 1.3's login POST still times itself with ``self.statsd``,
-    which JupyterHub 6 removed: without this every form login is a 500."""
-    from jupyterhub.handlers.base import BaseHandler
-
-    if hasattr(BaseHandler, "statsd"):
-        return
-
-    class NullStatsd:
-        def timer(self, *args, **kwargs):
-            return self
-
-        def start(self):
-            return self
-
-        def stop(self, *args, **kwargs):
-            pass
-
-        def __getattr__(self, name):  # incr, gauge, timing, ...
-            return lambda *args, **kwargs: None
-
-    BaseHandler.statsd = NullStatsd()
-
-
-_null_statsd_for_nativeauthenticator()
+c.JupyterHub.authenticator_class = "hub_config.auth.BaiNativeAuthenticator"
 c.Authenticator.admin_users = {admin_user}
 c.Authenticator.allow_all = True  # NativeAuthenticator's approval step decides who gets in
 c.NativeAuthenticator.open_signup = False  # new sign-ups wait for an admin's approval
@@ -130,6 +103,7 @@ scheduler_token = secret_file("scheduler-token")
 c.BaiSpawner.scheduler_url = f"http://127.0.0.1:{scheduler_port}"
 c.BaiSpawner.scheduler_token = scheduler_token
 c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", "bai/sklearn:1.6.1")
+c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
 c.BaiSpawner.gpu_backend = "hami"
@@ -137,6 +111,7 @@ c.BaiSpawner.http_timeout = 120
 
 # -- the scheduler service --------------------------------------------------------------
 c.BaiScheduler.db_url = env("BAI_SCHEDULER_DB_URL", f"sqlite:///{data / 'bai_scheduler.sqlite'}")
+c.BaiScheduler.hub_id = prefix.rstrip("-") or "bai"
 c.BaiScheduler.fgpu_per_gpu = 2
 c.BaiScheduler.fgpu_step = "0.5"
 c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto"}]

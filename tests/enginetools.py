@@ -1,0 +1,66 @@
+"""An extra Docker engine on this machine (own socket, data root and bridge),
+so the scheduler can be tested across several nodes."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+
+class ExtraEngine:
+    def __init__(self, name: str, subnet_octet: int):
+        self.name = name
+        self.bridge = name[:15]
+        self.gateway = f"172.30.{subnet_octet}.1/24"
+        self.data_root = f"/var/lib/{name}"
+        self.exec_root = f"/run/{name}"
+        self.sock = f"/run/{name}.sock"
+        self.url = f"unix://{self.sock}"
+        self.proc = None
+
+    def docker(self, *args, **kw):
+        return subprocess.run(["docker", "-H", self.url, *args], capture_output=True, text=True, **kw)
+
+    def start(self):
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], capture_output=True)
+        subprocess.run(["ip", "addr", "replace", self.gateway, "dev", self.bridge], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        os.makedirs(self.data_root, exist_ok=True)
+        os.makedirs(self.exec_root, exist_ok=True)
+        # iptables off: the main engine owns the host's DOCKER chains; ports are
+        # still published to 127.0.0.1 through docker-proxy.
+        self.proc = subprocess.Popen(
+            ["dockerd", "--data-root", self.data_root, "--exec-root", self.exec_root,
+             "--pidfile", f"/run/{self.name}.pid", "-H", self.url, "--bridge", self.bridge,
+             "--iptables=false", "--ip-masq=false"],
+            stdout=open(f"/tmp/{self.name}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        for _ in range(60):
+            if self.docker("info").returncode == 0:
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"extra dockerd {self.name} did not start; see /tmp/{self.name}.log")
+
+    def copy_image(self, ref: str):
+        if self.docker("image", "inspect", ref).returncode == 0:
+            return
+        save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "-H", self.url, "load"], stdin=save.stdout, capture_output=True, text=True)
+        save.wait()
+        if load.returncode != 0:
+            raise RuntimeError(f"could not copy {ref} to {self.name}: {load.stderr}")
+
+    def destroy(self):
+        ids = self.docker("ps", "-aq").stdout.split()
+        if ids:
+            self.docker("rm", "-f", *ids)
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        shutil.rmtree(self.data_root, ignore_errors=True)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
