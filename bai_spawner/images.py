@@ -65,7 +65,7 @@ echo "[bai] venv {venv}"
 # --system-site-packages keeps the user site enabled: `pip install --user X`
 # goes to ~/.local (the home volume) and shadows the image's packages.
 python3 -m venv --system-site-packages {venv}
-{venv}/bin/pip install {pipflags} --find-links {mnt}/wheels/venv {venv_specs}
+{venv}/bin/pip install {pipflags} --find-links {mnt}/wheels/venv --find-links {mnt}/script/ext-wheels {venv_specs}
 {extra_venvs}
 chown -R {uid}:{gid} {venv} {home}
 rm -rf /root/.cache /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
@@ -314,15 +314,39 @@ class Builder:
             raise BuildError(f"cannot run {python} in image {image[:19]} (exit {rc}): {out[-1500:]}")
         return json.loads(out.strip().splitlines()[-1])
 
+    @staticmethod
+    def pip_download_cmd(info: dict, dest: Path) -> list[str]:
+        """``pip download`` of wheels for the image's Python, glibc and arch
+        (the host's pip configuration applies: index, mirror, CA bundle)."""
+        py = ".".join(info["python"].split(".")[:2])
+        cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+               "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
+               "--abi", f"cp{py.replace('.', '')}", "-d", str(dest)]
+        for p in manylinux_platforms(info["libc_version"], info["machine"]):
+            cmd += ["--platform", p]
+        return cmd
+
+    def extension_deps(self, ext: list[str], info: dict, wheelhouse: Path, dest: Path,
+                       specs: list[str]) -> None:
+        """The extensions wheel and any dependency the cached wheelhouse lacks,
+        into ``dest`` (per build: the extensions change often, the rest rarely).
+        Offline from the wheelhouse first; the index only when that fails."""
+        base = self.pip_download_cmd(info, dest) + ["--find-links", str(wheelhouse), *specs, *ext]
+        p = subprocess.run(base[:4] + ["--no-index"] + base[4:], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        if p.returncode != 0:
+            p = subprocess.run(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if p.returncode != 0:
+            raise BuildError(f"the dependencies of {self.extensions_dir} cannot be downloaded as "
+                             f"wheels; fix its pyproject.toml:\n{p.stdout[-2000:]}")
+
     def wheelhouse(self, r: R.Recipe, envs: dict[str, list[str]], info: dict,
-                   constraints: list[str], local_wheels: list[str]) -> Path:
+                   constraints: list[str]) -> Path:
         """Download wheels for ``envs`` (``{env: [requirements]}``) into a cached
         directory ``<cache>/wheels/<name>-<key>/<env>/``."""
         py = ".".join(info["python"].split(".")[:2])
         plats = manylinux_platforms(info["libc_version"], info["machine"])
-        # Wheel builds are not byte-reproducible: key local wheels by their source tree.
-        local_digest = [Path(w).name for w in local_wheels] + ([self.ext_digest] if local_wheels else [])
-        key = hashlib.sha256(json.dumps([envs, py, plats, constraints, local_digest]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([envs, py, plats, constraints]).encode()).hexdigest()[:16]
         root = self.cache_dir / "wheels"
         final = root / f"{r.name}-{key}"
         if (final / ".complete").exists():
@@ -334,14 +358,10 @@ class Builder:
         try:
             (work / "constraints.txt").write_text("".join(c + "\n" for c in constraints))
             for env, specs in envs.items():
-                cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                       "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
-                       "--abi", f"cp{py.replace('.', '')}", "-d", str(work / env)]
-                for p in plats:
-                    cmd += ["--platform", p]
+                cmd = self.pip_download_cmd(info, work / env)
                 if constraints:
                     cmd += ["-c", str(work / "constraints.txt")]
-                cmd += specs + (local_wheels if env == "venv" else [])
+                cmd += specs
                 self.out(f"  pip download ({env}): {' '.join(specs)}")
                 t0 = time.monotonic()
                 p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -393,6 +413,7 @@ class Builder:
         (self.cache_dir / "tmp").mkdir(exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f"{r.name}-", dir=self.cache_dir / "tmp"))
         os.chmod(scratch, 0o755)
+        (scratch / "ext-wheels").mkdir()
         cid = image_id = None
         tagged = False
         try:
@@ -402,10 +423,12 @@ class Builder:
             envs = {"venv": list(r.packages)}
             envs.update({n: list(specs) for n, specs in r.venvs})
             ext = self.extension_wheels(r, scratch)
-            wheels = self.wheelhouse(r, envs, info, constraints, ext)
+            wheels = self.wheelhouse(r, envs, info, constraints)
+            if ext:
+                self.extension_deps(ext, info, wheels / "venv", scratch / "ext-wheels", list(r.packages))
             q = lambda specs: " ".join(shlex.quote(s) for s in specs)
             if r.is_root:
-                ext_specs = [f"{BUILD_MNT}/wheels/venv/{Path(w).name}" for w in ext]
+                ext_specs = [f"{BUILD_MNT}/script/ext-wheels/{Path(w).name}" for w in ext]
                 extra = "".join(_EXTRA_VENV.format(path=f"{EXTRA_VENVS_DIR}/{n}", name=n, mnt=BUILD_MNT,
                                                    pipflags=PIPFLAGS, specs=q(specs))
                                 for n, specs in r.venvs)
