@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from . import config
+from . import config, readiness
 from .config import session_env  # noqa: F401  (for spawners)
 
 __version__ = "0.1.0"
@@ -73,6 +73,10 @@ def _export_tracking_env(serverapp) -> dict:
 
 
 def _load_jupyter_server_extension(serverapp):
+    # jupyter-server-proxy's readiness backoff doubles without limit: cap it
+    # for our apps so MLflow's first page is not delayed up to 2x (readiness.py)
+    if not readiness.patch():
+        serverapp.log.warning("bai_session_apps: could not cap the readiness backoff")
     exported = _export_tracking_env(serverapp)
     if exported:
         serverapp.log.info(
