@@ -599,26 +599,27 @@ POISON = {
               "BAI/SKLEARN:1.6.1", "x" * 300, "bai/sklearn:1.6.1\nx", "\u00e9t\u00e9", "%2e%2e/x", 1, ["a", "b"], {"a": 1},
               "sha256:", "bai/sklearn:1.6.1@sha256:00"],
     "fgpu": ["-1", "0.3", "NaN", "nan", "inf", "-inf", "1e9", "9", "2.5", "abc", "", None, True, [], {}, "0x1",
-             "1e-1", "1/2", "\u0661", "1" * 400, -0.5, 1e308, float("nan")],
+             "1e-1", "1/2", "\u0661\u0662", "1" * 400, -0.5, 1e308, float("nan")],
     "cpu": ["0", "-1", "1e9", "NaN", "5", "0.05", "abc", "", None, [], {}, True, "Infinity", 1e400],
     "memory": ["0", "0.1", "17", "1e400", "NaN", "-0", "-1", "abc", None, [], "16.0001", "sNaN"],
     "sessions": [0, -1, 99, "1.5", "two", None, True, 1.0, "5", "1e0", " ", [1, 2]],
 }
-EXTRA_FIELDS = ["surprise", "quanta", "cpu_millis", "memory_bytes", "image_name", "__proto__", "../x", "\u00e9"]
+# Unknown fields, and "quanta" (only valid with the rest of an already-parsed request).
+EXTRA_FIELDS = ["surprise", "quanta", "__proto__", "../x", "\u00e9", "constructor", "x" * 300]
 
 
 @st.composite
 def bad_user_options(draw):
     """Options with at least one value that must be refused (so no case may spawn)."""
     opts = dict(GOOD)
-    fields = draw(st.lists(st.sampled_from(sorted(POISON) + ["extra"]), min_size=1, max_size=3, unique=True))
+    fields = draw(st.lists(st.sampled_from(sorted(POISON) + ["extra", "image_name"]), min_size=1, max_size=3,
+                           unique=True))
     for f in fields:
         if f == "extra":
-            k = draw(st.sampled_from(EXTRA_FIELDS))
-            v = draw(st.one_of(st.sampled_from([-1, "2", 2**80, None, 1.5, "x", {"a": 1}]), any_json))
-            if k == "image_name" and v in (None, ""):
-                v = "debian:bookworm"
-            opts[k] = v
+            opts[draw(st.sampled_from(EXTRA_FIELDS))] = draw(
+                st.one_of(st.sampled_from([-1, "2", 2**80, None, 1.5, "x", {"a": 1}]), any_json))
+        elif f == "image_name":  # the typed name wins over the picked one
+            opts[f] = draw(st.sampled_from([v for v in POISON["image"] if v]))
         else:
             opts[f] = draw(st.sampled_from(POISON[f]))
     return opts
@@ -739,10 +740,10 @@ def test_fuzz_hub_spawn_form(hub):
         COUNTS["hub-spawn-form"] += 1
         # The form only knows these fields; extra ones are ignored by options_from_form.
         fields = {k: form_value(v) for k, v in opts.items() if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
-        fields.update({k: v for k, v in junk.items() if k not in fields and k != "image_name"})
-        poisoned = any(k in fields for k in ("image", "fgpu", "cpu", "memory", "sessions")
+        fields.update({k: v for k, v in junk.items() if k not in fields})
+        poisoned = any(k in fields for k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
                        if opts.get(k, GOOD.get(k)) != GOOD.get(k, 1 if k == "sessions" else None))
-        if not poisoned:
+        if not poisoned:  # only unknown fields, which the form ignores: make it bad for sure
             fields["fgpu"] = "-1"
         what = f"form {fields!r}"[:300]
         r = s.post(f"{hub.url}{path}", data={**fields, "_xsrf": xsrf}, allow_redirects=False, timeout=60)
