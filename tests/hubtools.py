@@ -177,8 +177,10 @@ class Hub:
                              not self.servers(user)[server].get("ready"),
                              timeout, what=f"{user}/{server} stopped")
 
-    def containers(self) -> list[dict]:
-        ids = docker("ps", "-aq", "--filter", f"name=^/{self.prefix}").stdout.split()
+    def containers(self, engine: str = "") -> list[dict]:
+        """This hub's session containers on one engine ("" = the local one)."""
+        host = ["-H", engine] if engine else []
+        ids = docker(*host, "ps", "-aq", "--filter", f"name=^/{self.prefix}").stdout.split()
         if not ids:
             return []
-        return json.loads(docker("inspect", *ids).stdout)
+        return json.loads(docker(*host, "inspect", *ids).stdout)

@@ -6,7 +6,7 @@ from collections import defaultdict
 from bai_spawner import labels
 
 
-def check_invariants(hub, expect_queued=(), settle_s: float = 30):
+def check_invariants(hub, expect_queued=(), settle_s: float = 30, engines=("",)):
     """No GPU share held twice, none leaked, no queued session lost.
 
     - Σ quanta per device ≤ the device's capacity (from the scheduler's capacity view);
@@ -18,7 +18,7 @@ def check_invariants(hub, expect_queued=(), settle_s: float = 30):
     def snapshot():
         cap = hub.service("GET", "api/capacity").json()
         reqs = hub.requests()
-        running_containers = [c for c in hub.containers() if c["State"]["Running"]]
+        running_containers = [c for url in engines for c in hub.containers(url) if c["State"]["Running"]]
         return cap, reqs, running_containers
 
     def problems():
@@ -57,7 +57,13 @@ def check_invariants(hub, expect_queued=(), settle_s: float = 30):
                 out.append(f"queued {key} was lost")
         return out
 
+    seen = []
+
+    def holds():
+        seen[:] = problems()
+        return not seen
+
     try:
-        hub.wait_for(lambda: not problems(), settle_s, 1, what="invariants")
+        hub.wait_for(holds, settle_s, 1, what="invariants")
     except AssertionError:
-        raise AssertionError("invariants broken:\n" + "\n".join(problems())) from None
+        raise AssertionError("invariants broken:\n" + "\n".join(seen)) from None
