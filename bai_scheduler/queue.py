@@ -24,6 +24,7 @@ requests, is refused at submit.
 """
 from __future__ import annotations
 
+import gc
 import heapq
 from bisect import bisect_left, insort
 from collections import Counter
@@ -392,12 +393,19 @@ class Scheduler:
         """One scheduling pass; returns the requests it admitted, with their placements."""
         if not self._pending:
             return []
+        # A pass allocates many short-lived objects; CPython's cyclic collector
+        # would rescan the whole (large, long-lived) queue and index again and
+        # again, making big passes super-linear. Nothing here forms cycles.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             if self.policy.order == "drf":
                 return self._pass_drf()
             return self._pass_fifo()
         finally:
             self._compact()  # no-op when the pass already compacted
+            if gc_was_enabled:
+                gc.enable()
 
     def _pass_setup(self):
         self._settled = None
