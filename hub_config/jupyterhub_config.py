@@ -13,6 +13,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_SCHEDULER_DB_URL scheduler database URL                   default SQLite in BAI_DATA_DIR
   BAI_ADMIN_USER       the first admin's name                   default admin
   BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
+  BAI_IDLE_TIMEOUT     seconds idle before a session is culled  default 3600
+  BAI_IDLE_CULL_EVERY  seconds between culler passes            default 60
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
 
 Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
@@ -132,7 +134,8 @@ c.JupyterHub.services = [
     {
         "name": "idle-culler",
         "command": [sys.executable, "-m", "jupyterhub_idle_culler",
-                    f"--timeout={env('BAI_IDLE_TIMEOUT', '3600')}", "--cull-every=60"],
+                    f"--timeout={env('BAI_IDLE_TIMEOUT', '3600')}",
+                    f"--cull-every={env('BAI_IDLE_CULL_EVERY', '60')}"],
     },
 ]
 c.JupyterHub.load_roles = [

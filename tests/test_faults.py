@@ -93,3 +93,41 @@ def test_docker_engine_restart_fails_cleanly_and_recovers(fresh_hub):
                  what="shares returned")
     assert "eve/b" not in hub.requests()
     check_invariants(hub)
+
+
+def test_idle_session_is_culled_and_its_share_goes_to_the_queue(fresh_hub):
+    hub = fresh_hub()
+    hub.env.update(BAI_IDLE_TIMEOUT="20", BAI_IDLE_CULL_EVERY="5")
+    hub.start()
+    hub.add_user("ivy")
+    fill(hub, "ivy")
+    # Nobody uses a or b: the culler stops them after 20 s idle, and c starts.
+    hub.wait_ready("ivy", "c", timeout=150)
+    assert "ivy/a" not in hub.requests() or "ivy/b" not in hub.requests()
+    check_invariants(hub)
+
+
+def test_scheduler_database_outage_fails_spawns_cleanly_and_recovers(fresh_hub):
+    from pgtools import Postgres
+
+    pg = Postgres().start()
+    try:
+        hub = fresh_hub()
+        hub.env["BAI_SCHEDULER_DB_URL"] = pg.create_db("bai_sched")
+        hub.start()
+        hub.add_user("dana")
+        hub.start_server("dana", "a", ONE)
+        hub.wait_ready("dana", "a")
+        pg.stop()
+        pg.wait_down()
+        r = hub.start_server("dana", "b", ONE)
+        assert r.status_code == 503 and "database" in r.json()["message"].lower(), r.text
+        assert not hub.servers("dana").get("b", {}).get("ready")
+        pg.start()
+        # Recovered: the running session kept its share, new spawns work again.
+        assert hub.requests()["dana/a"]["state"] == "RUNNING"
+        assert hub.start_server("dana", "b", ONE).status_code in (201, 202)
+        hub.wait_ready("dana", "b")
+        check_invariants(hub)
+    finally:
+        pg.destroy()
