@@ -12,23 +12,27 @@ import sys
 from pathlib import Path
 
 import bcrypt
-from nativeauthenticator.orm import UserInfo
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
+from jupyterhub import orm
+from nativeauthenticator.orm import UserInfo  # registers users_info in the hub's schema
 
 
 def ensure_account(db_url: str, username: str, password: str, authorized: bool = True) -> bool:
-    """Add a NativeAuthenticator login; False if the name already has one."""
-    engine = create_engine(db_url)
-    UserInfo.__table__.create(engine, checkfirst=True)
-    with Session(engine) as db:
+    """Add a NativeAuthenticator login; False if the name already has one.
+
+    Goes through JupyterHub's own session factory, so a new database gets the
+    hub's full schema and migration stamp (the hub then starts on it as its own).
+    """
+    db = orm.new_session_factory(db_url)()
+    try:
         if UserInfo.find(db, username):
             return False
         hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
         db.add(UserInfo(username=username, password=hashed, is_authorized=authorized))
         db.commit()
-    engine.dispose()
-    return True
+        return True
+    finally:
+        db.close()
+        db.get_bind().dispose()
 
 
 def main() -> int:
