@@ -266,6 +266,7 @@ class BaiScheduler(Application):
         ] + pages.handlers(p) + snapshots.handlers(p)
         return web.Application(
             handlers,
+            default_handler_class=NotFoundHandler,
             bai=self,
             hub_auth=self.hub_auth,
             cookie_secret=os.urandom(32),
@@ -385,6 +386,13 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         return RequestKey(user, server)
 
 
+class NotFoundHandler(BaseHandler):
+    """Any path under the prefix that names nothing: a JSON 404, like the rest of the API."""
+
+    def prepare(self):
+        raise web.HTTPError(404, "No such endpoint; see the README's REST API table.")
+
+
 class HealthHandler(BaseHandler):
     def get(self):
         self.write_json({"ok": self.service.degraded is None, "degraded": self.service.degraded})
@@ -470,7 +478,10 @@ class RequestHandler(BaseHandler):
         who = self.identity()
         key = self.key(user, server)
         if who["internal"]:
-            freed = await self.service.release(key, self.get_argument("request_id", None) or None)
+            request_id = self.get_argument("request_id", None, strip=False)
+            if request_id is not None and not request_id.strip():
+                raise web.HTTPError(400, "request_id is empty.")
+            freed = await self.service.release(key, request_id)
             self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
             return
         self.check_owner(who, user)
