@@ -27,7 +27,7 @@ from . import engines, inventory
 from .hubapi import HubAPI, HubAPIError
 from .model import Node, RequestKey
 from .queue import QueuePolicy, UserLimits
-from .service import Refused, SchedulerService, placement_to_json
+from .service import Refused, SchedulerService
 from .store import Store, StoreUnavailable
 from .units import FgpuUnits
 

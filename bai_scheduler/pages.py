@@ -25,7 +25,6 @@ from tornado import web
 
 from .app import BaseHandler, CapacityHandler, launch_sessions
 from .hubapi import HubAPIError
-from .model import RequestKey
 from .store import StoreUnavailable
 from .units import FgpuUnits, format_bytes
 

@@ -28,9 +28,9 @@ import gc
 import heapq
 from bisect import bisect_left, insort
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from .model import Placement, Request, RequestKey, State
+from .model import Placement, Request, RequestKey
 from .placement import Capacity, Reservations
 from .units import format_bytes
 

@@ -26,7 +26,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess

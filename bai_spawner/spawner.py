@@ -8,16 +8,14 @@ through ``progress()``, builds the container from the granted placement
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import docker
 from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
-from jupyterhub.utils import maybe_future
 from tornado import web
-from traitlets import Bool, Dict, Float, Integer, Unicode, default, validate
+from traitlets import Dict, Float, Integer, Unicode, default, validate
 
 from bai_scheduler.units import GIB, FgpuUnits
 

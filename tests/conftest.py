@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hubtools import Hub, docker
+from hubtools import CHROMIUM, CHROMIUM_ARGS, Hub, docker
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 KERNEL_IMAGE = "bai/sklearn:1.6.1"
@@ -76,3 +76,18 @@ def users(hub, request):
             hub.stop_server(name, server)
         for server in list(hub.servers(name)):
             hub.wait_gone(name, server)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh --test installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -19,6 +19,11 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling out, which
+# this machine's closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 CONFIG = ROOT / "hub_config" / "jupyterhub_config.py"
 TEST_CONFIG = Path(__file__).resolve().parent / "hub_test_config.py"
 
@@ -176,6 +181,17 @@ class Hub:
                              not self.servers(user)[server].get("pending") and
                              not self.servers(user)[server].get("ready"),
                              timeout, what=f"{user}/{server} stopped")
+
+    def session_container(self, user: str, server: str = "", running_only: bool = False) -> dict | None:
+        """The container of one session (from its labels), or None."""
+        from bai_spawner import labels
+
+        for c in self.containers():
+            lab = c["Config"]["Labels"]
+            if lab.get(labels.USER) == user and lab.get(labels.SERVER) == server:
+                if not running_only or c["State"]["Running"]:
+                    return c
+        return None
 
     def containers(self, engine: str = "") -> list[dict]:
         """This hub's session containers on one engine ("" = the local one)."""

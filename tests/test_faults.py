@@ -1,7 +1,6 @@
 """Restarts and crashes lose nothing: real hub, service and Docker engine."""
 import os
 import signal
-import time
 
 import pytest
 import requests

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import os
 import re
 import secrets

@@ -13,14 +13,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.hub]
 ONE = {"image": KERNEL_IMAGE, "fgpu": "1", "cpu": "0.5", "memory": "1"}
 
 
-def container_of(hub, user, server=""):
-    for c in hub.containers():
-        lab = c["Config"]["Labels"]
-        if lab.get(labels.USER) == user and lab.get(labels.SERVER) == server:
-            return c
-    return None
-
-
 def exec_in(container, *cmd) -> str:
     out = docker("exec", container["Id"], *cmd)
     assert out.returncode == 0, out.stderr
@@ -36,7 +28,7 @@ def test_server_runs_the_chosen_image_version_and_keeps_its_volume(hub, users):
     import requests
     r = requests.get(f"{hub.url}/user/{name}/old/api/status", headers={"Authorization": f"token {token}"})
     assert r.status_code == 200, r.text
-    c = container_of(hub, name, "old")
+    c = hub.session_container(name, "old")
     assert exec_in(c, "python", "-c", "import sklearn; print(sklearn.__version__)") == "1.5.2"
     assert exec_in(c, "id", "-u") == "1000"
     assert not c["HostConfig"]["Privileged"]
@@ -44,13 +36,13 @@ def test_server_runs_the_chosen_image_version_and_keeps_its_volume(hub, users):
     exec_in(c, "sh", "-c", "echo kept > /home/jovyan/note.txt")
     assert hub.stop_server(name, "old").status_code in (202, 204)
     hub.wait_gone(name, "old")
-    assert container_of(hub, name, "old") is None
+    assert hub.session_container(name, "old") is None
     volume = f"{hub.prefix}home-{name}"
     assert docker("volume", "inspect", volume).returncode == 0
     # A new session of the newer image finds the file in the same home.
     hub.start_server(name, "new", {**ONE, "fgpu": "0"})
     hub.wait_ready(name, "new")
-    c = container_of(hub, name, "new")
+    c = hub.session_container(name, "new")
     assert exec_in(c, "python", "-c", "import sklearn; print(sklearn.__version__)") == "1.6.1"
     assert exec_in(c, "cat", "/home/jovyan/note.txt") == "kept"
 
@@ -77,7 +69,7 @@ def test_bad_requests_are_refused_before_anything_is_made(hub, users, options, m
         text = r.text
     assert r.status_code in (400, 201, 202)
     assert message.lower() in text.lower() or r.status_code == 400 and message.lower() in r.text.lower(), text
-    assert container_of(hub, name, "x") is None
+    assert hub.session_container(name, "x") is None
     assert f"{name}/x" not in hub.requests()
 
 
@@ -89,7 +81,7 @@ def test_two_one_fgpu_sessions_share_one_gpu_each_with_half(hub, users):
         hub.wait_ready(name, s)
     specs = []
     for s in ("a", "b"):
-        c = container_of(hub, name, s)
+        c = hub.session_container(name, s)
         lab = c["Config"]["Labels"]
         env = dict(e.split("=", 1) for e in c["Config"]["Env"])
         specs.append((lab[labels.DEVICES], lab[labels.QUANTA], lab[labels.FGPU],
@@ -109,7 +101,19 @@ def test_seed_scenario_pending_session_starts_when_one_is_deleted(hub, users):
     assert reqs[f"{name}/s3"]["state"] == "PENDING"
     assert reqs[f"{name}/s3"]["position"] == 1
     assert hub.servers(name)["s3"]["pending"] == "spawn"
-    assert container_of(hub, name, "s3") is None
+    assert hub.session_container(name, "s3") is None
+    # The spawn-pending page's event stream says why it waits.
+    stream = hub.api("GET", f"/users/{name}/servers/s3/progress", stream=True)
+    messages = []
+    for line in stream.iter_lines(decode_unicode=True):
+        if line.startswith("data:"):
+            messages.append(json.loads(line[5:])["message"])
+            if any("queue" in m for m in messages):
+                break
+    stream.close()
+    assert any(m == "Waiting for 1 fGPU: 1st in queue" for m in messages), messages
+    metrics = hub.service("GET", "metrics").text
+    assert "bai_queue_length 1.0" in metrics and "bai_fgpu_in_use_quanta 4.0" in metrics
     hub.stop_server(name, "s1")
     hub.wait_ready(name, "s3", timeout=90)
     assert hub.requests()[f"{name}/s3"]["state"] == "RUNNING"
@@ -124,7 +128,7 @@ def test_stopping_a_pending_session_removes_it_from_the_queue(hub, users):
     hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "PENDING", 30, what="c queued")
     assert hub.stop_server(name, "c").status_code in (202, 204)
     hub.wait_for(lambda: f"{name}/c" not in hub.requests(), 30, what="c dequeued")
-    assert container_of(hub, name, "c") is None
+    assert hub.session_container(name, "c") is None
 
 
 def test_docker_kill_frees_the_share_at_once_and_the_queue_moves(hub, users):
@@ -134,7 +138,7 @@ def test_docker_kill_frees_the_share_at_once_and_the_queue_moves(hub, users):
     hub.wait_ready(name, "a")
     hub.wait_ready(name, "b")
     hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "PENDING", 30, what="c queued")
-    victim = container_of(hub, name, "a")
+    victim = hub.session_container(name, "a")
     t0 = time.time()
     assert docker("kill", victim["Id"]).returncode == 0
     hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "RUNNING", 2, 0.05,

@@ -7,12 +7,10 @@ default images. Everything created is named ``bai-test-...`` and removed.
 """
 
 import importlib.metadata
-import io
 import os
 import shutil
 import time
 import uuid
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ Screenshots go to test-artifacts/.
 """
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -13,25 +12,8 @@ from conftest import ARTIFACTS, KERNEL_IMAGE
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 PASSWORD = "pages-Test-pw-2718"
 SESSIONS = "/services/bai-scheduler/"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/setup.sh does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def make_login(hub, name):

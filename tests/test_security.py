@@ -20,14 +20,6 @@ GPU = {"image": KERNEL_IMAGE, "fgpu": "1", "cpu": "0.5", "memory": "1"}
 CPU_ONLY = {**GPU, "fgpu": "0"}
 
 
-def container_of(hub, user, server=""):
-    for c in hub.containers():
-        lab = c["Config"]["Labels"]
-        if lab.get(L.USER) == user and lab.get(L.SERVER) == server:
-            return c
-    return None
-
-
 def env_of(c) -> dict:
     return dict(e.split("=", 1) for e in c["Config"]["Env"] or [])
 
@@ -86,14 +78,14 @@ def test_a_user_cannot_see_stop_snapshot_or_reach_another_users_session(hub, two
     # Nothing of bob's changed.
     assert hub.requests()[f"{bob}/s"]["state"] == "RUNNING"
     assert hub.servers(bob)["s"]["ready"]
-    assert container_of(hub, bob, "s")["State"]["Running"]
+    assert hub.session_container(bob, "s")["State"]["Running"]
 
 
 def test_session_containers_are_unprivileged_and_see_only_their_own_gpu_share(hub, two_sessions):
     (alice, _), (bob, _) = two_sessions
     reqs = hub.requests()
     for user, gpu in ((alice, True), (bob, False)):
-        c = container_of(hub, user, "s")
+        c = hub.session_container(user, "s")
         host = c["HostConfig"]
         assert docker("exec", c["Id"], "id", "-u").stdout.strip() == "1000"
         assert docker("exec", c["Id"], "sh", "-c", "sudo -n true").returncode != 0  # no way up to root
@@ -119,7 +111,7 @@ def test_session_containers_are_unprivileged_and_see_only_their_own_gpu_share(hu
             assert set(req.get("DeviceIDs") or []) <= set(own), req
             assert req.get("Count") in (None, 0), req  # never "all GPUs" (-1)
     # The only file a session shares with another user's is nothing at all: separate home volumes.
-    homes = {user: {m["Name"] for m in container_of(hub, user, "s")["Mounts"] if m["Type"] == "volume"}
+    homes = {user: {m["Name"] for m in hub.session_container(user, "s")["Mounts"] if m["Type"] == "volume"}
              for user in (alice, bob)}
     assert homes[alice] and homes[bob] and not homes[alice] & homes[bob]
 
@@ -218,7 +210,7 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
                 assert r.status_code == 400, r.text
                 text = r.text
             assert "not in the catalog" in text, text[:300]
-            assert container_of(hub, thief, server) is None
+            assert hub.session_container(thief, server) is None
             assert f"{thief}/{server}" not in hub.requests()
     finally:
         docker("rmi", "-f", ref)

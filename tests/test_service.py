@@ -101,8 +101,8 @@ async def test_waiter_wakes_on_admission(db):
 async def test_reconcile_engine_wins(db):
     svc = make(db)
     a = await svc.submit(key(0), ONE_FGPU)
-    b = await svc.submit(key(1), ONE_FGPU)
-    c = await svc.submit(key(2), ONE_FGPU)
+    await svc.submit(key(1), ONE_FGPU)
+    await svc.submit(key(2), ONE_FGPU)
     dev = svc.nodes[0].devices[0].uuid
     # Engine: key 0 still runs; key 1's container is gone; a container for
     # bob exists that the database never heard of.

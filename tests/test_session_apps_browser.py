@@ -9,7 +9,6 @@ test-artifacts/terminal-in-session.png.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,26 +24,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_SHOT = ROOT / "docs" / "screenshots" / "mlflow-in-session.png"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 PASSWORD = "apps-Test-pw-3141"
 OPTIONS = {"image": KERNEL_IMAGE, "fgpu": "0", "cpu": "0.5", "memory": "1"}
 SERVER = "lab"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/setup.sh --test does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

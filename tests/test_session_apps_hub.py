@@ -17,12 +17,10 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from bai_spawner import labels
 from conftest import ARTIFACTS, KERNEL_IMAGE
 from hubtools import docker
 
@@ -36,14 +34,6 @@ MLFLOW_FIRST_START = 90  # s; ~10 s measured, the proxy itself waits up to 180 s
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-def container_of(hub, user, server):
-    for c in hub.containers():
-        lab = c["Config"]["Labels"]
-        if lab.get(labels.USER) == user and lab.get(labels.SERVER) == server and c["State"]["Running"]:
-            return c
-    return None
-
 
 def exec_in(container, *cmd, user=None) -> subprocess.CompletedProcess:
     return docker("exec", *(["-u", user] if user else []), container["Id"], *cmd)
@@ -81,7 +71,7 @@ class Session:
         return requests.get(self.url + path, headers=headers, allow_redirects=False, **kw)
 
     def container(self):
-        return container_of(self.hub, self.user, self.server)
+        return self.hub.session_container(self.user, self.server, running_only=True)
 
     def start(self):
         r = self.hub.start_server(self.user, self.server, OPTIONS)

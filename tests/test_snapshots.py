@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import secrets
 import shutil
@@ -61,14 +60,6 @@ def make_wheel(directory: Path) -> Path:
         for name, data in files.items():
             z.writestr(name, data)
     return path
-
-
-def container_of(hub, user, server=""):
-    for c in hub.containers():
-        lab = c["Config"]["Labels"]
-        if lab.get(L.USER) == user and lab.get(L.SERVER) == server:
-            return c
-    return None
 
 
 def run_in(container_id, *cmd, user=None) -> str:
@@ -152,7 +143,7 @@ def prepared(snap_hub, people, tmp_path_factory):
     r = hub.start_server(alice, "work", CPU_ONLY)
     assert r.status_code in (201, 202), r.text
     hub.wait_ready(alice, "work")
-    c = container_of(hub, alice, "work")
+    c = hub.session_container(alice, "work")
     wheel = make_wheel(tmp_path_factory.mktemp("wheel"))
     assert docker("cp", str(wheel), f"{c['Id']}:/tmp/{wheel.name}").returncode == 0
     # As the notebook user, like `pip install` in a terminal of the session: the
@@ -228,7 +219,7 @@ def test_owner_launches_the_private_image_and_finds_the_package(snap_hub, people
     assert r.status_code in (201, 202), r.text
     try:
         hub.wait_ready(alice, "fromsnap")
-        c = container_of(hub, alice, "fromsnap")
+        c = hub.session_container(alice, "fromsnap")
         assert c["Config"]["Image"] == ref
         assert run_in(c["Id"], "python", "-c", f"import {PKG}; print({PKG}.VALUE)") == PKG_VALUE
         assert run_in(c["Id"], "python", "-c", "import sklearn; print(sklearn.__version__)") == "1.6.1"
@@ -254,7 +245,7 @@ def test_another_user_is_refused_the_private_image(snap_hub, people, snapshot, h
     text = r.text if r.status_code == 400 else wait_failed_spawn(hub, bob, server)
     assert r.status_code in (400, 201, 202)
     assert "not in the catalog of images you may launch" in text, text
-    assert container_of(hub, bob, server) is None
+    assert hub.session_container(bob, server) is None
     assert f"{bob}/{server}" not in hub.requests(token=people["admin"][1])
 
 
@@ -396,8 +387,6 @@ def test_cap_and_delete(snap_hub, people, prepared, snapshot):
 # -- the admin panel in a browser ------------------------------------------------------------------------
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 def login(page, hub, name, password):
@@ -409,8 +398,8 @@ def login(page, hub, name, password):
 
 
 @pytest.mark.browser
-def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people, prepared, snapshot):
-    from playwright.sync_api import expect, sync_playwright
+def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people, prepared, snapshot, browser):
+    from playwright.sync_api import expect
 
     from hub_config.bootstrap_admin import ensure_account
 
@@ -423,57 +412,54 @@ def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people,
         ensure_account(db, name, pw)
     panel = f"{hub.url}/services/bai-scheduler/admin/snapshots"
     ref = f"{hub.repo}/{alice}:frompanel"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            # A non-admin gets a 403 page.
-            ctx = browser.new_context()
-            page = ctx.new_page()
-            login(page, hub, alice, passwords[alice])
-            resp = page.goto(panel)
-            assert resp.status == 403
-            expect(page.locator("#error")).to_contain_text("Admins only")
-            ctx.close()
+    try:
+        # A non-admin gets a 403 page.
+        ctx = browser.new_context()
+        page = ctx.new_page()
+        login(page, hub, alice, passwords[alice])
+        resp = page.goto(panel)
+        assert resp.status == 403
+        expect(page.locator("#error")).to_contain_text("Admins only")
+        ctx.close()
 
-            ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-            page = ctx.new_page()
-            login(page, hub, admin, passwords[admin])
-            resp = page.goto(panel)
-            assert resp.status == 200
-            expect(page.locator("#not-captured")).to_contain_text("/home/jovyan")
-            expect(page.locator("#not-captured")).to_contain_text("pip install")
-            row = page.locator(f'#sessions tr[data-session="{alice}/work"]')
-            expect(row).to_contain_text(KERNEL_IMAGE, timeout=20000)
-            # A bad tag: refused, with the reason shown.
-            row.locator('[data-role="tag"]').fill("bad tag")
-            row.locator('[data-role="snapshot"]').click()
-            expect(page.locator("#flash")).to_contain_text("may only use", timeout=20000)
-            # The real one: progress, then the image in the list.
-            row.locator('[data-role="tag"]').fill("frompanel")
-            row.locator('[data-role="snapshot"]').click()
-            expect(page.locator("#flash")).to_contain_text(ref, timeout=20000)
-            job = page.locator("#jobs tbody tr").filter(has_text=ref)
-            expect(job).to_have_count(1, timeout=10000)
-            expect(job.locator('[data-role="state"]')).to_contain_text("done", timeout=300000)
-            image = page.locator(f'#images tr[data-image="{ref}"]')
-            expect(image).to_contain_text(alice, timeout=20000)
-            expect(image).to_contain_text(KERNEL_IMAGE)
-            expect(image).to_contain_text("GiB")
-            expect(page.locator(f'#images tr[data-image="{snapshot["ref"]}"]')).to_have_count(1)
-            assert image_labels(ref)[L.OWNER] == alice
-            page.wait_for_timeout(300)
-            shot = page.screenshot(full_page=True)
-            (ARTIFACTS / "admin-snapshots.png").write_bytes(shot)
-            docs = ROOT / "docs" / "screenshots"
-            docs.mkdir(parents=True, exist_ok=True)
-            (docs / "admin-snapshots.png").write_bytes(shot)
-            # Delete from the panel (confirming the dialog).
-            page.once("dialog", lambda d: d.accept())
-            image.locator('[data-role="delete"]').click()
-            expect(page.locator("#flash")).to_contain_text(f"Deleted {ref}", timeout=30000)
-            expect(page.locator(f'#images tr[data-image="{ref}"]')).to_have_count(0, timeout=20000)
-            assert image_labels(ref) is None
-            ctx.close()
-        finally:
-            browser.close()
-            docker("rmi", "-f", ref)
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = ctx.new_page()
+        login(page, hub, admin, passwords[admin])
+        resp = page.goto(panel)
+        assert resp.status == 200
+        expect(page.locator("#not-captured")).to_contain_text("/home/jovyan")
+        expect(page.locator("#not-captured")).to_contain_text("pip install")
+        row = page.locator(f'#sessions tr[data-session="{alice}/work"]')
+        expect(row).to_contain_text(KERNEL_IMAGE, timeout=20000)
+        # A bad tag: refused, with the reason shown.
+        row.locator('[data-role="tag"]').fill("bad tag")
+        row.locator('[data-role="snapshot"]').click()
+        expect(page.locator("#flash")).to_contain_text("may only use", timeout=20000)
+        # The real one: progress, then the image in the list.
+        row.locator('[data-role="tag"]').fill("frompanel")
+        row.locator('[data-role="snapshot"]').click()
+        expect(page.locator("#flash")).to_contain_text(ref, timeout=20000)
+        job = page.locator("#jobs tbody tr").filter(has_text=ref)
+        expect(job).to_have_count(1, timeout=10000)
+        expect(job.locator('[data-role="state"]')).to_contain_text("done", timeout=300000)
+        image = page.locator(f'#images tr[data-image="{ref}"]')
+        expect(image).to_contain_text(alice, timeout=20000)
+        expect(image).to_contain_text(KERNEL_IMAGE)
+        expect(image).to_contain_text("GiB")
+        expect(page.locator(f'#images tr[data-image="{snapshot["ref"]}"]')).to_have_count(1)
+        assert image_labels(ref)[L.OWNER] == alice
+        page.wait_for_timeout(300)
+        shot = page.screenshot(full_page=True)
+        (ARTIFACTS / "admin-snapshots.png").write_bytes(shot)
+        docs = ROOT / "docs" / "screenshots"
+        docs.mkdir(parents=True, exist_ok=True)
+        (docs / "admin-snapshots.png").write_bytes(shot)
+        # Delete from the panel (confirming the dialog).
+        page.once("dialog", lambda d: d.accept())
+        image.locator('[data-role="delete"]').click()
+        expect(page.locator("#flash")).to_contain_text(f"Deleted {ref}", timeout=30000)
+        expect(page.locator(f'#images tr[data-image="{ref}"]')).to_have_count(0, timeout=20000)
+        assert image_labels(ref) is None
+        ctx.close()
+    finally:
+        docker("rmi", "-f", ref)
