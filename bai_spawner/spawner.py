@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import docker
+import requests
 from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
 from tornado import web
@@ -24,6 +25,10 @@ from . import labels
 from .client import SchedulerClient, SchedulerError
 from .form import FormError, Limits, SessionOptions, parse_options
 from .gpu import BACKENDS, PlacementMismatch, gpu_spec
+
+
+# What a Docker engine that is down or failing raises through docker-py.
+ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
 
 
 def _ordinal(n: int) -> str:
@@ -247,9 +252,9 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(400, str(e)) from None
         try:
             images = await self._catalog()
-        except docker.errors.DockerException as e:
+        except ENGINE_ERRORS as e:
             raise web.HTTPError(503, f"The Docker engine is not reachable ({e.__class__.__name__}); "
-                                     "ask an admin to start it.") from None
+                                     "ask an admin to start it. Nothing was started.") from None
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
@@ -365,7 +370,7 @@ class BaiSpawner(DockerSpawner):
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
         try:
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
-        except docker.errors.DockerException as e:
+        except ENGINE_ERRORS as e:
             await self._remove_quietly()
             raise web.HTTPError(503, f"The Docker engine failed to start the session: {e}") from None
         self._emit(90, "Container started; waiting for the notebook server")
@@ -431,6 +436,8 @@ class BaiSpawner(DockerSpawner):
         # hub's Stop on a pending spawn calls stop() and the queue entry is removed.
         if not self.object_id and self.request_id:
             return None
+        if not self.object_id:
+            return 0  # nothing of ours exists (e.g. a spawn refused before any container)
         return await super().poll()
 
     async def stop(self, now=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -64,3 +65,34 @@ class ExtraEngine:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.data_root, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)
+
+
+MAIN_PIDFILE = "/var/run/docker.pid"
+
+
+def engine_answers(url: str = "") -> bool:
+    host = ["-H", url] if url else []
+    return subprocess.run(["docker", *host, "info"], capture_output=True).returncode == 0
+
+
+def stop_main_engine(timeout: float = 90) -> None:
+    """Stop the machine's dockerd and wait until the process is really gone."""
+    pid = int(open(MAIN_PIDFILE).read().strip())
+    os.kill(pid, signal.SIGTERM)
+    end = time.time() + timeout
+    while time.time() < end and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.2)
+    if os.path.exists(f"/proc/{pid}"):
+        raise RuntimeError(f"dockerd {pid} did not stop in {timeout}s")
+
+
+def start_main_engine(timeout: float = 90) -> None:
+    """Start dockerd the way scripts/setup.sh does, and wait until it answers."""
+    subprocess.Popen(["setsid", "dockerd"], stdout=open("/var/log/bai-dockerd.log", "ab"),
+                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    end = time.time() + timeout
+    while time.time() < end:
+        if engine_answers():
+            return
+        time.sleep(0.5)
+    raise RuntimeError("dockerd did not come back; see /var/log/bai-dockerd.log")

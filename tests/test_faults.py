@@ -6,6 +6,7 @@ import pytest
 import requests
 
 from conftest import KERNEL_IMAGE
+from enginetools import start_main_engine, stop_main_engine
 from invariants import check_invariants
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
@@ -70,12 +71,8 @@ def test_docker_engine_restart_fails_cleanly_and_recovers(fresh_hub):
     hub.add_user("eve")
     hub.start_server("eve", "a", ONE)
     hub.wait_ready("eve", "a")
-    import subprocess
-    pid = int(subprocess.run(["pidof", "dockerd"], capture_output=True, text=True).stdout.split()[0])
-    os.kill(pid, signal.SIGTERM)
+    stop_main_engine()
     try:
-        hub.wait_for(lambda: subprocess.run(["docker", "info"], capture_output=True).returncode != 0, 60,
-                     what="engine down")
         r = hub.start_server("eve", "b", ONE)
         if r.status_code in (201, 202):
             hub.wait_for(lambda: not hub.servers("eve").get("b", {}).get("pending"), 60, what="spawn to end")
@@ -83,10 +80,7 @@ def test_docker_engine_restart_fails_cleanly_and_recovers(fresh_hub):
         else:
             assert r.status_code >= 400 and "docker" in r.text.lower(), r.text
     finally:
-        subprocess.Popen(["setsid", "dockerd"], stdout=open("/var/log/bai-dockerd.log", "ab"),
-                         stderr=subprocess.STDOUT)
-        hub.wait_for(lambda: subprocess.run(["docker", "info"], capture_output=True).returncode == 0, 90,
-                     what="engine back")
+        start_main_engine()
     # The engine stopped every container; their shares come back and b leaves no request behind.
     hub.wait_for(lambda: not any(r["state"] == "RUNNING" for r in hub.requests().values()), 90, 1,
                  what="shares returned")
