@@ -488,7 +488,8 @@ class Snapshots:
                 log.warning("Snapshots: cannot list images on node %s: %s", node.name, res)
             else:
                 views += res
-        out = merge_image_views(views)
+        # Only this deployment's repository: another hub sharing the engine has its own.
+        out = [v for v in merge_image_views(views) if v["ref"].startswith(self.repo + "/")]
         if owner is not None:
             out = [v for v in out if v["owner"] == owner]
         return out, errors

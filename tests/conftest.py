@@ -78,9 +78,13 @@ def users(hub, request):
             hub.wait_gone(name, server)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    """Debian's chromium driven by Playwright (never a downloaded browser).
+
+    Module-scoped on purpose: Playwright's sync API keeps an event loop running
+    in the main thread while it is open, which would break later asyncio tests.
+    """
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/setup.sh --test installs it (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
