@@ -193,6 +193,16 @@ class Hub:
                     return c
         return None
 
+    def fill(self, user: str, options: dict, names=("a", "b", "c")):
+        """Start three 1-fGPU sessions on the 2-fGPU cluster: two run, the third queues."""
+        for s in names:
+            r = self.start_server(user, s, options)
+            assert r.status_code in (201, 202), r.text
+        self.wait_ready(user, names[0])
+        self.wait_ready(user, names[1])
+        key = f"{user}/{names[2]}"
+        self.wait_for(lambda: self.requests().get(key, {}).get("state") == "PENDING", 30, what=f"{key} queued")
+
     def containers(self, engine: str = "") -> list[dict]:
         """This hub's session containers on one engine ("" = the local one)."""
         host = ["-H", engine] if engine else []

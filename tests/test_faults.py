@@ -14,15 +14,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
 ONE = {"image": KERNEL_IMAGE, "fgpu": "1", "cpu": "0.5", "memory": "1"}
 
 
-def fill(hub, user, names=("a", "b", "c")):
-    for s in names:
-        assert hub.start_server(user, s, ONE).status_code in (201, 202)
-    hub.wait_ready(user, names[0])
-    hub.wait_ready(user, names[1])
-    hub.wait_for(lambda: hub.requests().get(f"{user}/{names[2]}", {}).get("state") == "PENDING", 30,
-                 what="third queued")
-
-
 def reachable(hub, user, server, token):
     r = requests.get(f"{hub.url}/user/{user}/{server}/api/status", headers={"Authorization": f"token {token}"},
                      timeout=10)
@@ -32,7 +23,7 @@ def reachable(hub, user, server, token):
 def test_hub_restart_keeps_running_and_queued_sessions(fresh_hub):
     hub = fresh_hub().start()
     token = hub.add_user("rita")
-    fill(hub, "rita")
+    hub.fill("rita", ONE)
     hub.stop()
     # While the hub is down the sessions keep running.
     assert len([c for c in hub.containers() if c["State"]["Running"]]) == 2
@@ -51,7 +42,7 @@ def test_hub_restart_keeps_running_and_queued_sessions(fresh_hub):
 def test_scheduler_sigkill_mid_admission_loses_nothing(fresh_hub):
     hub = fresh_hub().start()
     hub.add_user("sam")
-    fill(hub, "sam")
+    hub.fill("sam", ONE)
     pids = hub.service_pids()
     assert pids
     # Kill it right as a release lands, so admission and the crash race.
@@ -93,7 +84,7 @@ def test_idle_session_is_culled_and_its_share_goes_to_the_queue(fresh_hub):
     hub.env.update(BAI_IDLE_TIMEOUT="20", BAI_IDLE_CULL_EVERY="5")
     hub.start()
     hub.add_user("ivy")
-    fill(hub, "ivy")
+    hub.fill("ivy", ONE)
     # Nobody uses a or b: the culler stops them after 20 s idle, and c starts.
     hub.wait_ready("ivy", "c", timeout=150)
     assert "ivy/a" not in hub.requests() or "ivy/b" not in hub.requests()

@@ -121,11 +121,7 @@ def test_seed_scenario_pending_session_starts_when_one_is_deleted(hub, users):
 
 def test_stopping_a_pending_session_removes_it_from_the_queue(hub, users):
     name, _ = users("cancel")
-    for s in ("a", "b", "c"):
-        hub.start_server(name, s, ONE)
-    hub.wait_ready(name, "a")
-    hub.wait_ready(name, "b")
-    hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "PENDING", 30, what="c queued")
+    hub.fill(name, ONE)
     assert hub.stop_server(name, "c").status_code in (202, 204)
     hub.wait_for(lambda: f"{name}/c" not in hub.requests(), 30, what="c dequeued")
     assert hub.session_container(name, "c") is None
@@ -133,11 +129,7 @@ def test_stopping_a_pending_session_removes_it_from_the_queue(hub, users):
 
 def test_docker_kill_frees_the_share_at_once_and_the_queue_moves(hub, users):
     name, _ = users("kill")
-    for s in ("a", "b", "c"):
-        hub.start_server(name, s, ONE)
-    hub.wait_ready(name, "a")
-    hub.wait_ready(name, "b")
-    hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "PENDING", 30, what="c queued")
+    hub.fill(name, ONE)
     victim = hub.session_container(name, "a")
     t0 = time.time()
     assert docker("kill", victim["Id"]).returncode == 0
