@@ -15,6 +15,8 @@ c.JupyterHub.load_roles.append({
 c.BaiScheduler.nodes = json.loads(os.environ["BAI_TEST_NODES"])
 c.JupyterHub.log_level = "DEBUG" if os.environ.get("BAI_TEST_DEBUG") else "INFO"
 c.BaiSpawner.container_start_timeout = 90
+# Private images of a test hub carry its bai-test- prefix, so cleanup finds them.
+c.BaiScheduler.private_image_repo = os.environ["BAI_NAME_PREFIX"] + "private"
 for section, values in json.loads(os.environ.get("BAI_TEST_EXTRA", "{}")).items():
     for k, v in values.items():
         setattr(getattr(c, section), k, v)

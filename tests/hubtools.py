@@ -121,6 +121,10 @@ class Hub:
         vols = [v for v in docker("volume", "ls", "-q").stdout.split() if v.startswith(self.prefix)]
         if vols:
             docker("volume", "rm", "-f", *vols)
+        images = [i for i in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+                  if i.startswith(self.prefix)]
+        if images:
+            docker("rmi", "-f", *images)
 
     # -- REST -----------------------------------------------------------------------
 
