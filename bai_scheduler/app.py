@@ -229,7 +229,9 @@ class BaiScheduler(Application):
         facts = []
         for node in self.node_list:
             try:
-                facts += await asyncio.to_thread(engines.session_containers, engines.make_client(node), node.name, self.hub_id)
+                # make_client negotiates the API version over the socket: in the thread too.
+                facts += await asyncio.to_thread(
+                    lambda n=node: engines.session_containers(engines.make_client(n), n.name, self.hub_id))
             except Exception as e:
                 self.log.error("Cannot list containers on node %s (%s): skipping reconcile", node.name, e)
                 return
