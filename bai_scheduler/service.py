@@ -134,12 +134,6 @@ class SchedulerService:
     def get(self, key: RequestKey) -> Record | None:
         return self.records.get(key)
 
-    def by_id(self, request_id: str) -> Record | None:
-        for rec in self.records.values():
-            if rec.id == request_id:
-                return rec
-        return None
-
     def position(self, key: RequestKey) -> int | None:
         return self.scheduler.position(key)
 
@@ -402,12 +396,3 @@ def placement_to_json(p: Placement) -> dict:
         "cpu_millis": p.cpu_millis,
         "memory_bytes": p.memory_bytes,
     }
-
-
-def placement_from_json(d: dict) -> Placement:
-    return Placement(
-        node=d["node"],
-        shares=tuple(Share(s["device"], int(s["quanta"])) for s in d.get("shares", [])),
-        cpu_millis=int(d.get("cpu_millis", 0)),
-        memory_bytes=int(d.get("memory_bytes", 0)),
-    )

@@ -31,11 +31,6 @@ from .gpu import BACKENDS, PlacementMismatch, gpu_spec
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
 
 
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 class BaiSpawner(DockerSpawner):
     """Spawn sessions with fractional GPUs, versioned kernel images and a pending queue."""
 
