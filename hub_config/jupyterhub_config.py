@@ -66,6 +66,11 @@ c.JupyterHub.bind_url = f"http://127.0.0.1:{hub_port}"
 c.JupyterHub.hub_ip = "0.0.0.0"  # containers connect over the Docker bridge
 c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
 c.JupyterHub.hub_connect_ip = env("BAI_HUB_CONNECT_IP") or docker_bridge_gateway()
+# The proxy scripts/setup.sh installs beside this Python (.venv/bin): found
+# without relying on PATH, so the run command works with only system folders there.
+local_proxy = Path(sys.prefix) / "bin" / "configurable-http-proxy"
+if local_proxy.exists():
+    c.ConfigurableHTTPProxy.command = [str(local_proxy)]
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env('BAI_PROXY_API_PORT', '8001')}"
 c.ConfigurableHTTPProxy.auth_token = secret_file("proxy-token")
 c.ConfigurableHTTPProxy.pid_file = str(data / "proxy.pid")
