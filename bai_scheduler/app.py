@@ -18,14 +18,14 @@ import sys
 from urllib.parse import urlparse
 
 from tornado import httpserver, web
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default, validate
 from traitlets.config import Application
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 
-from . import engines, inventory
+from . import engines, inventory, readiness
 from .hubapi import HubAPI, HubAPIError
-from .model import Node, RequestKey
+from .model import GPU_BACKENDS, GpuBackend, Node, RequestKey
 from .queue import QueuePolicy, UserLimits
 from .service import Refused, SchedulerService
 from .store import Store, StoreUnavailable
@@ -69,8 +69,12 @@ class BaiScheduler(Application):
         help="""Worker nodes, one Docker engine each. Keys: name, docker_url ("" = local engine
         from DOCKER_HOST or the default socket; "tcp://host:2376" with tls {client_cert, ca_cert}),
         gpus ("auto": real GPUs read with nvidia-ml-py on the local engine, else the simulated
-        inventory; an int: that many simulated GPUs), gpu_memory (e.g. "8GiB"), gpu_name, sm_count,
-        cpu (millicores the scheduler may hand out, 0 = unlimited), memory (bytes or "64GiB").""",
+        inventory; an int: that many simulated GPUs; a list of real GPUs by UUID, each
+        {uuid, index, memory, name, sm_count[, mig_parent, mig_profile]}, for engines NVML cannot
+        read from here), gpu_memory (e.g. "8GiB"), gpu_name, sm_count, cpu (cores the scheduler
+        may hand out, 0 = unlimited), memory (bytes or "64GiB"), and the node's GPU backend:
+        gpu_backend, hami_library, hami_lock_dir, mps_pipe_directory, mps_shm_directory (each
+        defaults to the c.BaiScheduler option of that name).""",
     )
 
     @default("nodes")
@@ -82,6 +86,38 @@ class BaiScheduler(Application):
         config=True,
         help="Inventory used for a node with gpus='auto' when NVML finds no GPU (this mirrors "
         "the seed's demo: one 8 GiB GPU). The hub and pages then say GPUs are simulated.",
+    )
+    gpu_backend = CaselessStrEnum(
+        GPU_BACKENDS, default_value=GpuBackend.name, config=True,
+        help="""How GPU nodes enforce a share, unless a node says otherwise ('gpu_backend' in its
+        entry of c.BaiScheduler.nodes). 'hami': HAMi-core's libvgpu.so (memory and SM limits per
+        device, nvidia-smi shows the share; cooperative: a process that unsets LD_PRELOAD escapes
+        it). 'mps': a CUDA MPS control daemon (memory and SM limits per client process: a session
+        running N CUDA processes gets N shares). 'mig': MIG instances, one per session. 'whole':
+        whole GPUs only. A node is checked before any GPU share goes there (docs/install.md).""",
+    )
+    hami_library = Unicode(
+        GpuBackend.hami_library, config=True,
+        help="Path of HAMi-core's libvgpu.so on GPU nodes (backend 'hami'); mounted read-only and preloaded.",
+    )
+    hami_lock_dir = Unicode(
+        GpuBackend.hami_lock_dir, config=True,
+        help="Folder on GPU nodes that HAMi-core's processes of every session lock in (backend 'hami'); "
+        "mounted as /tmp/vgpulock. Without it HAMi-core's SM limiter does not run.",
+    )
+    mps_pipe_directory = Unicode(
+        GpuBackend.mps_pipe_directory, config=True,
+        help="CUDA_MPS_PIPE_DIRECTORY of the MPS control daemon on GPU nodes (backend 'mps').",
+    )
+    mps_shm_directory = Unicode(
+        GpuBackend.mps_shm_directory, config=True,
+        help="Folder the MPS control daemon uses as /dev/shm on GPU nodes (backend 'mps'); mounted as "
+        "/dev/shm in sessions instead of sharing the host's IPC namespace.",
+    )
+    readiness_interval = Float(
+        60, config=True,
+        help="Seconds between checks that each real GPU node can enforce its backend. A node that "
+        "fails gets no new GPU share (CPU-only sessions still run there) until a check passes.",
     )
     queue_order = Unicode("fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).")
     queue_head = Unicode(
@@ -146,28 +182,21 @@ class BaiScheduler(Application):
     def units(self) -> FgpuUnits:
         return FgpuUnits(self.fgpu_per_gpu, self.fgpu_step)
 
+    # BaiSpawner options that moved here: the scheduler places by backend and checks nodes.
+    _moved_from_spawner = ("gpu_backend", "hami_library", "mps_pipe_directory")
+
+    def adopt_moved_options(self) -> None:
+        spawner = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
+        for name in self._moved_from_spawner:
+            if name in spawner and name not in (self.config["BaiScheduler"] if "BaiScheduler" in self.config else {}):
+                self.log.warning("c.BaiSpawner.%s is deprecated; set c.BaiScheduler.%s (or per node). Using %r.",
+                                 name, name, spawner[name])
+                setattr(self, name, spawner[name])
+
     def build_nodes(self) -> list[Node]:
-        nodes = []
-        for spec in self.nodes:
-            spec = dict(spec)
-            gpus = spec.get("gpus", "auto")
-            if gpus == "auto":
-                try:
-                    devices = inventory.nvml_devices(self.units)
-                    node = inventory.simulated_nodes([{**spec, "gpus": 0}], self.units)[0]
-                    node = Node(node.name, node.docker_url, devices, node.cpu_millis, node.memory_bytes, simulated=False)
-                    self.log.info("Node %s: %d real GPU(s) from NVML", node.name, len(devices))
-                except inventory.NoGpuError as e:
-                    node = inventory.simulated_nodes([{**self.simulated_gpus, **spec, "gpus": self.simulated_gpus.get("gpus", 1)}], self.units)[0]
-                    self.log.warning(
-                        "Node %s: no GPU found (%s); using a SIMULATED inventory of %d GPU(s)",
-                        node.name, e, len(node.devices),
-                    )
-            else:
-                node = inventory.simulated_nodes([spec], self.units)[0]
-                self.log.warning("Node %s: SIMULATED inventory of %d GPU(s)", node.name, len(node.devices))
-            nodes.append(node)
-        return nodes
+        defaults = GpuBackend(self.gpu_backend.lower(), self.hami_library, self.hami_lock_dir,
+                              self.mps_pipe_directory, self.mps_shm_directory)
+        return inventory.nodes_from_config(self.nodes, self.units, defaults, self.simulated_gpus, log=self.log)
 
     def limits(self) -> UserLimits:
         return UserLimits(
@@ -184,7 +213,9 @@ class BaiScheduler(Application):
             self.load_config_file(self.config_file)
         logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s bai-scheduler] %(message)s")
         self.log = logging.getLogger("bai_scheduler")
+        self.adopt_moved_options()
         self.node_list = self.build_nodes()
+        self.readiness = {n.name: readiness.unchecked(n) for n in self.node_list}
         self.store = Store(self.db_url)
         self.service = SchedulerService(
             self.node_list, self.units, self.store,
@@ -243,6 +274,40 @@ class BaiScheduler(Application):
         if any(result.values()):
             self.log.warning("Reconciled with the engines: %s", result)
 
+    async def check_gpus(self) -> None:
+        """Check every real GPU node's backend (in threads); only ready nodes get GPU shares."""
+        nodes = [n for n in self.node_list if readiness.needs_check(n)]
+        results = await asyncio.gather(*(asyncio.to_thread(self.check_gpu_node, n) for n in nodes))
+        became_ready = False
+        for node, result in zip(nodes, results):
+            before = self.readiness[node.name]
+            self.readiness[node.name] = result
+            self.service.set_gpu_ready(node.name, result.ready)
+            if (before.ready, before.reason) != (result.ready, result.reason):
+                if result.ready:
+                    self.log.info("Node %s: GPU backend %s ready (%s)", node.name, node.gpu.name, result.reason)
+                else:
+                    self.log.error("Node %s: GPU backend %s NOT ready, no GPU session goes there: %s",
+                                   node.name, node.gpu.name, result.reason)
+            became_ready |= result.ready and not before.ready
+        if became_ready:
+            try:
+                await self.service.schedule()
+            except StoreUnavailable as e:
+                self.log.error("Scheduling after a GPU node became ready postponed: %s", e)
+
+    def check_gpu_node(self, node: Node) -> readiness.Readiness:
+        try:
+            client = engines.make_client(node)
+        except Exception as e:  # engine down
+            return readiness.Readiness(node.name, node.gpu.name, False, f"the node's engine does not answer: {e}")
+        return readiness.check_node(node, readiness.EngineProbe(client, f"{self.hub_id}-"))
+
+    async def check_gpus_forever(self):
+        while True:
+            await asyncio.sleep(self.readiness_interval)
+            await self.check_gpus()
+
     async def container_gone(self, facts):
         try:
             freed = await self.service.release(facts.key, facts.request_id)
@@ -283,6 +348,7 @@ class BaiScheduler(Application):
 
     async def serve(self):
         url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))
+        await self.check_gpus()
         await self.reconcile_all()
         loop = asyncio.get_running_loop()
         self.watchers = [
@@ -291,6 +357,7 @@ class BaiScheduler(Application):
         for w in self.watchers:
             w.start()
         sweeper = asyncio.ensure_future(self.reconcile_forever())
+        gpu_checks = asyncio.ensure_future(self.check_gpus_forever())
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
         self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
@@ -301,6 +368,7 @@ class BaiScheduler(Application):
         self.log.info("bai-scheduler stopping; queued requests stay in the database")
         server.stop()
         sweeper.cancel()
+        gpu_checks.cancel()
         for w in self.watchers:
             w.stop()
 
@@ -402,7 +470,7 @@ class HealthHandler(BaseHandler):
 
 class CapacityHandler(BaseHandler):
     def get(self):
-        self.identity()
+        who = self.identity()
         units = self.bai.units
         nodes = []
         snap = self.service.capacity()
@@ -411,6 +479,7 @@ class CapacityHandler(BaseHandler):
                 "name": node.name,
                 "docker_url": node.docker_url,
                 "simulated": node.simulated,
+                **self.bai.readiness[node.name].to_json(who["admin"]),
                 "devices": [
                     {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
                      "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}

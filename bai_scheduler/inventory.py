@@ -9,7 +9,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from .model import Device, Node
+from .model import GPU_BACKENDS, Device, GpuBackend, Node
 from .units import FgpuUnits
 
 
@@ -87,11 +87,141 @@ def _parse_cpu_millis(value, where: str) -> int:
     return int(cores * 1000)
 
 
-_NODE_KEYS = {"name", "docker_url", "gpus", "gpu_memory", "gpu_name", "sm_count", "cpu", "memory", "tls"}
+_GPU_KEYS = {"gpu_backend", "hami_library", "hami_lock_dir", "mps_pipe_directory", "mps_shm_directory"}
+_NODE_KEYS = {"name", "docker_url", "gpus", "gpu_memory", "gpu_name", "sm_count", "cpu", "memory", "tls"} | _GPU_KEYS
+_DEVICE_KEYS = {"uuid", "index", "memory", "name", "sm_count", "mig_parent", "mig_profile"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-def simulated_nodes(spec, units: FgpuUnits) -> list[Node]:
+def gpu_backend(entry: dict, defaults: GpuBackend, where: str) -> GpuBackend:
+    """A node's GPU backend: ``defaults`` with the node's own ``gpu_backend``/path keys over it."""
+    values = {}
+    name = entry.get("gpu_backend", defaults.name)
+    if not isinstance(name, str) or name.strip().lower() not in GPU_BACKENDS:
+        raise ValueError(f"{where}: gpu_backend {name!r} is unknown; choose one of {', '.join(GPU_BACKENDS)}")
+    values["name"] = name.strip().lower()
+    for key in sorted(_GPU_KEYS - {"gpu_backend"}):
+        path = entry.get(key, getattr(defaults, key))
+        if not isinstance(path, str) or not path.startswith("/") or "\x00" in path or ":" in path:
+            raise ValueError(f"{where}: {key} must be an absolute path on the node without ':' (got {path!r})")
+        values[key] = path
+    return GpuBackend(**values)
+
+
+def _base(entry, i: int, count: int, seen: set, units: FgpuUnits, defaults: GpuBackend) -> tuple[str, dict]:
+    """Checks every node form shares; returns (where, the Node fields other than devices)."""
+    where = f"node #{i}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: must be a dict, not {type(entry).__name__}")
+    unknown = set(entry) - _NODE_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+            f"allowed: {', '.join(sorted(_NODE_KEYS))}"
+        )
+    name = entry.get("name", "local" if count == 1 else None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{where}: 'name' must be 1-63 letters, digits, '.', '_' or '-' (got {name!r})")
+    where = f"node {name!r}"
+    if name in seen:
+        raise ValueError(f"{where}: duplicate node name")
+    seen.add(name)
+    docker_url = entry.get("docker_url", "")
+    if not isinstance(docker_url, str):
+        raise ValueError(f"{where}: docker_url must be a string ('' for the local engine)")
+    cpu_millis = _parse_cpu_millis(entry.get("cpu", 0), where)
+    try:
+        memory = parse_bytes(entry.get("memory", 0))
+    except ValueError as e:
+        raise ValueError(f"{where}: memory: {e}") from None
+    tls = entry.get("tls") or {}
+    if not isinstance(tls, dict):
+        raise ValueError(f"{where}: tls must be a dict")
+    return where, dict(name=name, docker_url=docker_url, cpu_millis=cpu_millis, memory_bytes=memory,
+                       tls=dict(tls), gpu=gpu_backend(entry, defaults, where))
+
+
+def _whole(entry: dict, key: str, where: str, default=0) -> int:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {key} must be a whole number >= 0 (got {value!r})")
+    return value
+
+
+def _simulated_devices(entry: dict, name: str, where: str, units: FgpuUnits) -> tuple[Device, ...]:
+    gpus = _whole(entry, "gpus", where)
+    try:
+        gpu_memory = parse_bytes(entry.get("gpu_memory", 0))
+    except ValueError as e:
+        raise ValueError(f"{where}: gpu_memory: {e}") from None
+    if gpus and gpu_memory <= 0:
+        raise ValueError(f"{where}: gpu_memory must be given (e.g. '8GiB') when gpus > 0")
+    gpu_name = entry.get("gpu_name", "Simulated GPU")
+    if not isinstance(gpu_name, str):
+        raise ValueError(f"{where}: gpu_name must be a string")
+    sm_count = _whole(entry, "sm_count", where)
+    return tuple(
+        Device(uuid=f"GPU-sim-{name}-{d}", index=d, name=gpu_name, memory_bytes=gpu_memory,
+               sm_count=sm_count, quanta=units.quanta_per_gpu)
+        for d in range(gpus)
+    )
+
+
+def _declared_devices(gpus: list, where: str, units: FgpuUnits, gpu: GpuBackend) -> tuple[Device, ...]:
+    """Real GPUs an admin lists for a node NVML cannot read here (e.g. a remote engine)."""
+    devices = []
+    uuids: set[str] = set()
+    indexes: set[int] = set()
+    for j, d in enumerate(gpus):
+        at = f"{where}: gpus[{j}]"
+        if not isinstance(d, dict):
+            raise ValueError(f"{at} must be a dict with uuid, index and memory")
+        unknown = set(d) - _DEVICE_KEYS
+        if unknown:
+            raise ValueError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                             f"allowed: {', '.join(sorted(_DEVICE_KEYS))}")
+        uuid = d.get("uuid")
+        if not isinstance(uuid, str) or not re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9/-]{1,120}", uuid):
+            raise ValueError(f"{at}: uuid must be the device's UUID as nvidia-smi -L shows it "
+                             f"(GPU-… or MIG-…), got {uuid!r}")
+        if uuid in uuids:
+            raise ValueError(f"{at}: duplicate uuid {uuid}")
+        uuids.add(uuid)
+        index = _whole(d, "index", at, default=None)
+        profile = d.get("mig_profile")
+        if profile is not None and not isinstance(profile, str):
+            raise ValueError(f"{at}: mig_profile must be a string like '3g.40gb'")
+        if profile is None:  # MIG instances share their GPU's index
+            if index in indexes:
+                raise ValueError(f"{at}: duplicate index {index}")
+            indexes.add(index)
+        try:
+            memory = parse_bytes(d.get("memory", 0))
+        except ValueError as e:
+            raise ValueError(f"{at}: memory: {e}") from None
+        if memory <= 0:
+            raise ValueError(f"{at}: memory must be given, e.g. '80GiB'")
+        label = d.get("name", "GPU")
+        if not isinstance(label, str):
+            raise ValueError(f"{at}: name must be a string")
+        devices.append(Device(uuid=uuid, index=index, name=label, memory_bytes=memory,
+                              sm_count=_whole(d, "sm_count", at), quanta=units.quanta_per_gpu,
+                              mig_parent=d.get("mig_parent"), mig_profile=profile))
+    check_backend(devices, gpu, where)
+    return tuple(devices)
+
+
+def check_backend(devices, gpu: GpuBackend, where: str) -> None:
+    """Refuse a real node whose devices its backend cannot use."""
+    migs = [d for d in devices if d.mig_profile]
+    if gpu.name == "mig" and len(migs) != len(devices):
+        raise ValueError(f"{where}: gpu_backend 'mig' gives MIG instances only, but some GPUs are not MIG "
+                         "instances; enable MIG and create instances (docs/install.md), or choose another backend")
+    if gpu.name != "mig" and migs:
+        raise ValueError(f"{where}: the GPUs are MIG instances; set gpu_backend to 'mig' for this node")
+
+
+def simulated_nodes(spec, units: FgpuUnits, gpu_defaults: GpuBackend = GpuBackend()) -> list[Node]:
     """Nodes from a simulated inventory declared in config.
 
     ``spec`` is a list of dicts, each e.g.::
@@ -101,7 +231,8 @@ def simulated_nodes(spec, units: FgpuUnits) -> list[Node]:
 
     ``cpu`` is in cores (0: not limited), ``memory`` and ``gpu_memory`` are bytes or strings
     like "16 GiB" (memory 0: not limited).  Devices get stable fake UUIDs
-    ``GPU-sim-<node>-<index>`` and ``units.quanta_per_gpu`` quanta each.
+    ``GPU-sim-<node>-<index>`` and ``units.quanta_per_gpu`` quanta each.  ``gpu_backend`` and
+    the backend's paths (see ``GpuBackend``) default to ``gpu_defaults``.
     """
     if isinstance(spec, dict):
         raise ValueError("simulated inventory must be a list of node dicts, not a single dict")
@@ -110,72 +241,57 @@ def simulated_nodes(spec, units: FgpuUnits) -> list[Node]:
     nodes: list[Node] = []
     seen: set[str] = set()
     for i, entry in enumerate(spec):
-        where = f"simulated node #{i}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: must be a dict, not {type(entry).__name__}")
-        unknown = set(entry) - _NODE_KEYS
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                f"allowed: {', '.join(sorted(_NODE_KEYS))}"
-            )
-        name = entry.get("name", "local" if len(spec) == 1 else None)
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"{where}: 'name' must be 1-63 letters, digits, '.', '_' or '-' (got {name!r})"
-            )
-        where = f"simulated node {name!r}"
-        if name in seen:
-            raise ValueError(f"{where}: duplicate node name")
-        seen.add(name)
-        docker_url = entry.get("docker_url", "")
-        if not isinstance(docker_url, str):
-            raise ValueError(f"{where}: docker_url must be a string ('' for the local engine)")
-        gpus = entry.get("gpus", 0)
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-            raise ValueError(f"{where}: gpus must be a whole number >= 0 (got {gpus!r})")
-        try:
-            gpu_memory = parse_bytes(entry.get("gpu_memory", 0))
-        except ValueError as e:
-            raise ValueError(f"{where}: gpu_memory: {e}") from None
-        if gpus and gpu_memory <= 0:
-            raise ValueError(f"{where}: gpu_memory must be given (e.g. '8GiB') when gpus > 0")
-        gpu_name = entry.get("gpu_name", "Simulated GPU")
-        if not isinstance(gpu_name, str):
-            raise ValueError(f"{where}: gpu_name must be a string")
-        sm_count = entry.get("sm_count", 0)
-        if isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count < 0:
-            raise ValueError(f"{where}: sm_count must be a whole number >= 0 (got {sm_count!r})")
-        cpu_millis = _parse_cpu_millis(entry.get("cpu", 0), where)
-        try:
-            memory = parse_bytes(entry.get("memory", 0))
-        except ValueError as e:
-            raise ValueError(f"{where}: memory: {e}") from None
-        tls = entry.get("tls") or {}
-        if not isinstance(tls, dict):
-            raise ValueError(f"{where}: tls must be a dict")
-        devices = tuple(
-            Device(
-                uuid=f"GPU-sim-{name}-{d}",
-                index=d,
-                name=gpu_name,
-                memory_bytes=gpu_memory,
-                sm_count=sm_count,
-                quanta=units.quanta_per_gpu,
-            )
-            for d in range(gpus)
-        )
-        nodes.append(
-            Node(
-                name=name,
-                docker_url=docker_url,
-                devices=devices,
-                cpu_millis=cpu_millis,
-                memory_bytes=memory,
-                simulated=True,
-                tls=dict(tls),
-            )
-        )
+        where, fields = _base(entry, i, len(spec), seen, units, gpu_defaults)
+        devices = _simulated_devices(entry, fields["name"], where, units)
+        nodes.append(Node(devices=devices, simulated=True, **fields))
+    return nodes
+
+
+def nodes_from_config(spec, units: FgpuUnits, gpu_defaults: GpuBackend, simulated_gpus: dict,
+                      detect=None, log=None) -> list[Node]:
+    """The scheduler's nodes from ``c.BaiScheduler.nodes``.
+
+    Each entry's ``gpus`` is "auto" (real GPUs read by ``detect``, by default NVML on this
+    machine; ``simulated_gpus`` when none is found), a whole number (that many simulated GPUs),
+    or a list of real GPUs declared by UUID (for engines NVML cannot read from here)::
+
+        {"name": "gpu2", "docker_url": "tcp://gpu2:2376", "gpu_backend": "hami",
+         "gpus": [{"uuid": "GPU-5d1c…", "index": 0, "memory": "80GiB", "name": "H100", "sm_count": 132}]}
+
+    Real nodes are checked for their backend before any GPU share is placed there
+    (``bai_scheduler.readiness``); simulated ones need nothing.
+    """
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"nodes must be a list of node dicts, not {type(spec).__name__}")
+    detect = detect or nvml_devices
+    nodes: list[Node] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(spec):
+        where, fields = _base(entry, i, len(spec), seen, units, gpu_defaults)
+        gpus = entry.get("gpus", "auto")
+        if gpus == "auto":
+            try:
+                devices = detect(units)
+            except NoGpuError as e:
+                fallback = {**simulated_gpus, **entry, "gpus": simulated_gpus.get("gpus", 1)}
+                node = Node(devices=_simulated_devices(fallback, fields["name"], where, units), simulated=True,
+                            **fields)
+                if log:
+                    log.warning("Node %s: no GPU found (%s); using a SIMULATED inventory of %d GPU(s)",
+                                node.name, e, len(node.devices))
+            else:
+                check_backend(devices, fields["gpu"], where)
+                node = Node(devices=tuple(devices), simulated=False, **fields)
+                if log:
+                    log.info("Node %s: %d real GPU(s) from NVML, backend %s", node.name, len(devices),
+                             node.gpu.name)
+        elif isinstance(gpus, list):
+            node = Node(devices=_declared_devices(gpus, where, units, fields["gpu"]), simulated=False, **fields)
+        else:
+            node = Node(devices=_simulated_devices(entry, fields["name"], where, units), simulated=True, **fields)
+            if log:
+                log.warning("Node %s: SIMULATED inventory of %d GPU(s)", node.name, len(node.devices))
+        nodes.append(node)
     return nodes
 
 
@@ -183,14 +299,53 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def _sm_count(nv, handle) -> int:
+def _mig_sm_count(nv, handle) -> int:
+    # nvmlDeviceGetAttributes(_v2) answers for MIG device handles only.
     get = getattr(nv, "nvmlDeviceGetAttributes", None) or getattr(nv, "nvmlDeviceGetAttributes_v2", None)
     if get is None:
         return 0
     try:
         return int(get(handle).multiprocessorCount)
-    except Exception:  # not supported on this GPU/driver (e.g. not in MIG mode)
+    except Exception:  # not supported by this driver
         return 0
+
+
+CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+
+
+def cuda_sm_counts(lib=None) -> dict[str, int]:
+    """SM count of every whole GPU by UUID ("GPU-…"), from the CUDA driver API.
+
+    NVML has no SM count for a whole GPU (``nvmlDeviceGetAttributes`` supports MIG handles
+    only); ``cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)`` has it.  Empty when the driver's
+    libcuda cannot be loaded or initialised.
+    """
+    import ctypes
+
+    if lib is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            return {}
+    out: dict[str, int] = {}
+    try:
+        if lib.cuInit(0) != 0:
+            return {}
+        count = ctypes.c_int()
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return {}
+        get_uuid = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
+        for i in range(count.value):
+            dev, sms, raw = ctypes.c_int(), ctypes.c_int(), (ctypes.c_ubyte * 16)()
+            if (lib.cuDeviceGet(ctypes.byref(dev), i) != 0
+                    or lib.cuDeviceGetAttribute(ctypes.byref(sms), CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev) != 0
+                    or get_uuid(raw, dev) != 0):
+                continue
+            h = bytes(raw).hex()
+            out[f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"] = sms.value
+    except (AttributeError, OSError):  # an old driver without these entry points
+        return out
+    return out
 
 
 def _mig_profile(nv, handle, name: str) -> str | None:
@@ -214,8 +369,9 @@ def nvml_devices(units: FgpuUnits) -> tuple[Device, ...]:
 
     A GPU with MIG mode on contributes one ``Device`` per MIG instance (with ``mig_parent``
     set to the physical GPU's UUID, ``mig_profile`` like "1g.5gb" and ``index`` the parent's
-    index); each instance is scheduled as one whole GPU's worth of quanta.  Raises
-    ``NoGpuError`` when NVML cannot start or sees no GPU.
+    index); each instance is scheduled as one whole GPU's worth of quanta.  SM counts come
+    from NVML for MIG instances and from ``cuda_sm_counts()`` (the CUDA driver) for whole GPUs.
+    Raises ``NoGpuError`` when NVML cannot start or sees no GPU.
     """
     try:
         import pynvml as nv
@@ -230,6 +386,7 @@ def nvml_devices(units: FgpuUnits) -> tuple[Device, ...]:
         if count < 1:
             raise NoGpuError("NVML reports no GPU on this machine")
         devices: list[Device] = []
+        whole_sms: dict[str, int] | None = None
         mig_enable = getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1)
         for i in range(count):
             handle = nv.nvmlDeviceGetHandleByIndex(i)
@@ -243,9 +400,9 @@ def nvml_devices(units: FgpuUnits) -> tuple[Device, ...]:
             except Exception:  # not MIG-capable
                 mig_on = False
             if not mig_on:
-                devices.append(
-                    Device(uuid, i, name, memory, _sm_count(nv, handle), units.quanta_per_gpu)
-                )
+                if whole_sms is None:
+                    whole_sms = cuda_sm_counts()
+                devices.append(Device(uuid, i, name, memory, whole_sms.get(uuid, 0), units.quanta_per_gpu))
                 continue
             for j in range(int(nv.nvmlDeviceGetMaxMigDeviceCount(handle))):
                 try:
@@ -259,7 +416,7 @@ def nvml_devices(units: FgpuUnits) -> tuple[Device, ...]:
                         index=i,
                         name=mig_name,
                         memory_bytes=int(nv.nvmlDeviceGetMemoryInfo(mig).total),
-                        sm_count=_sm_count(nv, mig),
+                        sm_count=_mig_sm_count(nv, mig),
                         quanta=units.quanta_per_gpu,
                         mig_parent=uuid,
                         mig_profile=_mig_profile(nv, mig, mig_name),

@@ -23,6 +23,48 @@ class Device:
     mig_profile: str | None = None
 
 
+GPU_BACKENDS = ("hami", "mps", "mig", "whole")
+
+
+@dataclass(frozen=True)
+class GpuBackend:
+    """How a node enforces GPU shares, and where the pieces of that backend are on the node.
+
+    ``name``: "hami" (HAMi-core's libvgpu.so preloaded), "mps" (a CUDA MPS control daemon),
+    "mig" (one MIG instance per session) or "whole" (whole GPUs only).
+    """
+
+    name: str = "hami"
+    hami_library: str = "/usr/local/vgpu/libvgpu.so"
+    hami_lock_dir: str = "/tmp/vgpulock"
+    mps_pipe_directory: str = "/run/nvidia-mps/pipe"
+    mps_shm_directory: str = "/run/nvidia-mps/shm"
+
+    @property
+    def fractions(self) -> bool:
+        """Whether a device may be shared (a share smaller than the device)."""
+        return self.name in ("hami", "mps")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether one session may hold whole devices plus a fraction of another.
+
+        MPS takes one SM percentage per client process, for every device it uses, so a
+        fraction next to a whole GPU cannot be enforced per device; HAMi-core can.
+        """
+        return self.name == "hami"
+
+    @property
+    def multi_device(self) -> bool:
+        """Whether one session may span several devices (CUDA sees one MIG instance per process)."""
+        return self.name != "mig"
+
+    def to_json(self) -> dict:
+        """What the spawner needs to build a container on this node (see bai_spawner.gpu)."""
+        return {"backend": self.name, "hami_library": self.hami_library, "hami_lock_dir": self.hami_lock_dir,
+                "mps_pipe_directory": self.mps_pipe_directory, "mps_shm_directory": self.mps_shm_directory}
+
+
 @dataclass(frozen=True)
 class Node:
     """A Docker engine and the GPUs behind it."""
@@ -34,6 +76,7 @@ class Node:
     memory_bytes: int = 0  # 0: not limited by the scheduler
     simulated: bool = False
     tls: dict = field(default_factory=dict, hash=False, compare=False)
+    gpu: GpuBackend = GpuBackend()
 
 
 @dataclass(frozen=True)

@@ -182,13 +182,15 @@ def summarize(rows: list[dict], nodes: list[dict] | None = None) -> dict:
     return out
 
 
-def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) -> list[dict]:
+def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None,
+              readiness: dict | None = None) -> list[dict]:
     """Per node and GPU: used/total as fGPU, memory, CPU, and live NVML stats where given.
 
     ``snapshot``: ``Capacity.snapshot()``; ``live``: {device uuid: {"memory_used",
-    "memory_total", "utilization"}} for real GPUs.
+    "memory_total", "utilization"}} for real GPUs; ``readiness``: {node: ``Readiness``}.
     """
     live = live or {}
+    readiness = readiness or {}
     out = []
     for n in snapshot:
         devices = []
@@ -215,6 +217,9 @@ def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) 
         out.append({
             "name": n["name"],
             "simulated": n.get("simulated", False),
+            "gpu_backend": n.get("gpu_backend", ""),
+            "gpu_ready": n.get("gpu_ready", True),
+            "gpu_reason": readiness[n["name"]].reason if n["name"] in readiness else "",
             "used": units.to_fgpu(n["used_quanta"]),
             "total": units.to_fgpu(n["capacity_quanta"]),
             "percent": round(100 * n["used_quanta"] / n["capacity_quanta"]) if n["capacity_quanta"] else 0,
@@ -295,7 +300,7 @@ def form_limits(bai, capacity: dict):
     )
 
 
-def capacity_model(bai) -> dict:
+def capacity_model(bai, admin: bool = False) -> dict:
     """What GET api/capacity answers (the form renders from it)."""
     units = bai.units
     return {
@@ -303,7 +308,7 @@ def capacity_model(bai) -> dict:
         "fgpu_step": str(units.fgpu_step),
         "quanta_per_gpu": units.quanta_per_gpu,
         "nodes": [{
-            "name": n.name, "simulated": n.simulated,
+            "name": n.name, "simulated": n.simulated, **bai.readiness[n.name].to_json(admin),
             "devices": [{"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
                          "sm_count": d.sm_count, "quanta": d.quanta} for d in n.devices],
         } for n in bai.node_list],
@@ -410,7 +415,8 @@ class PageHandler(BaseHandler):
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
         rows = session_rows(statuses, users, units=units)
-        nodes = node_rows(self.service.capacity(), units, live_gpu_stats(self.bai.node_list)) if who["admin"] else []
+        nodes = node_rows(self.service.capacity(), units, live_gpu_stats(self.bai.node_list),
+                          self.bai.readiness) if who["admin"] else []
         return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": notices_for(who["name"])}
 
     def fragments(self, who: dict, data: dict) -> dict:
@@ -427,7 +433,7 @@ class PageHandler(BaseHandler):
         from bai_spawner.formpage import render_form
 
         data = await self.page_data(who)
-        cap = capacity_model(self.bai)
+        cap = capacity_model(self.bai, who["admin"])
         try:
             images = catalog_mod.visible_to(await load_catalog(self.bai), who["name"], is_admin=False)
             form_html = render_form(visible=images, user=who["name"], capacity=cap, units=self.bai.units,

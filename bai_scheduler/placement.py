@@ -16,6 +16,11 @@ Placement rules
   ties broken towards the fullest node (so whole devices and whole nodes stay free for large
   requests).  ``strategy="spread"`` is the opposite: emptiest device on the emptiest node.
 * CPU-only requests (0 quanta) get a placement without shares on a node with CPU/memory room.
+* A node's GPU backend (``Node.gpu``) limits what one session may hold there: "whole" and "mig"
+  nodes give whole devices only, "mps" nodes no fraction next to whole GPUs (one SM percentage
+  per process), "mig" nodes one device per session (CUDA enumerates one MIG instance per process).
+* ``set_gpu_ready(node, False)`` takes a node's GPUs out of placement (its backend cannot enforce
+  shares now); CPU-only requests still go there.  Allocations already made are kept.
 
 Speed
 -----
@@ -143,6 +148,16 @@ class Capacity:
         self.total_memory_bytes = 0 if any(m == 0 for m in self._mem_cap) else sum(self._mem_cap)
         self._rebuild()
         # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem)
+        # What each node's GPU backend lets one session hold there, and whether its GPUs are
+        # usable now (see the module docstring).
+        self._fractions = [nd.gpu.fractions for nd in self.nodes]
+        self._mixed = [nd.gpu.mixed for nd in self.nodes]
+        self._multi = [nd.gpu.multi_device for nd in self.nodes]
+        self._gpu_off = [False] * n
+        self._restricted = False
+        self._update_restricted()
+        # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
+        # fractions allowed, fraction next to whole GPUs allowed, several devices allowed)
         self._shapes = sorted(
             {
                 (
@@ -150,10 +165,35 @@ class Capacity:
                     max((self._cap[d] for d in devs), default=0),
                     self._cpu_cap[ni],
                     self._mem_cap[ni],
+                    self._fractions[ni],
+                    self._mixed[ni],
+                    self._multi[ni],
                 )
                 for ni, devs in enumerate(self._node_devs)
             }
         )
+
+    def _update_restricted(self):
+        # Fast path: with no backend limits and every node ready, placement skips the checks.
+        self._restricted = any(self._gpu_off) or not (
+            all(self._fractions) and all(self._mixed) and all(self._multi)
+        )
+
+    def set_gpu_ready(self, name: str, ready: bool) -> None:
+        """Let placement use node ``name``'s GPUs (ready) or not (CPU-only requests still go there)."""
+        self._gpu_off[self._node_idx[name]] = not ready
+        self._update_restricted()
+
+    def gpu_ready(self, name: str) -> bool:
+        return not self._gpu_off[self._node_idx[name]]
+
+    def _refuses(self, ni: int, di: int, q: int) -> bool:
+        """True if a one-device share of ``q`` quanta may not go on device ``di`` of node ``ni``."""
+        return self._gpu_off[ni] or (q < self._cap[di] and not self._fractions[ni])
+
+    def _refuses_multi(self, ni: int, r: int) -> bool:
+        """True if node ``ni`` may not hold a session spanning devices (remainder ``r``)."""
+        return self._gpu_off[ni] or not self._multi[ni] or (r and not self._mixed[ni])
 
     # ------------------------------------------------------------------ indexes
     def _dkey(self, ni: int) -> int:
@@ -251,6 +291,7 @@ class Capacity:
         ver = self._ver
         excl = res.devices if res else ()
         check_room = bool(cpu or mem)
+        restricted = self._restricted
         fr = range(q, self._maxcap + 1) if self._concentrate else range(self._maxcap, q - 1, -1)
         for f in fr:
             if not count[f]:
@@ -266,7 +307,8 @@ class Capacity:
                     heappop(h)
                     self._entries -= 1
                     continue
-                if di in excl or (check_room and not self._room(ni, cpu, mem, res)):
+                if (di in excl or (check_room and not self._room(ni, cpu, mem, res))
+                        or (restricted and self._refuses(ni, di, q))):
                     if stash is None:
                         stash = []
                     stash.append(heappop(h))
@@ -317,7 +359,7 @@ class Capacity:
         return None
 
     def _multi_on_node(self, ni, k, r, cpu, mem, res):
-        if not self._room(ni, cpu, mem, res):
+        if (self._restricted and self._refuses_multi(ni, r)) or not self._room(ni, cpu, mem, res):
             return None
         Q = self.quanta_per_gpu
         excl = res.devices if res else ()
@@ -387,6 +429,8 @@ class Capacity:
                 if di in excl or self._cap[di] < q:
                     continue
                 ni = self._dev_node[di]
+                if self._restricted and self._refuses(ni, di, q):
+                    continue
                 if could_host(ni) and (best is None or f > best[0]):
                     best = (f, ni, (di,))
         else:
@@ -398,6 +442,8 @@ class Capacity:
             for ni, devs in enumerate(self._node_devs):
                 if len(devs) < need or (best is not None and self._node_free[ni] <= best[0]):
                     continue  # cannot beat the best node found so far
+                if self._restricted and self._refuses_multi(ni, r):
+                    continue
                 usable = [d for d in devs if d not in excl and self._cap[d] == Q]
                 if len(usable) < need or not could_host(ni):
                     continue
@@ -433,7 +479,7 @@ class Capacity:
             return "there are no nodes"
 
         def host_cpu_mem(shape):
-            _, _, c, m = shape
+            c, m = shape[2], shape[3]
             return (not cpu or not c or c >= cpu) and (not mem or not m or m >= mem)
 
         shapes = [s for s in self._shapes if host_cpu_mem(s)]
@@ -456,8 +502,13 @@ class Capacity:
         if self.total_quanta == 0:
             return f"asks for {self.fmt(q)} but this cluster has no GPU"
         if q <= Q:
-            if any(s[1] >= q for s in shapes):
+            if any(s[1] >= q and (s[4] or q == s[1]) for s in shapes):
                 return None
+            if any(s[1] >= q for s in shapes):
+                return (
+                    f"asks for {self.fmt(q)}, a fraction of a GPU, but the nodes with room give whole "
+                    f"GPUs only (GPU backend 'whole' or 'mig'); ask for {self.fmt(Q)}"
+                )
             biggest = max(s[1] for s in shapes)
             return f"asks for {self.fmt(q)} but the largest device has {self.fmt(biggest)}"
         k, r = divmod(q, Q)
@@ -467,8 +518,20 @@ class Capacity:
                 f"granted, i.e. multiples of {self.fmt(Q)}"
             )
         need = k + (1 if r else 0)
-        if any(s[0] >= need for s in shapes):
+        if any(s[0] >= need and s[6] and (not r or s[5]) for s in shapes):
             return None
+        big = [s for s in shapes if s[0] >= need]
+        if big and not any(s[6] for s in big):
+            return (
+                f"asks for {self.fmt(q)} on several GPUs, but the nodes with room are MIG nodes, which "
+                f"give one MIG instance per session (CUDA sees one per process); ask for at most "
+                f"{self.fmt(Q)}"
+            )
+        if big:
+            return (
+                f"asks for {self.fmt(q)}: whole GPUs plus a fraction, which the GPU backend of the "
+                f"nodes with room ('mps' or 'whole') cannot enforce; ask for a multiple of {self.fmt(Q)}"
+            )
         biggest = max(s[0] for s in shapes) * Q
         all_biggest = max(s[0] for s in self._shapes) * Q
         if all_biggest >= q:
@@ -603,6 +666,8 @@ class Capacity:
                     "name": node.name,
                     "docker_url": node.docker_url,
                     "simulated": node.simulated,
+                    "gpu_backend": node.gpu.name,
+                    "gpu_ready": not self._gpu_off[ni],
                     "cpu_millis_total": self._cpu_cap[ni],
                     "cpu_millis_used": self._cpu_used[ni],
                     "memory_bytes_total": self._mem_cap[ni],

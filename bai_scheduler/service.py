@@ -75,6 +75,9 @@ class SchedulerService:
         self.on_orphan_admitted: Callable[[Record], Awaitable[None]] | None = None
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
+        # Nodes whose GPUs get no new share: real GPUs start here until their backend is
+        # checked (bai_scheduler.readiness); CPU-only requests still go there.
+        self.gpu_not_ready: set[str] = {n.name for n in self.nodes if n.devices and not n.simulated}
         self.reload()
 
     # -- building state ----------------------------------------------------
@@ -83,6 +86,8 @@ class SchedulerService:
         capacity = Capacity(
             self.nodes, self.units.quanta_per_gpu, span=self.span, strategy=self.strategy, units=self.units
         )
+        for name in self.gpu_not_ready:
+            capacity.set_gpu_ready(name, False)
         return Scheduler(capacity, self.policy, self.limits)
 
     def _rebuild(self, records: Iterable[Record]) -> None:
@@ -105,6 +110,11 @@ class SchedulerService:
                 rec.placement = None
                 self.scheduler.restore_pending(rec.request)
             self.records[rec.key] = rec
+
+    def set_gpu_ready(self, node: str, ready: bool) -> None:
+        """Let placement use ``node``'s GPUs or not; run ``schedule()`` after a node became ready."""
+        (self.gpu_not_ready.discard if ready else self.gpu_not_ready.add)(node)
+        self.scheduler.capacity.set_gpu_ready(node, ready)
 
     def reload(self) -> None:
         """Throw away memory and rebuild from the database."""
@@ -156,6 +166,8 @@ class SchedulerService:
         if rec.state == "PENDING":
             out["position"] = self.scheduler.position(rec.key)
             out["reason"] = self.scheduler.wait_reason(rec.key)
+            if rec.request.quanta and self.gpu_not_ready:
+                out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
         if rec.placement is not None:
             out["placement"] = self.placement_details(rec.placement)
         return out
@@ -170,6 +182,7 @@ class SchedulerService:
         out["docker_url"] = node.docker_url
         out["tls"] = dict(node.tls)
         out["simulated"] = node.simulated
+        out["gpu"] = node.gpu.to_json()
         out["quanta_per_gpu"] = self.units.quanta_per_gpu
         for share in out["shares"]:
             d = devices.get(share["device"])

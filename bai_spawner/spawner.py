@@ -8,7 +8,9 @@ through ``progress()``, builds the container from the granted placement
 from __future__ import annotations
 
 import asyncio
+import inspect
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from decimal import Decimal
 
 import docker
@@ -16,15 +18,15 @@ import requests
 from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
 from tornado import web
-from traitlets import Dict, Float, Integer, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
 
 from bai_scheduler.units import GIB, FgpuUnits
 
 from . import catalog as catalog_mod
-from . import labels
 from .client import SchedulerClient, SchedulerError
+from .container import ContainerSpecError, Hardening, Session, make_container
 from .form import FormError, Limits, SessionOptions, parse_options
-from .gpu import BACKENDS, PlacementMismatch, gpu_spec
+from .gpu import PlacementMismatch, gpu_spec
 
 
 # What a Docker engine that is down or failing raises through docker-py.
@@ -52,17 +54,35 @@ class BaiSpawner(DockerSpawner):
         "c.BaiScheduler.hub_id; lets several hubs share Docker engines without seeing each other's sessions.",
     )
     gpu_backend = Unicode(
-        "hami", config=True,
-        help="How a GPU share is enforced in the container: 'hami' (HAMi-core libvgpu.so: memory "
-        "and SM limits, nvidia-smi shows the share), 'mps' (CUDA MPS limits), 'mig' (MIG devices) "
-        "or 'whole' (whole GPUs only).",
+        config=True,
+        help="Deprecated: each node's backend is c.BaiScheduler.gpu_backend (or 'gpu_backend' in its "
+        "entry of c.BaiScheduler.nodes); the scheduler reads this value if that is unset.",
     )
-    hami_library = Unicode(
-        "/usr/local/vgpu/libvgpu.so", config=True,
-        help="Path of HAMi-core's libvgpu.so on each GPU node; mounted read-only and preloaded.",
+    hami_library = Unicode(config=True, help="Deprecated: use c.BaiScheduler.hami_library.")
+    mps_pipe_directory = Unicode(config=True, help="Deprecated: use c.BaiScheduler.mps_pipe_directory.")
+    pids_limit = Integer(
+        4096, config=True,
+        help="Most processes and threads one session may run (Docker's --pids-limit), so that a "
+        "fork bomb in one session cannot exhaust the node. 0: no limit.",
     )
-    mps_pipe_directory = Unicode(
-        "/tmp/nvidia-mps", config=True, help="CUDA MPS pipe directory on GPU nodes, shared into containers.",
+    cap_drop = List(
+        ["ALL"], config=True,
+        help="Linux capabilities removed from session containers. Sessions run as the image's "
+        "unprivileged user (jovyan) and need none.",
+    )
+    cap_add = List(
+        [], config=True,
+        help="Linux capabilities given back after cap_drop, e.g. ['CHOWN', 'SETUID', 'SETGID'] for an "
+        "image that starts as root and switches user.",
+    )
+    no_new_privileges = Bool(
+        True, config=True,
+        help="Run sessions with no-new-privileges: setuid programs (sudo, su) cannot raise privileges.",
+    )
+    use_init = Bool(
+        True, config=True,
+        help="Run an init process (docker --init) as PID 1 of each session: it reaps orphaned "
+        "processes and forwards signals, whatever the image's entrypoint.",
     )
     default_cpu = Unicode("1", config=True, help="CPU cores the form proposes.")
     max_cpu = Unicode("4", config=True, help="Most CPU cores one session may ask for.")
@@ -82,10 +102,16 @@ class BaiSpawner(DockerSpawner):
     )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
 
-    @validate("gpu_backend")
-    def _check_backend(self, proposal):
-        if proposal.value not in BACKENDS:
-            raise ValueError(f"gpu_backend must be one of {', '.join(BACKENDS)}")
+    @observe("gpu_backend", "hami_library", "mps_pipe_directory")
+    def _moved_to_scheduler(self, change):
+        self.log.warning("c.BaiSpawner.%s is deprecated: the scheduler decides it per node; set "
+                         "c.BaiScheduler.%s instead (it reads this value while that is unset).",
+                         change.name, change.name)
+
+    @validate("pids_limit")
+    def _check_pids_limit(self, proposal):
+        if proposal.value < 0:
+            raise ValueError("pids_limit must be a whole number >= 0 (0: no limit)")
         return proposal.value
 
     # Queued sessions can wait for hours; the hub must not kill them.
@@ -288,15 +314,15 @@ class BaiSpawner(DockerSpawner):
 
     async def _start(self):
         opts, units, image = await self._resolve()
-        if opts.sessions > 1:
-            extra = opts.sessions - 1
-            one = SessionOptions(opts.image, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1)
-            self.user_options = one.to_user_options()
+        extra = opts.sessions - 1
+        opts = replace(opts, sessions=1)  # this server is one session; the others launch below
+        user_options = opts.to_user_options()
+        if extra:
+            self.user_options = user_options
             try:
                 await self.scheduler.launch(self.user.name, extra, self.user_options)
             except SchedulerError as e:
                 self.log.warning("Could not launch %d more sessions for %s: %s", extra, self.user.name, e)
-        user_options = SessionOptions(opts.image, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
         self._emit(5, f"Requesting {units.to_fgpu(opts.quanta)} fGPU, {opts.cpu_millis / 1000:g} CPU, "
                       f"{opts.memory_bytes / GIB:g} GiB for {image.display_name}")
         try:
@@ -354,12 +380,12 @@ class BaiSpawner(DockerSpawner):
 
     async def _run_container(self, status: dict, image, opts: SessionOptions, units: FgpuUnits):
         try:
-            spec = gpu_spec(self.gpu_backend, status["placement"], units,
-                            hami_library=self.hami_library, mps_pipe_directory=self.mps_pipe_directory)
+            spec = gpu_spec(status["placement"], units)
         except PlacementMismatch as e:
             raise web.HTTPError(400, str(e)) from None
         self.image = image.ref
         self._gpu = spec
+        self._opts = opts
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
@@ -378,44 +404,33 @@ class BaiSpawner(DockerSpawner):
         except Exception as e:  # the engine may be down; reconcile cleans up later
             self.log.warning("Could not remove half-made container %s: %s", self.object_name, e)
 
-    async def create_object(self):
-        spec = self._gpu
-        host = dict(self.extra_host_config or {})
-        host.setdefault("binds", {})
-        extra = dict(self.extra_create_kwargs or {})
-        extra_labels = dict(extra.get("labels", {}))
-        extra_labels.update(spec.labels)
-        extra_labels.update({
-            labels.USER: self.user.name,
-            labels.SERVER: self.name,
-            labels.REQUEST_ID: self.request_id,
-            labels.HUB: self.hub_id,
-            labels.IMAGE: self.image,
-            labels.CPU_MILLIS: str(int((self.cpu_limit or 0) * 1000)),
-            labels.MEMORY_BYTES: str(int(self.mem_limit or 0)),
-        })
-        extra["labels"] = extra_labels
-        if spec.device_requests:
-            host["device_requests"] = [docker.types.DeviceRequest(
-                driver=r["Driver"], device_ids=r["DeviceIDs"], capabilities=r["Capabilities"])
-                for r in spec.device_requests]
-        if spec.ipc_mode:
-            host["ipc_mode"] = spec.ipc_mode
-        saved = (self.extra_host_config, self.extra_create_kwargs)
-        self.extra_host_config, self.extra_create_kwargs = host, extra
-        try:
-            binds = dict(spec.binds)
-            if binds:
-                self.extra_host_config["binds"] = binds
-            return await super().create_object()
-        finally:
-            self.extra_host_config, self.extra_create_kwargs = saved
+    async def _extra(self, value) -> dict:
+        """An ``extra_*`` option as dockerspawner reads it: a dict, or a callable (maybe async) of the spawner."""
+        value = self._eval_if_callable(value)
+        if inspect.isawaitable(value):
+            value = await value
+        return self._render_templates(dict(value or {}))
 
-    def get_env(self):
-        env = super().get_env()
-        env.update(getattr(self, "_gpu", None).environment if getattr(self, "_gpu", None) else {})
-        env["BAI_SESSION"] = f"{self.user.name}/{self.name}" if self.name else self.user.name
-        return env
+    async def create_object(self):
+        """The container from the pure builder (``container.make_container``), created on the node."""
+        try:
+            create, host = make_container(
+                name=self.container_name, image=self.image, command=await self.get_command(),
+                environment=self.get_env(), port=self.port,
+                session=Session(self.user.name, self.name, self.request_id, self.hub_id, self._opts),
+                gpu=self._gpu,
+                hardening=Hardening(self.pids_limit, tuple(self.cap_drop), tuple(self.cap_add),
+                                    self.no_new_privileges, self.use_init),
+                network_name=self.network_name, remove=self.remove,
+                host_ip=None if self.use_internal_ip else self.host_ip,
+                volume_binds=self.volume_binds, mounts=self.mount_binds, links=self.links,
+                extra_create_kwargs=await self._extra(self.extra_create_kwargs),
+                extra_host_config=await self._extra(self.extra_host_config),
+            )
+        except ContainerSpecError as e:
+            raise web.HTTPError(500, f"The session's container cannot be made: {e}") from None
+        create["host_config"] = self.client.create_host_config(**host)
+        return await self.docker("create_container", **create)
 
     async def _release(self):
         if not self.request_id:
