@@ -118,8 +118,6 @@ def parse_listing(query: str, list_output: str) -> Listing:
 def device_problems(node: Node, listing: Listing) -> list[str]:
     """Configured GPUs that are not where the node's ``nvidia-smi`` says they are."""
     problems = []
-    if not listing.gpus:
-        return ["nvidia-smi lists no GPU on the node"]
     seen = ", ".join(f"{i}: {u}" for u, (i, _) in sorted(listing.gpus.items(), key=lambda kv: kv[1][0]))
     for d in node.devices:
         if d.mig_profile:
@@ -206,10 +204,12 @@ def check_node(node: Node, probe, now: float | None = None) -> Readiness:
         code, output = probe.run_with_gpus(image, probe_script(node), mounts, env)
     except ProbeError as e:
         return verdict(False, str(e))
-    query, listing, (mps_code, mps_output) = split_sections(output)
-    if code != 0 and not query.strip():
-        return verdict(False, f"nvidia-smi failed in a GPU container (exit {code}): {' '.join(output.split())[:200]}")
-    problems = device_problems(node, parse_listing(query, listing))
+    query, listing_text, (mps_code, mps_output) = split_sections(output)
+    listing = parse_listing(query, listing_text)
+    if not listing.gpus:
+        return verdict(False, f"nvidia-smi in a GPU container on the node lists no GPU (exit {code}): "
+                              f"{' '.join(output.split())[:200]}")
+    problems = device_problems(node, listing)
     if node.gpu.name == "mps":
         problem = mps_problem(node, mps_code, mps_output)
         if problem:

@@ -113,7 +113,6 @@ c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", "bai/sklearn:1.6.1")
 c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
-c.BaiSpawner.gpu_backend = "hami"
 c.BaiSpawner.http_timeout = 120
 
 # -- the scheduler service --------------------------------------------------------------
@@ -122,6 +121,8 @@ c.BaiScheduler.hub_id = prefix.rstrip("-") or "bai"
 c.BaiScheduler.fgpu_per_gpu = 2
 c.BaiScheduler.fgpu_step = "0.5"
 c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto"}]
+# How real GPUs enforce a share (per node: "gpu_backend" in its entry); docs/install.md.
+c.BaiScheduler.gpu_backend = "hami"
 
 service_env = {k: v for k, v in os.environ.items() if k.startswith(("BAI_", "DOCKER_"))}
 service_env["BAI_DATA_DIR"] = str(data)

@@ -430,3 +430,16 @@ def test_mlflow_with_an_unwritable_store_shows_the_reason_quickly(sessions):
         assert broken.get("api/status").status_code == 200
     finally:
         exec_in(c, "chmod", "755", "/home/jovyan/mlflow", user="root")
+
+
+# --------------------------------------------------------------------------
+# the apps above run in a hardened session
+# --------------------------------------------------------------------------
+
+def test_the_apps_run_in_a_hardened_session(apps):
+    """The kernel, terminal and MLflow tests of this module ran under the default hardening."""
+    host = apps.container()["HostConfig"]
+    assert host["PidsLimit"] == 4096 and host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
+    assert "no-new-privileges:true" in host["SecurityOpt"] and host["Init"] is True
+    status = exec_in(apps.container(), "cat", "/proc/self/status").stdout
+    assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status

@@ -1,0 +1,226 @@
+"""GPU node readiness: pure verdicts on what nvidia-smi and Docker said, the check with a
+stand-in probe, and the probe itself against the real Docker engine (no GPU here: a HAMi
+node's checks stop where the engine cannot give GPUs to containers)."""
+import os
+import subprocess
+
+import docker
+import pytest
+
+from bai_scheduler.inventory import nodes_from_config
+from bai_scheduler.model import GpuBackend
+from bai_scheduler.readiness import (
+    EngineProbe, ProbeError, check_node, device_problems, parse_listing, path_problem, split_sections, unchecked,
+)
+from bai_scheduler.units import FgpuUnits
+
+U = FgpuUnits(2, "0.5")
+A100 = "GPU-5d1c2b3a-0011-2233-4455-66778899aa00"
+H100 = "GPU-5d1c2b3a-0011-2233-4455-66778899aa01"
+MIG1 = "MIG-0f7a3a4e-1111-5555-9999-aaaaaaaaaaa1"
+MIG2 = "MIG-0f7a3a4e-1111-5555-9999-aaaaaaaaaaa2"
+FILE = {"name": "libvgpu.so", "size": 1048576, "mode": 0o755, "mtime": "", "linkTarget": ""}
+FOLDER = {"name": "vgpulock", "size": 4096, "mode": (1 << 31) | 0o777, "mtime": "", "linkTarget": ""}
+
+QUERY = f"0, {A100}, Disabled\n1, {H100}, [N/A]\n"
+LISTING = f"GPU 0: NVIDIA A100-SXM4-40GB (UUID: {A100})\nGPU 1: NVIDIA H100 (UUID: {H100})\n"
+MIG_QUERY = f"0, {A100}, Enabled\n"
+MIG_LISTING = (f"GPU 0: NVIDIA A100-SXM4-40GB (UUID: {A100})\n"
+               f"  MIG 3g.20gb     Device  0: (UUID: {MIG1})\n"
+               f"  MIG 3g.20gb     Device  1: (UUID: {MIG2})\n")
+
+
+def node(backend="hami", gpus=None, **extra):
+    gpus = gpus if gpus is not None else [{"uuid": A100, "index": 0, "memory": "40GiB"},
+                                          {"uuid": H100, "index": 1, "memory": "80GiB"}]
+    (n,) = nodes_from_config([{"name": "g1", "gpus": gpus, "gpu_backend": backend, **extra}], U, GpuBackend(), {})
+    return n
+
+
+MIG_GPUS = [{"uuid": MIG1, "index": 0, "memory": "20GiB", "mig_parent": A100, "mig_profile": "3g.20gb"},
+            {"uuid": MIG2, "index": 0, "memory": "20GiB", "mig_parent": A100, "mig_profile": "3g.20gb"}]
+
+
+class StandInProbe:
+    """What a node's engine would answer, without the engine."""
+
+    def __init__(self, stats=None, output="", code=0, image="sha256:img", fail=None):
+        self.stats, self.output, self.code, self.image, self.fail = stats or {}, output, code, image, fail
+        self.ran = []
+
+    def kernel_image(self):
+        return self.image
+
+    def stat(self, image, path):
+        return self.stats.get(path)
+
+    def run_with_gpus(self, image, script, mounts, env):
+        if self.fail:
+            raise ProbeError(self.fail)
+        self.ran.append((script, mounts, env))
+        return self.code, self.output
+
+
+def output(query=QUERY, listing=LISTING, mps=None):
+    text = f"{query}@@bai-listing\n{listing}"
+    if mps is not None:
+        text += f"@@bai-mps\n{mps[1]}\n@@bai-exit {mps[0]}\n"
+    return text
+
+
+HAMI_OK = {"/usr/local/vgpu/libvgpu.so": FILE, "/tmp/vgpulock": FOLDER}
+MPS_OK = {"/run/nvidia-mps/pipe": FOLDER, "/run/nvidia-mps/shm": FOLDER}
+
+
+def test_parse_nvidia_smi():
+    listing = parse_listing(MIG_QUERY, MIG_LISTING)
+    assert listing.gpus == {A100: (0, "Enabled")}
+    assert listing.mig_uuids == {MIG1, MIG2}
+    query, lst, mps = split_sections(output(mps=(0, "4021")))
+    assert query == QUERY and MIG1 not in lst and mps == (0, "4021")
+
+
+def test_path_verdicts():
+    assert path_problem("HAMi-core library", "/x.so", None, False) == "HAMi-core library /x.so does not exist on the node"
+    assert "is a folder, not a file" in path_problem("HAMi-core library", "/x.so", FOLDER, False)
+    assert path_problem("lock folder", "/l", FILE, True) == "lock folder /l is not a folder"
+    assert path_problem("lock folder", "/l", FOLDER, True) is None
+
+
+def test_hami_node_ready_only_with_library_file_lock_folder_and_its_gpus():
+    n = node()
+    ok = check_node(n, StandInProbe(HAMI_OK, output()), now=5)
+    assert (ok.ready, ok.reason, ok.checked_at) == (True, "hami: 2 GPU(s) checked", 5)
+    missing = check_node(n, StandInProbe({"/tmp/vgpulock": FOLDER}, output()))
+    assert not missing.ready and "/usr/local/vgpu/libvgpu.so does not exist" in missing.reason
+    folder = check_node(n, StandInProbe({**HAMI_OK, "/usr/local/vgpu/libvgpu.so": FOLDER}, output()))
+    assert not folder.ready and "is a folder" in folder.reason
+    no_lock = check_node(n, StandInProbe({"/usr/local/vgpu/libvgpu.so": FILE}, output()))
+    assert not no_lock.ready and "lock folder" in no_lock.reason and "/tmp/vgpulock" in no_lock.reason
+
+
+def test_configured_gpus_must_be_on_the_node():
+    n = node()
+    gone = check_node(n, StandInProbe(HAMI_OK, output(query=f"0, {A100}, Disabled\n")))
+    assert not gone.ready and f"GPU 1 ({H100}) is not on this node" in gone.reason
+    moved = check_node(n, StandInProbe(HAMI_OK, output(query=f"1, {A100}, Disabled\n0, {H100}, Disabled\n")))
+    assert "has index 1 on the node, not 0" in moved.reason
+    mig_on = check_node(n, StandInProbe(HAMI_OK, output(query=f"0, {A100}, Enabled\n1, {H100}, Disabled\n")))
+    assert "MIG mode on" in mig_on.reason
+    no_driver = check_node(n, StandInProbe(HAMI_OK, fail="the engine cannot give GPUs to containers"))
+    assert not no_driver.ready and "cannot give GPUs" in no_driver.reason
+    broken = check_node(n, StandInProbe(HAMI_OK, "NVIDIA-SMI has failed", code=9))
+    assert not broken.ready and "exit 9" in broken.reason
+    assert not check_node(n, StandInProbe(HAMI_OK, image=None)).ready
+
+
+def test_mps_node_needs_its_folders_and_a_daemon_that_answers():
+    n = node("mps")
+    probe = StandInProbe(MPS_OK, output(mps=(0, "")))
+    ok = check_node(n, probe)
+    assert ok.ready, ok.reason
+    script, mounts, env = probe.ran[0]
+    assert "echo get_server_list | nvidia-cuda-mps-control" in script
+    assert mounts == [("/run/nvidia-mps/pipe", "/run/nvidia-mps/pipe"), ("/run/nvidia-mps/shm", "/dev/shm")]
+    assert env == {"CUDA_MPS_PIPE_DIRECTORY": "/run/nvidia-mps/pipe"}
+    silent = check_node(n, StandInProbe(MPS_OK, output(mps=(1, "Cannot find MPS control daemon process"))))
+    assert not silent.ready and "does not answer get_server_list in /run/nvidia-mps/pipe" in silent.reason
+    assert "Cannot find MPS control daemon" in silent.reason
+    no_pipe = check_node(n, StandInProbe({"/run/nvidia-mps/shm": FOLDER}))
+    assert not no_pipe.ready and "MPS pipe folder" in no_pipe.reason
+
+
+def test_mig_node_needs_mig_mode_and_its_instances():
+    n = node("mig", MIG_GPUS)
+    assert check_node(n, StandInProbe({}, output(MIG_QUERY, MIG_LISTING))).ready
+    off = check_node(n, StandInProbe({}, output(f"0, {A100}, Disabled\n", LISTING)))
+    assert not off.ready and "MIG mode is off on GPU 0" in off.reason and MIG1 in off.reason
+    one_gone = check_node(n, StandInProbe({}, output(MIG_QUERY, MIG_LISTING.replace(MIG2, "MIG-other"))))
+    assert not one_gone.ready and f"MIG instance(s) {MIG2}" in one_gone.reason
+
+
+def test_simulated_and_cpu_only_nodes_are_ready_without_a_check():
+    sim = nodes_from_config([{"name": "s", "gpus": 1, "gpu_memory": "8GiB"}], U, GpuBackend(), {})[0]
+    assert check_node(sim, StandInProbe(fail="must not run")).ready
+    assert unchecked(sim).simulated and "simulated" in unchecked(sim).reason
+    cpu = nodes_from_config([{"name": "c", "gpus": 0}], U, GpuBackend(), {})[0]
+    assert unchecked(cpu).ready
+    assert not unchecked(node()).ready  # real GPUs: not ready until checked
+    assert unchecked(node()).to_json(admin=False) == {"gpu_backend": "hami", "gpu_ready": False}
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"gpu_backend": "magic"}, "gpu_backend 'magic' is unknown; choose one of hami, mps, mig, whole"),
+    ({"hami_library": "libvgpu.so"}, "hami_library must be an absolute path"),
+    ({"gpus": [{"uuid": A100, "index": 0}]}, "memory must be given"),
+    ({"gpus": [{"uuid": "0", "index": 0, "memory": "8GiB"}]}, "uuid must be the device's UUID"),
+    ({"gpus": [{"uuid": A100, "index": 0, "memory": "8GiB"}, {"uuid": H100, "index": 0, "memory": "8GiB"}]},
+     "duplicate index 0"),
+    ({"gpus": [{"uuid": A100, "index": 0, "memory": "8GiB"}], "gpu_backend": "mig"}, "MIG instances only"),
+    ({"gpus": MIG_GPUS, "gpu_backend": "hami"}, "set gpu_backend to 'mig'"),
+])
+def test_bad_node_configs_are_refused_at_start_up(entry, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        nodes_from_config([{"name": "g1", **entry}], U, GpuBackend(), {})
+
+
+# ---------------------------------------------------------------- the real engine
+@pytest.fixture
+def probe(kernel_images):
+    client = docker.APIClient(version="auto")
+    yield EngineProbe(client, "bai-test-probe-", timeout=60)
+    assert not client.containers(all=True, filters={"name": "bai-test-probe-"}), "probe containers left behind"
+
+
+@pytest.mark.docker
+def test_engine_probe_sees_what_the_node_has(tmp_path, probe):
+    lib, lock = tmp_path / "libvgpu.so", tmp_path / "vgpulock"
+    lib.write_bytes(b"\x7fELF")
+    lock.mkdir()
+    image = probe.kernel_image()
+    assert image
+    assert path_problem("library", str(lib), probe.stat(image, str(lib)), False) is None
+    assert path_problem("lock", str(lock), probe.stat(image, str(lock)), True) is None
+    assert probe.stat(image, str(tmp_path / "nothing")) is None
+    assert not (tmp_path / "nothing").exists()  # checking made nothing
+
+
+@pytest.mark.docker
+def test_engine_check_of_a_hami_node_without_its_library(tmp_path, probe):
+    lock = tmp_path / "vgpulock"
+    lock.mkdir()
+    n = node(hami_library=str(tmp_path / "libvgpu.so"), hami_lock_dir=str(lock))
+    result = check_node(n, probe)
+    assert not result.ready
+    assert f"{tmp_path / 'libvgpu.so'} does not exist on the node" in result.reason
+    (tmp_path / "libvgpu.so").write_bytes(b"\x7fELF")
+    # Library and lock folder are there; this engine has no NVIDIA runtime, so the GPU step fails.
+    result = check_node(n, probe)
+    assert not result.ready and "cannot give GPUs to containers" in result.reason
+
+
+@pytest.mark.docker
+def test_docker_binds_hide_a_missing_library_but_mounts_refuse(tmp_path, kernel_images):
+    """Why the GPU backend's host paths are Mounts of type bind: for a missing source the legacy
+    Binds make an empty folder (LD_PRELOAD then loads nothing and the session runs unlimited);
+    a Mounts entry makes the engine refuse the container, naming the path."""
+    from bai_spawner.gpu import gpu_spec
+
+    missing = tmp_path / "vgpu" / "libvgpu.so"
+    spec = gpu_spec({"node": "n", "gpu": {**GpuBackend().to_json(), "hami_library": str(missing),
+                                          "hami_lock_dir": str(tmp_path)},
+                     "shares": [{"device": A100, "quanta": 1, "index": 0, "memory_bytes": 2**33, "capacity": 4}]}, U)
+    client = docker.APIClient(version="auto")
+    name = f"bai-test-binds-{os.getpid()}"
+    with pytest.raises(docker.errors.APIError, match=f"does not exist: {missing}"):
+        client.create_container(kernel_images, name=name + "-m", command=["true"],
+                                host_config=client.create_host_config(mounts=spec.mounts))
+    cid = client.create_container(kernel_images, name=name + "-b", command=["true"],
+                                  host_config=client.create_host_config(binds={str(missing): {"bind": "/lib.so"}}))["Id"]
+    try:
+        client.start(cid)
+        client.wait(cid, timeout=60)
+        assert missing.is_dir()  # what the old spec's bind did on a node without the library
+    finally:
+        client.remove_container(cid, force=True)
+        subprocess.run(["rm", "-rf", str(tmp_path / "vgpu")], check=False)
