@@ -44,6 +44,10 @@ class BaiScheduler(Application):
         help="Config file to load (the hub's jupyterhub_config.py; only c.BaiScheduler is used).",
     )
     aliases = {"config": "BaiScheduler.config_file", "db-url": "BaiScheduler.db_url"}
+    flags = {"check-gpus": ({"BaiScheduler": {"check_gpus_only": True}},
+                            "Check every GPU node's backend once, print one JSON line per node and exit "
+                            "(1 if any is not ready).")}
+    check_gpus_only = Bool(False, config=True, help="Set by --check-gpus: check the GPU nodes, print, exit.")
 
     hub_id = Unicode(
         "bai", config=True,
@@ -216,6 +220,8 @@ class BaiScheduler(Application):
         self.adopt_moved_options()
         self.node_list = self.build_nodes()
         self.readiness = {n.name: readiness.unchecked(n) for n in self.node_list}
+        if self.check_gpus_only:
+            return  # no database, service or hub needed
         self.store = Store(self.db_url)
         self.service = SchedulerService(
             self.node_list, self.units, self.store,
@@ -344,7 +350,17 @@ class BaiScheduler(Application):
         )
 
     def start(self):
+        if self.check_gpus_only:
+            sys.exit(self.print_gpu_checks())
         asyncio.run(self.serve())
+
+    def print_gpu_checks(self) -> int:
+        results = [self.check_gpu_node(n) if readiness.needs_check(n) else self.readiness[n.name]
+                   for n in self.node_list]
+        for r in results:
+            print(json.dumps({"node": r.node, "backend": r.backend, "ready": r.ready, "reason": r.reason,
+                              "simulated": r.simulated}))
+        return 0 if all(r.ready for r in results) else 1
 
     async def serve(self):
         url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))

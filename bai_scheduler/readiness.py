@@ -280,7 +280,8 @@ class EngineProbe:
             device_requests=[docker.types.DeviceRequest(driver="nvidia", count=-1,
                                                         capabilities=[["gpu", "compute", "utility"]])],
         )
-        cid = self._create(image, command=["sh", "-c", script], environment=env, host_config=host)
+        # As root: the MPS control daemon answers clients of its own user (root on the node).
+        cid = self._create(image, command=["sh", "-c", script], environment=env, host_config=host, user="0")
         try:
             try:
                 self.client.start(cid)

@@ -108,6 +108,17 @@ def capacity_note(capacity: dict, units: FgpuUnits, quanta: int, count: int = 1)
     return level, f"{free_text}{waiting} {verdict}"
 
 
+def enforcement_note(capacity: dict) -> str:
+    """What users must know about how the share is enforced, from the nodes' GPU backends."""
+    mps = sorted(n["name"] for n in capacity.get("nodes", [])
+                 if n.get("gpu_backend") == "mps" and n.get("devices") and not n.get("simulated"))
+    if not mps:
+        return ""
+    return (f"On {', '.join(mps)} (CUDA MPS) the memory and SM limits of a share hold per process: each kernel "
+            "or program that uses the GPU gets the whole share, so two busy kernels use twice your share. "
+            "Keep one GPU process per session.")
+
+
 # -- the form -----------------------------------------------------------------------------
 
 
@@ -182,6 +193,8 @@ def render_form(*, visible, user, capacity, units: FgpuUnits, limits: Limits, se
     )
     gpu_names = sorted({d["name"] for n in capacity.get("nodes", []) for d in n.get("devices", [])})
     gpu_text = f"One GPU here is a {escape(', '.join(gpu_names))} ({escape(format_bytes(device_mem))})." if gpu_names else ""
+    per_process = enforcement_note(capacity)
+    per_process = f'<div class="form-text bai-per-process">{escape(per_process)}</div>' if per_process else ""
     data = {
         "capacityUrl": service_prefix.rstrip("/") + "/capacity.json",
         "quantaPerGpu": units.quanta_per_gpu,
@@ -217,6 +230,7 @@ def render_form(*, visible, user, capacity, units: FgpuUnits, limits: Limits, se
     <select id="bai-fgpu" name="fgpu" class="form-select">{fgpu_choices}</select>
     <div class="form-text">In steps of {step} fGPU, up to {escape(units.to_fgpu(max_q))} fGPU;
       {units.fgpu_per_gpu} fGPU = one whole GPU. {gpu_text}</div>
+    {per_process}
     <div class="row g-3 mt-1">
       <div class="col-sm-4">
         <label for="bai-cpu" class="form-label">CPU cores</label>

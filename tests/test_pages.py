@@ -210,6 +210,14 @@ def test_form_keeps_posted_values_and_escapes_them():
     assert "simulated" not in no_sim.split("<script")[0].lower().replace("simulated gpu (8 gib)", "")
 
 
+def test_form_says_mps_limits_hold_per_process():
+    mps_node = {**CAPACITY["nodes"][0], "name": "gpu7", "simulated": False, "gpu_backend": "mps"}
+    html = form(capacity={**CAPACITY, "simulated": False, "nodes": [mps_node]})
+    assert "On gpu7 (CUDA MPS) the memory and SM limits of a share hold per process" in html
+    assert "per process" not in form()  # simulated or HAMi: nothing to add
+    assert "per process" not in form(capacity={**CAPACITY, "nodes": [{**mps_node, "simulated": True}]})
+
+
 def test_form_without_images_says_what_to_do():
     assert "bai-images build" in form(visible=[])
     assert "simulated" not in form(simulated_note=False).split("<script")[0].replace("Simulated GPU (8 GiB)", "")

@@ -224,3 +224,24 @@ def test_docker_binds_hide_a_missing_library_but_mounts_refuse(tmp_path, kernel_
     finally:
         client.remove_container(cid, force=True)
         subprocess.run(["rm", "-rf", str(tmp_path / "vgpu")], check=False)
+
+
+@pytest.mark.docker
+def test_admins_check_their_nodes_from_the_command_line(tmp_path, kernel_images):
+    import json
+    import sys
+
+    config = tmp_path / "config.py"
+    config.write_text(
+        "c = get_config()\n"
+        "c.BaiScheduler.hub_id = 'bai-test-cli'\n"
+        f"c.BaiScheduler.nodes = [{{'name': 'g1', 'gpus': [{{'uuid': '{A100}', 'index': 0, 'memory': '40GiB'}}],"
+        f" 'hami_library': '{tmp_path}/libvgpu.so'}}, {{'name': 'sim', 'gpus': 1, 'gpu_memory': '8GiB'}}]\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "bai_scheduler.app", f"--config={config}", "--check-gpus"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["node"], r["ready"]) for r in lines] == [("g1", False), ("sim", True)]
+    assert f"{tmp_path}/libvgpu.so does not exist on the node" in lines[0]["reason"]
+    assert list(tmp_path.iterdir()) == [config]  # no database or other state made

@@ -409,8 +409,9 @@ def test_terminal_websocket_through_the_hub_runs_a_command(apps, other_token):
 def test_mlflow_with_an_unwritable_store_shows_the_reason_quickly(sessions):
     broken = sessions["broken"]
     c = broken.container()
-    # as root, before MLflow is first opened: the store exists but jovyan can't use it
-    out = exec_in(c, "sh", "-c", "mkdir -p /home/jovyan/mlflow && chmod 000 /home/jovyan/mlflow", user="root")
+    # before MLflow is first opened: the store exists but jovyan can't use it (its owner may
+    # still chmod it; the session has no capability that would let root bypass the mode)
+    out = exec_in(c, "sh", "-c", "mkdir -p /home/jovyan/mlflow && chmod 000 /home/jovyan/mlflow")
     assert out.returncode == 0, out.stderr
     try:
         t0 = time.time()
@@ -429,7 +430,7 @@ def test_mlflow_with_an_unwritable_store_shows_the_reason_quickly(sessions):
         # the session itself is fine
         assert broken.get("api/status").status_code == 200
     finally:
-        exec_in(c, "chmod", "755", "/home/jovyan/mlflow", user="root")
+        exec_in(c, "chmod", "755", "/home/jovyan/mlflow")
 
 
 # --------------------------------------------------------------------------
