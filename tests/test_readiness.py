@@ -245,3 +245,66 @@ def test_admins_check_their_nodes_from_the_command_line(tmp_path, kernel_images)
     assert [(r["node"], r["ready"]) for r in lines] == [("g1", False), ("sim", True)]
     assert f"{tmp_path}/libvgpu.so does not exist on the node" in lines[0]["reason"]
     assert list(tmp_path.iterdir()) == [config]  # no database or other state made
+
+
+# ---------------------------------------------------------------- the service acting on checks
+def scheduler_app(tmp_path, **options):
+    import logging
+
+    from traitlets.config import Config
+
+    from bai_scheduler.app import BaiScheduler
+    from bai_scheduler.readiness import unchecked
+    from bai_scheduler.service import SchedulerService
+    from bai_scheduler.store import Store
+
+    app = BaiScheduler(config=Config({"BaiScheduler": {
+        "nodes": [{"name": "g1", "gpus": [{"uuid": A100, "index": 0, "memory": "40GiB"}]},
+                  {"name": "cpu1", "gpus": 0}],
+        "db_url": f"sqlite:///{tmp_path / 's.sqlite'}", **options}}))
+    app.log = logging.getLogger("bai_scheduler")
+    app.node_list = app.build_nodes()
+    app.readiness = {n.name: unchecked(n) for n in app.node_list}
+    app.service = SchedulerService(app.node_list, app.units, Store(app.db_url))
+    return app
+
+
+async def test_gpu_shares_go_only_to_a_node_whose_check_passed(tmp_path):
+    from bai_scheduler.model import RequestKey
+    from bai_scheduler.readiness import Readiness
+
+    app = scheduler_app(tmp_path)
+    svc = app.service
+    first = await svc.submit(RequestKey("u", "gpu1"), quanta=1)
+    assert first.state == "PENDING"  # real GPUs: nothing placed before a check
+    assert "GPUs not ready on g1" in svc.status(first)["reason"]
+    assert (await svc.submit(RequestKey("u", "cpu"), quanta=0, cpu_millis=500)).state == "RUNNING"
+
+    verdicts = iter([Readiness("g1", "hami", True, "hami: 1 GPU(s) checked"),
+                     Readiness("g1", "hami", False, "the MPS daemon went away")])
+    app.check_gpu_node = lambda node: next(verdicts)
+    await app.check_gpus()  # passes: the queued request is admitted at once
+    assert svc.get(RequestKey("u", "gpu1")).state == "RUNNING"
+    await app.check_gpus()  # fails again: the running share stays, new ones wait
+    assert app.readiness["g1"].reason == "the MPS daemon went away" and not app.readiness["g1"].ready
+    assert svc.get(RequestKey("u", "gpu1")).state == "RUNNING"
+    assert (await svc.submit(RequestKey("u", "gpu2"), quanta=1)).state == "PENDING"
+    svc.reload()  # a rebuilt capacity (restart of the state, reconcile) keeps the node out
+    await svc.schedule()
+    assert svc.get(RequestKey("u", "gpu2")).state == "PENDING"
+    assert [n["gpu_ready"] for n in svc.capacity()] == [False, True]
+
+
+def test_spawner_backend_options_move_to_the_scheduler(tmp_path):
+    from traitlets.config import Config
+
+    app = scheduler_app(tmp_path)
+    app.config = Config({"BaiSpawner": {"gpu_backend": "mps", "mps_pipe_directory": "/run/mps"},
+                         "BaiScheduler": dict(app.config.BaiScheduler)})
+    app.adopt_moved_options()
+    (g1, _) = app.build_nodes()
+    assert (g1.gpu.name, g1.gpu.mps_pipe_directory) == ("mps", "/run/mps")
+    set_here = scheduler_app(tmp_path, gpu_backend="whole")
+    set_here.config = Config({"BaiSpawner": {"gpu_backend": "mps"}, "BaiScheduler": dict(set_here.config.BaiScheduler)})
+    set_here.adopt_moved_options()
+    assert set_here.build_nodes()[0].gpu.name == "whole"  # the scheduler's own option wins
