@@ -85,7 +85,7 @@ def test_two_one_fgpu_sessions_share_one_gpu_each_with_half(hub, users):
         lab = c["Config"]["Labels"]
         env = dict(e.split("=", 1) for e in c["Config"]["Env"])
         specs.append((lab[labels.DEVICES], lab[labels.QUANTA], lab[labels.FGPU],
-                      env["CUDA_DEVICE_MEMORY_LIMIT_0"], env["CUDA_DEVICE_SM_LIMIT"], env["BAI_FGPU"]))
+                      env["CUDA_DEVICE_MEMORY_LIMIT_0"], env["CUDA_DEVICE_SM_LIMIT_0"], env["BAI_FGPU"]))
     # Same device, each half of it: 4 GiB of 8 GiB and 50% of the SMs.
     assert specs[0][0] == specs[1][0]
     assert specs[0][1:] == specs[1][1:] == ("2", "1", "4096m", "50", "1")
