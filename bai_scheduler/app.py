@@ -25,11 +25,11 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 
 from . import engines, inventory
 from .hubapi import HubAPI, HubAPIError
-from .model import Node, RequestKey
-from .queue import QueuePolicy, UserLimits
+from .core.model import Node, RequestKey
+from .core.queue import QueuePolicy, UserLimits
 from .service import Refused, SchedulerService
 from .store import Store, StoreUnavailable
-from .units import FgpuUnits
+from .core.units import FgpuUnits
 
 MAX_BODY = 64 * 1024
 NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
@@ -252,7 +252,8 @@ class BaiScheduler(Application):
         self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
 
     def make_app(self) -> web.Application:
-        from . import pages, snapshots
+        from . import snapshots
+        from .web import pages
 
         p = self.prefix
         name = r"([^/]+)"
@@ -272,8 +273,8 @@ class BaiScheduler(Application):
             bai=self,
             hub_auth=self.hub_auth,
             cookie_secret=os.urandom(32),
-            template_path=os.path.join(os.path.dirname(__file__), "templates"),
-            static_path=os.path.join(os.path.dirname(__file__), "static"),
+            template_path=os.path.join(os.path.dirname(__file__), "web", "templates"),
+            static_path=os.path.join(os.path.dirname(__file__), "web", "static"),
             static_url_prefix=p + "static/",
             xsrf_cookies=False,
         )
@@ -568,7 +569,7 @@ async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, optio
 
 class MetricsHandler(BaseHandler):
     def get(self):
-        from .metrics import render
+        from .web.metrics import render
 
         self.set_header("Content-Type", "text/plain; version=0.0.4")
         self.finish(render(self.service))

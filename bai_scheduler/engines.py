@@ -12,9 +12,9 @@ import threading
 import docker
 from docker.utils import kwargs_from_env
 
-from bai_spawner import labels
+from .contract import labels
 
-from .model import Node, RequestKey, Share
+from .core.model import Node, RequestKey, Share
 from .service import ContainerFacts
 
 log = logging.getLogger("bai_scheduler")

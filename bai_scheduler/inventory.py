@@ -9,8 +9,8 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from .model import Device, Node
-from .units import FgpuUnits
+from .core.model import Device, Node
+from .core.units import FgpuUnits
 
 
 class NoGpuError(RuntimeError):

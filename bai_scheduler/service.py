@@ -13,11 +13,11 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable
 
-from .model import Placement, Request, RequestKey, Share
-from .placement import Capacity
-from .queue import DuplicateRequest, QueuePolicy, Scheduler, UserLimits
+from .core.model import Placement, Request, RequestKey, Share
+from .core.placement import Capacity
+from .core.queue import DuplicateRequest, QueuePolicy, Scheduler, UserLimits
 from .store import Record, Store, StoreUnavailable
-from .units import FgpuUnits
+from .core.units import FgpuUnits
 
 log = logging.getLogger("bai_scheduler")
 

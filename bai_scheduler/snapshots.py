@@ -58,10 +58,10 @@ from typing import Any, Callable, Iterable, Mapping
 import docker
 from tornado import web
 
-from bai_spawner import catalog
-from bai_spawner import labels as L
+from .contract import catalog
+from .contract import labels as L
 
-from .model import Node, RequestKey
+from .core.model import Node, RequestKey
 
 log = logging.getLogger("bai_scheduler")
 

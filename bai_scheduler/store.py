@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .model import Placement, Request, RequestKey, Share
+from .core.model import Placement, Request, RequestKey, Share
 
 
 class StoreUnavailable(RuntimeError):

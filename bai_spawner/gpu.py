@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.units import FgpuUnits
 
-from . import labels
+from bai_scheduler.contract import labels
 
 BACKENDS = ("hami", "mps", "mig", "whole")
 MIB = 1024**2

@@ -18,12 +18,12 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Dict, Float, Integer, Unicode, default, validate
 
-from bai_scheduler.units import GIB, FgpuUnits
+from bai_scheduler.core.units import GIB, FgpuUnits
 
-from . import catalog as catalog_mod
-from . import labels
-from .client import SchedulerClient, SchedulerError
-from .form import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract import catalog as catalog_mod
+from bai_scheduler.contract import labels
+from bai_scheduler.contract.client import SchedulerClient, SchedulerError
+from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
 from .gpu import BACKENDS, PlacementMismatch, gpu_spec
 
 
@@ -213,7 +213,7 @@ class BaiSpawner(DockerSpawner):
         return await catalog_mod.load_catalog(self.client)
 
     async def get_options_form(self):
-        from .formpage import render_form
+        from bai_scheduler.contract.form import render_form
 
         try:
             cap = await self._capacity()

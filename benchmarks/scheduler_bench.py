@@ -25,10 +25,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bai_scheduler.inventory import simulated_nodes  # noqa: E402
-from bai_scheduler.model import Request, RequestKey  # noqa: E402
-from bai_scheduler.placement import Capacity  # noqa: E402
-from bai_scheduler.queue import QueuePolicy, Scheduler  # noqa: E402
-from bai_scheduler.units import FgpuUnits  # noqa: E402
+from bai_scheduler.core.model import Request, RequestKey  # noqa: E402
+from bai_scheduler.core.placement import Capacity  # noqa: E402
+from bai_scheduler.core.queue import QueuePolicy, Scheduler  # noqa: E402
+from bai_scheduler.core.units import FgpuUnits  # noqa: E402
 
 DEFAULT_TRACE = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces", "churn.jsonl"))
 UNITS = FgpuUnits(fgpu_per_gpu=10, fgpu_step=1)  # 0.1 GPU = 1 quantum, as the trace README says

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hubtools import CHROMIUM, CHROMIUM_ARGS, Hub, docker
+from helpers.hub import CHROMIUM, CHROMIUM_ARGS, Hub, docker
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 KERNEL_IMAGE = "bai/sklearn:1.6.1"

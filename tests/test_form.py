@@ -4,8 +4,8 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, strategies as st
 
-from bai_scheduler.units import FgpuUnits
-from bai_spawner.form import FormError, Limits, describe_share, parse_options
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.contract.options import FormError, Limits, describe_share, parse_options
 
 UNITS = FgpuUnits(2, "0.5")
 LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16))

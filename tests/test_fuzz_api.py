@@ -630,7 +630,7 @@ def used_quanta(hub):
 
 
 def containers_of(hub, user):
-    from bai_spawner import labels
+    from bai_scheduler.contract import labels
 
     return [c for c in hub.containers() if c["Config"]["Labels"].get(labels.USER) == user]
 

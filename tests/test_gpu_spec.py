@@ -1,7 +1,7 @@
 """Container specs per enforcement backend, against literal expected specs."""
 import pytest
 
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.units import FgpuUnits
 from bai_spawner.gpu import PlacementMismatch, gpu_spec
 
 UNITS = FgpuUnits(2, "0.5")  # 4 quanta per GPU

@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from bai_scheduler.inventory import NoGpuError, nvml_devices, parse_bytes, simulated_nodes
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 GIB = 1024**3

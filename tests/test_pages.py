@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader
 
-from bai_scheduler.pages import ago, node_rows, session_rows, summarize
-from bai_scheduler.units import GIB, FgpuUnits
-from bai_spawner.catalog import CatalogImage
-from bai_spawner.form import Limits
-from bai_spawner.formpage import capacity_note, estimate_start, render_form
+from bai_scheduler.web.pages import ago, node_rows, session_rows, summarize
+from bai_scheduler.core.units import GIB, FgpuUnits
+from bai_scheduler.contract.catalog import CatalogImage
+from bai_scheduler.contract.options import Limits
+from bai_scheduler.contract.form import capacity_note, estimate_start, render_form
 
 ROOT = Path(__file__).resolve().parent.parent
 U = FgpuUnits(2, Decimal("0.5"))  # 4 quanta per GPU
@@ -167,7 +167,7 @@ IMAGES = [image("bai/sklearn:1.5.2", "scikit-learn", "1.5.2"), image("bai/sklear
 
 
 def form(**kw):
-    from bai_spawner.catalog import build_catalog  # noqa: F401  (same module the spawner uses)
+    from bai_scheduler.contract.catalog import build_catalog  # noqa: F401  (same module the spawner uses)
 
     args = dict(visible=IMAGES, user="ann", capacity=CAPACITY, units=U, limits=Limits(max_quanta=4, max_sessions=4),
                 service_prefix="/services/bai-scheduler/")
@@ -274,4 +274,4 @@ def test_page_nav_has_sessions_and_admin_snapshots():
 
 
 def test_service_logo_is_the_hub_logo():
-    assert (ROOT / "hub_config/templates/bai-logo.svg").read_bytes() == (ROOT / "bai_scheduler/static/bai-logo.svg").read_bytes()
+    assert (ROOT / "hub_config/templates/bai-logo.svg").read_bytes() == (ROOT / "bai_scheduler/web/static/bai-logo.svg").read_bytes()

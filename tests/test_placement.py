@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Device, Node, Placement, Request, RequestKey, Share
-from bai_scheduler.placement import Capacity, Reservations
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.model import Device, Node, Placement, Request, RequestKey, Share
+from bai_scheduler.core.placement import Capacity, Reservations
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
 Q = U.quanta_per_gpu

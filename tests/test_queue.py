@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Placement, Request, RequestKey, Share
-from bai_scheduler.placement import Capacity
-from bai_scheduler.queue import Decision, DuplicateRequest, QueuePolicy, Scheduler, UserLimits, ordinal
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.model import Placement, Request, RequestKey, Share
+from bai_scheduler.core.placement import Capacity
+from bai_scheduler.core.queue import Decision, DuplicateRequest, QueuePolicy, Scheduler, UserLimits, ordinal
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
 Q = U.quanta_per_gpu

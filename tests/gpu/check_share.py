@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bai_scheduler.inventory import nvml_devices  # noqa: E402
-from bai_scheduler.units import FgpuUnits  # noqa: E402
+from bai_scheduler.core.units import FgpuUnits  # noqa: E402
 from bai_spawner.gpu import gpu_spec  # noqa: E402
 
 CLIENT = r"""

@@ -23,10 +23,10 @@ from urllib.parse import quote
 
 from tornado import web
 
-from .app import BaseHandler, CapacityHandler, launch_sessions
-from .hubapi import HubAPIError
-from .store import StoreUnavailable
-from .units import FgpuUnits, format_bytes
+from ..app import BaseHandler, CapacityHandler, launch_sessions
+from ..core.units import FgpuUnits, format_bytes
+from ..hubapi import HubAPIError
+from ..store import StoreUnavailable
 
 log = logging.getLogger("bai_scheduler")
 
@@ -282,7 +282,7 @@ def spawner_setting(bai, name: str):
 
 
 def form_limits(bai, capacity: dict):
-    from bai_spawner.form import Limits
+    from ..contract.options import Limits
 
     biggest = max((sum(d["quanta"] for d in n["devices"]) for n in capacity["nodes"]), default=0)
     return Limits(
@@ -315,9 +315,8 @@ def capacity_model(bai) -> dict:
 
 async def load_catalog(bai, max_age: float = 15.0):
     """The image catalog from the first node's engine (the hub's spawner reads the same)."""
-    from bai_spawner import catalog as catalog_mod
-
-    from . import engines
+    from .. import engines
+    from ..contract import catalog as catalog_mod
 
     if _catalog_cache["images"] is not None and time.monotonic() - _catalog_cache["at"] < max_age:
         return _catalog_cache["images"]
@@ -423,8 +422,8 @@ class PageHandler(BaseHandler):
         }
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
-        from bai_spawner import catalog as catalog_mod
-        from bai_spawner.formpage import render_form
+        from ..contract import catalog as catalog_mod
+        from ..contract.form import render_form
 
         data = await self.page_data(who)
         cap = capacity_model(self.bai)
@@ -520,8 +519,8 @@ class NewSessionsHandler(PageHandler):
     FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
 
     async def post(self):
-        from bai_spawner import catalog as catalog_mod
-        from bai_spawner.form import FormError, SessionOptions, parse_options
+        from ..contract import catalog as catalog_mod
+        from ..contract.options import FormError, SessionOptions, parse_options
 
         who = self.identity()
         if who["internal"] or not who["name"]:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling out, which
 # this machine's closed network refuses.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 CONFIG = ROOT / "hub_config" / "jupyterhub_config.py"
-TEST_CONFIG = Path(__file__).resolve().parent / "hub_test_config.py"
+TEST_CONFIG = Path(__file__).resolve().parent / "hub_config.py"
 
 
 def free_port() -> int:
@@ -188,7 +188,7 @@ class Hub:
 
     def session_container(self, user: str, server: str = "", running_only: bool = False) -> dict | None:
         """The container of one session (from its labels), or None."""
-        from bai_spawner import labels
+        from bai_scheduler.contract import labels
 
         for c in self.containers():
             lab = c["Config"]["Labels"]

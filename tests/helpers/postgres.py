@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import time
 
-from hubtools import free_port
+from .hub import free_port
 
 
 def _bin(name: str) -> str:

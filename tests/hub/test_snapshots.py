@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from bai_spawner import catalog
-from bai_spawner import labels as L
+from bai_scheduler.contract import catalog
+from bai_scheduler.contract import labels as L
 from conftest import ARTIFACTS, KERNEL_IMAGE
-from hubtools import ROOT, Hub, docker
+from helpers.hub import ROOT, Hub, docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 

@@ -2,7 +2,7 @@
 import pytest
 
 from bai_scheduler.store import StoreUnavailable
-from pgtools import Postgres
+from helpers.postgres import Postgres
 from test_service import ONE_FGPU, held, key, make
 
 pytestmark = pytest.mark.postgres

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bai_spawner import labels as L
-from bai_spawner.catalog import build_catalog, resolve_image
+from bai_scheduler.contract import labels as L
+from bai_scheduler.contract.catalog import build_catalog, resolve_image
 from bai_spawner.images import DEFAULT_CACHE, DEFAULT_RECIPES, BuildError, Builder, docker_client, main
 
 pytestmark = pytest.mark.docker

@@ -9,10 +9,10 @@ import secrets
 import pytest
 import requests
 
-from bai_spawner import catalog
-from bai_spawner import labels as L
+from bai_scheduler.contract import catalog
+from bai_scheduler.contract import labels as L
 from conftest import KERNEL_IMAGE
-from hubtools import docker
+from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 

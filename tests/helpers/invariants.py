@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bai_spawner import labels
+from bai_scheduler.contract import labels
 
 
 def check_invariants(hub, expect_queued=(), settle_s: float = 30, engines=("",)):

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from bai_spawner import labels
+from bai_scheduler.contract import labels
 from conftest import KERNEL_IMAGE, OLD_IMAGE
-from hubtools import docker
+from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 

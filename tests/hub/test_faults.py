@@ -6,8 +6,8 @@ import pytest
 import requests
 
 from conftest import KERNEL_IMAGE
-from enginetools import start_main_engine, stop_main_engine
-from invariants import check_invariants
+from helpers.engine import start_main_engine, stop_main_engine
+from helpers.invariants import check_invariants
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
 
@@ -92,7 +92,7 @@ def test_idle_session_is_culled_and_its_share_goes_to_the_queue(fresh_hub):
 
 
 def test_scheduler_database_outage_fails_spawns_cleanly_and_recovers(fresh_hub):
-    from pgtools import Postgres
+    from helpers.postgres import Postgres
 
     pg = Postgres().start()
     try:

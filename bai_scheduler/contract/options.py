@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 
-from bai_scheduler.units import GIB, FgpuError, FgpuUnits
+from ..core.units import GIB, FgpuError, FgpuUnits
 
 FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
 
@@ -124,7 +124,7 @@ def _int(name, v) -> int:
 
 def describe_share(quanta: int, units: FgpuUnits, device_memory_bytes: int) -> str:
     """What an amount means, e.g. "0.5 fGPU = 2 GiB GPU memory, 25% of SMs"."""
-    from bai_scheduler.units import format_bytes
+    from ..core.units import format_bytes
 
     if quanta == 0:
         return "0 fGPU = CPU only"

@@ -22,7 +22,7 @@ from conftest import ARTIFACTS, KERNEL_IMAGE
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS_SHOT = ROOT / "docs" / "screenshots" / "mlflow-in-session.png"
 PASSWORD = "apps-Test-pw-3141"
 OPTIONS = {"image": KERNEL_IMAGE, "fgpu": "0", "cpu": "0.5", "memory": "1"}

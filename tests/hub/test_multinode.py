@@ -4,10 +4,10 @@ import time
 import pytest
 import requests
 
-from bai_spawner import labels
+from bai_scheduler.contract import labels
 from conftest import KERNEL_IMAGE
-from enginetools import ExtraEngine
-from invariants import check_invariants
+from helpers.engine import ExtraEngine
+from helpers.invariants import check_invariants
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from html import escape
 
-from bai_scheduler.units import GIB, FgpuUnits, format_bytes
+from ..core.units import GIB, FgpuUnits, format_bytes
 
-from .form import Limits, describe_share
+from .options import Limits, describe_share
 
 
 # -- pure helpers (tested in tests/test_pages.py) --------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from conftest import ARTIFACTS, KERNEL_IMAGE
-from hubtools import docker
+from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 

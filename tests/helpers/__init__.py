@@ -1,0 +1,1 @@
+"""Test helpers: a real hub, extra Docker engines, PostgreSQL, the invariants every fault test checks."""
