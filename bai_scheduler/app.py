@@ -24,6 +24,7 @@ from traitlets.config import Application
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 
 from . import engines, inventory
+from .core.nodes import parse_bytes, simulated_nodes
 from .hubapi import HubAPI, HubAPIError
 from .core.model import Node, RequestKey
 from .core.queue import QueuePolicy, UserLimits
@@ -154,17 +155,17 @@ class BaiScheduler(Application):
             if gpus == "auto":
                 try:
                     devices = inventory.nvml_devices(self.units)
-                    node = inventory.simulated_nodes([{**spec, "gpus": 0}], self.units)[0]
+                    node = simulated_nodes([{**spec, "gpus": 0}], self.units)[0]
                     node = Node(node.name, node.docker_url, devices, node.cpu_millis, node.memory_bytes, simulated=False)
                     self.log.info("Node %s: %d real GPU(s) from NVML", node.name, len(devices))
                 except inventory.NoGpuError as e:
-                    node = inventory.simulated_nodes([{**self.simulated_gpus, **spec, "gpus": self.simulated_gpus.get("gpus", 1)}], self.units)[0]
+                    node = simulated_nodes([{**self.simulated_gpus, **spec, "gpus": self.simulated_gpus.get("gpus", 1)}], self.units)[0]
                     self.log.warning(
                         "Node %s: no GPU found (%s); using a SIMULATED inventory of %d GPU(s)",
                         node.name, e, len(node.devices),
                     )
             else:
-                node = inventory.simulated_nodes([spec], self.units)[0]
+                node = simulated_nodes([spec], self.units)[0]
                 self.log.warning("Node %s: SIMULATED inventory of %d GPU(s)", node.name, len(node.devices))
             nodes.append(node)
         return nodes
@@ -175,7 +176,7 @@ class BaiScheduler(Application):
             max_pending=self.max_pending_per_user,
             max_quanta=self.units.to_quanta(self.max_fgpu_per_user),
             max_cpu_millis=int(self.max_cpu_per_user * 1000),
-            max_memory_bytes=inventory.parse_bytes(self.max_memory_per_user),
+            max_memory_bytes=parse_bytes(self.max_memory_per_user),
         )
 
     def initialize(self, argv=None):

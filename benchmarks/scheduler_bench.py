@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bai_scheduler.inventory import simulated_nodes  # noqa: E402
+from bai_scheduler.core.nodes import simulated_nodes  # noqa: E402
 from bai_scheduler.core.model import Request, RequestKey  # noqa: E402
 from bai_scheduler.core.placement import Capacity  # noqa: E402
 from bai_scheduler.core.queue import QueuePolicy, Scheduler  # noqa: E402

@@ -5,7 +5,8 @@ from decimal import Decimal
 
 import pytest
 
-from bai_scheduler.inventory import NoGpuError, nvml_devices, parse_bytes, simulated_nodes
+from bai_scheduler.core.nodes import parse_bytes, simulated_nodes
+from bai_scheduler.inventory import NoGpuError, nvml_devices
 from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))

@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
+from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import Device, Node, Placement, Request, RequestKey, Share
 from bai_scheduler.core.placement import Capacity, Reservations
 from bai_scheduler.core.units import FgpuUnits

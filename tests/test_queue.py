@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
+from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import Placement, Request, RequestKey, Share
 from bai_scheduler.core.placement import Capacity
 from bai_scheduler.core.queue import Decision, DuplicateRequest, QueuePolicy, Scheduler, UserLimits, ordinal

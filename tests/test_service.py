@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from bai_scheduler.inventory import simulated_nodes
+from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import RequestKey, Share
 from bai_scheduler.service import ContainerFacts, Refused, SchedulerService
 from bai_scheduler.store import Store
