@@ -28,7 +28,7 @@ from .core.nodes import parse_bytes, simulated_nodes
 from .hubapi import HubAPI, HubAPIError
 from .core.model import Node, RequestKey
 from .core.queue import QueuePolicy, UserLimits
-from .service import Refused, SchedulerService
+from .service import Refused, Service
 from .store import Store, StoreUnavailable
 from .core.units import FgpuUnits
 
@@ -187,7 +187,7 @@ class BaiScheduler(Application):
         self.log = logging.getLogger("bai_scheduler")
         self.node_list = self.build_nodes()
         self.store = Store(self.db_url)
-        self.service = SchedulerService(
+        self.service = Service(
             self.node_list, self.units, self.store,
             policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
             limits=self.limits(), span=self.span, strategy=self.strategy,
@@ -316,7 +316,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         return self.settings["bai"]
 
     @property
-    def service(self) -> SchedulerService:
+    def service(self) -> Service:
         return self.bai.service
 
     def is_internal(self) -> bool:

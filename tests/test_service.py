@@ -5,7 +5,7 @@ import pytest
 
 from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import RequestKey, Share
-from bai_scheduler.service import ContainerFacts, Refused, SchedulerService
+from bai_scheduler.service import ContainerFacts, Refused, Service
 from bai_scheduler.store import Store
 from bai_scheduler.core.units import FgpuUnits
 
@@ -15,7 +15,7 @@ ONE_FGPU = 2  # quanta
 
 def make(db_url, gpus=1):
     nodes = simulated_nodes([{"name": "local", "docker_url": "", "gpus": gpus, "gpu_memory": "8GiB"}], UNITS)
-    return SchedulerService(nodes, UNITS, Store(db_url))
+    return Service(nodes, UNITS, Store(db_url))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from .options import Limits, describe_share
 
 
 def free_quanta_by_device(usage: list[dict]) -> list[list[int]]:
-    """Per node, the free quanta of each device, from ``Capacity.snapshot()`` data."""
+    """Per node, the free quanta of each device, from ``Capacity.usage()`` data."""
     return [[max(0, d["capacity_quanta"] - d["used_quanta"]) for d in node.get("devices", [])]
             for node in usage or []]
 

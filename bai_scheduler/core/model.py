@@ -6,7 +6,6 @@ CPU in millicores, memory in bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,3 @@ class Placement:
     def quanta(self) -> int:
         return sum(s.quanta for s in self.shares)
 
-
-class State(str, Enum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"  # admitted: capacity is held

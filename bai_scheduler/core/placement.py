@@ -564,9 +564,6 @@ class Capacity:
     def free_quanta(self) -> int:
         return self.total_quanta - self.used_quanta
 
-    def node(self, name: str) -> Node:
-        return self.nodes[self._node_idx[name]]
-
     def device_free(self, uuid: str) -> int:
         return self._free[self._dev_idx[uuid]]
 
@@ -579,7 +576,7 @@ class Capacity:
         ni = self._node_idx[name]
         return self._cpu_used[ni], self._mem_used[ni]
 
-    def snapshot(self) -> list[dict]:
+    def usage(self) -> list[dict]:
         """Per node, per device capacity and use, as plain data for pages and the API."""
         out = []
         for ni, node in enumerate(self.nodes):

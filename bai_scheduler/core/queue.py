@@ -103,7 +103,7 @@ class _Usage:
         self.mem += sign * r.memory_bytes
 
 
-class Scheduler:
+class AdmissionQueue:
     """Queue + admission on top of a ``Capacity``.  Never admits a request twice, never loses one."""
 
     def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None):

@@ -89,7 +89,7 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
                  now: float | None = None) -> list[dict]:
     """One row per session, joining the scheduler's records and the hub's servers.
 
-    ``statuses``: ``SchedulerService.status()`` dicts. ``hub_users``: hub user
+    ``statuses``: ``Service.status()`` dicts. ``hub_users``: hub user
     models with their ``servers``. A session is RUNNING when the hub says its
     server is ready, STARTING when the scheduler admitted it (or the hub is
     spawning it) but it is not ready yet, PENDING while it waits in the queue
@@ -185,7 +185,7 @@ def summarize(rows: list[dict], nodes: list[dict] | None = None) -> dict:
 def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) -> list[dict]:
     """Per node and GPU: used/total as fGPU, memory, CPU, and live NVML stats where given.
 
-    ``snapshot``: ``Capacity.snapshot()``; ``live``: {device uuid: {"memory_used",
+    ``snapshot``: ``Capacity.usage()``; ``live``: {device uuid: {"memory_used",
     "memory_total", "utilization"}} for real GPUs.
     """
     live = live or {}
