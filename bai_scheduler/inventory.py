@@ -1,14 +1,18 @@
-"""The real GPUs of this machine, read with NVML (nvidia-ml-py).
+"""The real GPUs of this machine, read with NVML (nvidia-ml-py): the inventory, and live use.
 
 Nodes declared in config (simulated GPUs, sizes) are parsed by the pure
 ``core.nodes``; both end as the same ``Device`` values.
 """
 from __future__ import annotations
 
+import logging
 import re
+import time
 
 from .core.model import Device
 from .core.units import FgpuUnits
+
+log = logging.getLogger("bai_scheduler")
 
 
 class NoGpuError(RuntimeError):
@@ -113,3 +117,40 @@ def nvml_devices(units: FgpuUnits) -> tuple[Device, ...]:
             nv.nvmlShutdown()
         except Exception:
             pass
+
+
+_live_cache: dict = {"at": 0.0, "data": {}}
+
+
+def live_stats(nodes) -> dict:
+    """Memory in use and utilization of the local real GPUs: {uuid: {"memory_used",
+    "memory_total", "utilization"}}.
+
+    Empty when every node is simulated, NVML is missing, or on any NVML error.
+    Cached for a second so a page poll does not hammer the driver.
+    """
+    uuids = [d.uuid for n in nodes if not n.simulated and not n.docker_url for d in n.devices]
+    if not uuids:
+        return {}
+    if time.monotonic() - _live_cache["at"] < 1.0:
+        return _live_cache["data"]
+    out = {}
+    try:
+        import pynvml as nv
+
+        nv.nvmlInit()
+        for uuid in uuids:
+            try:
+                h = nv.nvmlDeviceGetHandleByUUID(uuid)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                try:
+                    util = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+                except Exception:  # MIG instances have no utilization counter
+                    util = None
+                out[uuid] = {"memory_used": int(mem.used), "memory_total": int(mem.total), "utilization": util}
+            except Exception:
+                continue
+    except Exception as e:
+        log.debug("NVML live stats unavailable: %s", e)
+    _live_cache.update(at=time.monotonic(), data=out)
+    return out

@@ -21,12 +21,33 @@ class FormError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_quanta: int
-    max_cpu: Decimal = Decimal(4)
-    max_memory_gib: Decimal = Decimal(16)
-    default_cpu: Decimal = Decimal(1)
-    default_memory_gib: Decimal = Decimal(2)
-    max_sessions: int = 8
+    """What one session may ask for, and what the form proposes.
+
+    Set by the scheduler service's options (``c.BaiScheduler.max_cpu`` …) and
+    published in ``api/capacity`` as ``limits``: no defaults here, so there is
+    one source for every limit.
+    """
+
+    max_quanta: int  # the largest node's fGPU, in quanta
+    max_cpu: Decimal
+    max_memory_gib: Decimal
+    default_cpu: Decimal
+    default_memory_gib: Decimal
+    max_sessions: int  # sessions one launch may start
+
+    def to_json(self) -> dict:
+        return {k: v if isinstance(v, int) else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Limits":
+        return cls(
+            max_quanta=int(data["max_quanta"]),
+            max_cpu=Decimal(data["max_cpu"]),
+            max_memory_gib=Decimal(data["max_memory_gib"]),
+            default_cpu=Decimal(data["default_cpu"]),
+            default_memory_gib=Decimal(data["default_memory_gib"]),
+            max_sessions=int(data["max_sessions"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Prometheus text for the scheduler: queue length, fGPU in use, admission latency."""
+"""Prometheus ``{prefix}metrics``: queue length, fGPU in use, admission latency."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Summary, generate_latest
+
+from .base import APIHandler
 
 
 def render(service) -> bytes:
@@ -16,3 +18,12 @@ def render(service) -> bytes:
     for v in service.admission_latencies[-1000:]:
         lat.observe(v)
     return generate_latest(reg)
+
+
+class MetricsHandler(APIHandler):
+    def get(self):
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish(render(self.service))
+
+
+default_handlers = [(r"metrics", MetricsHandler)]

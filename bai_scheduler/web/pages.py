@@ -1,12 +1,12 @@
 """Browser pages of the scheduler service: the sessions overview.
 
-``/services/bai-scheduler/`` lists the user's sessions (admins: everyone's, plus
-the capacity of each node and GPU), joining two views: the scheduler's records
-(queue position, why a request waits, node and GPU shares) and the hub's
-servers (ready, pending, URL). It refreshes itself (a small script polls
-``sessions.json``; without JavaScript a meta refresh), stops sessions through
-the hub, and launches N sessions of one shape (validated exactly like the spawn
-form, then started as named servers through the hub).
+``{prefix}`` lists the user's sessions (admins: everyone's, plus the capacity of
+each node and GPU), joining two views: the scheduler's records (queue position,
+why a request waits, node and GPU shares) and the hub's servers (ready, pending,
+URL). It refreshes itself (static/sessions.js polls ``sessions.json``; without
+JavaScript a meta refresh), stops sessions through the hub, and launches N
+sessions of one shape (validated exactly like the spawn form, then started as
+named servers through the hub).
 
 The row building is plain functions (``session_rows``, ``node_rows``,
 ``summarize``), tested without a hub in tests/test_pages.py.
@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import logging
-import os
 import time
 from decimal import Decimal
-from urllib.parse import quote
 
 from tornado import web
 
-from ..app import BaseHandler, CapacityHandler, launch_sessions
+from .. import inventory
+from ..contract import catalog as catalog_mod
+from ..contract.form import chosen_shape, form_context
+from ..contract.options import FormError, SessionOptions, parse_options
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
-from ..store import StoreUnavailable
-
-log = logging.getLogger("bai_scheduler")
+from .api import capacity_model, launch_sessions
+from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, log
 
 POLL_SECONDS = 2
 LAUNCH_PREFIX = "session"
@@ -171,7 +170,7 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
     return rows
 
 
-def summarize(rows: list[dict], nodes: list[dict] | None = None) -> dict:
+def summarize(rows: list[dict]) -> dict:
     """Counts for the header: sessions per state and fGPU held by the listed sessions."""
     out = {state: 0 for state in STATES}
     for r in rows:
@@ -182,15 +181,15 @@ def summarize(rows: list[dict], nodes: list[dict] | None = None) -> dict:
     return out
 
 
-def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) -> list[dict]:
+def node_rows(usage: list[dict], units: FgpuUnits, live: dict | None = None) -> list[dict]:
     """Per node and GPU: used/total as fGPU, memory, CPU, and live NVML stats where given.
 
-    ``snapshot``: ``Capacity.usage()``; ``live``: {device uuid: {"memory_used",
-    "memory_total", "utilization"}} for real GPUs.
+    ``usage``: ``Capacity.usage()``; ``live``: {device uuid: {"memory_used",
+    "memory_total", "utilization"}} for real GPUs (``inventory.live_stats``).
     """
     live = live or {}
     out = []
-    for n in snapshot:
+    for n in usage:
         devices = []
         for d in n["devices"]:
             cap, used = d["capacity_quanta"], d["used_quanta"]
@@ -228,216 +227,94 @@ def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) 
     return out
 
 
-# -- live GPU stats (real GPUs only) -----------------------------------------------------------
+class Notices:
+    """Short messages shown to a user on their next page view (after a POST redirect,
+    or a background launch that the hub refused). In memory; each lives a minute."""
 
-_live_cache: dict = {"at": 0.0, "data": {}}
+    SECONDS = 60
 
+    def __init__(self):
+        self._items: dict[str, list[tuple[float, str, str]]] = {}
 
-def live_gpu_stats(nodes) -> dict:
-    """Memory in use and utilization of the local real GPUs, from nvidia-ml-py.
+    def add(self, user: str, level: str, text: str) -> None:
+        items = self._items.setdefault(user, [])
+        items.append((time.time(), level, text))
+        del items[:-6]
 
-    Empty when every node is simulated, NVML is missing, or on any NVML error.
-    Cached for a second so a page poll does not hammer the driver.
-    """
-    uuids = [d.uuid for n in nodes if not n.simulated and not n.docker_url for d in n.devices]
-    if not uuids:
-        return {}
-    if time.monotonic() - _live_cache["at"] < 1.0:
-        return _live_cache["data"]
-    out = {}
-    try:
-        import pynvml as nv
-
-        nv.nvmlInit()
-        for uuid in uuids:
-            try:
-                h = nv.nvmlDeviceGetHandleByUUID(uuid)
-                mem = nv.nvmlDeviceGetMemoryInfo(h)
-                try:
-                    util = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
-                except Exception:  # MIG instances have no utilization counter
-                    util = None
-                out[uuid] = {"memory_used": int(mem.used), "memory_total": int(mem.total), "utilization": util}
-            except Exception:
-                continue
-    except Exception as e:
-        log.debug("NVML live stats unavailable: %s", e)
-    _live_cache.update(at=time.monotonic(), data=out)
-    return out
-
-
-# -- form support: the spawner's limits and the image catalog -----------------------------------
-
-_catalog_cache: dict = {"at": 0.0, "images": None}
-
-
-def spawner_setting(bai, name: str):
-    """A BaiSpawner option as configured in the shared config file (else its default)."""
-    from bai_spawner.spawner import BaiSpawner
-
-    cfg = bai.config["BaiSpawner"] if "BaiSpawner" in bai.config else {}
-    if name in cfg:
-        return cfg[name]
-    return BaiSpawner.class_traits()[name].default_value
-
-
-def form_limits(bai, capacity: dict):
-    from ..contract.options import Limits
-
-    biggest = max((sum(d["quanta"] for d in n["devices"]) for n in capacity["nodes"]), default=0)
-    return Limits(
-        max_quanta=biggest,
-        max_cpu=Decimal(str(spawner_setting(bai, "max_cpu"))),
-        max_memory_gib=Decimal(str(spawner_setting(bai, "max_memory_gib"))),
-        default_cpu=Decimal(str(spawner_setting(bai, "default_cpu"))),
-        default_memory_gib=Decimal(str(spawner_setting(bai, "default_memory_gib"))),
-        max_sessions=max(1, min(int(spawner_setting(bai, "max_sessions_per_launch")), bai.max_launch)),
-    )
-
-
-def capacity_model(bai) -> dict:
-    """What GET api/capacity answers (the form renders from it)."""
-    units = bai.units
-    return {
-        "fgpu_per_gpu": units.fgpu_per_gpu,
-        "fgpu_step": str(units.fgpu_step),
-        "quanta_per_gpu": units.quanta_per_gpu,
-        "nodes": [{
-            "name": n.name, "simulated": n.simulated,
-            "devices": [{"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
-                         "sm_count": d.sm_count, "quanta": d.quanta} for d in n.devices],
-        } for n in bai.node_list],
-        "usage": bai.service.capacity(),
-        "queue_length": len(bai.service.pending()),
-        "simulated": any(n.simulated for n in bai.node_list),
-    }
-
-
-async def load_catalog(bai, max_age: float = 15.0):
-    """The image catalog from the first node's engine (the hub's spawner reads the same)."""
-    from .. import engines
-    from ..contract import catalog as catalog_mod
-
-    if _catalog_cache["images"] is not None and time.monotonic() - _catalog_cache["at"] < max_age:
-        return _catalog_cache["images"]
-    if not bai.node_list:
-        return []
-    images = await catalog_mod.load_catalog(engines.make_client(bai.node_list[0], timeout=10))
-    _catalog_cache.update(at=time.monotonic(), images=images)
-    return images
-
-
-# Short messages shown to a user on their next page view (after a POST redirect,
-# or a background launch that the hub refused).
-_notices: dict[str, list[tuple[float, str, str]]] = {}
-NOTICE_SECONDS = 60
-
-
-def add_notice(user: str, level: str, text: str) -> None:
-    items = _notices.setdefault(user, [])
-    items.append((time.time(), level, text))
-    del items[:-6]
-
-
-def notices_for(user: str) -> list[dict]:
-    now = time.time()
-    items = [n for n in _notices.get(user, []) if now - n[0] < NOTICE_SECONDS]
-    _notices[user] = items
-    return [{"level": lvl, "text": text} for _, lvl, text in items]
+    def for_user(self, user: str) -> list[dict]:
+        now = time.time()
+        items = [n for n in self._items.get(user, []) if now - n[0] < self.SECONDS]
+        self._items[user] = items
+        return [{"level": lvl, "text": text} for _, lvl, text in items]
 
 
 # -- handlers --------------------------------------------------------------------------------------
 
 
 class PageHandler(BaseHandler):
-    """A page of the service: HTML errors, hub links, and the shared page data."""
-
-    json_errors = False
+    """A page of the sessions overview: the shared page data and its fragments."""
 
     @property
-    def hub_base(self) -> str:
-        base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
-        return base if base.endswith("/") else base + "/"
-
-    def write_error(self, status_code, **kwargs):
-        if self.json_errors:
-            return super().write_error(status_code, **kwargs)
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if isinstance(exc, StoreUnavailable):
-            status_code = 503
-            self.set_status(503)
-            message = "The scheduler's database is unavailable; nothing was changed. Try again shortly."
-        self.set_header("Content-Type", "text/html; charset=UTF-8")
-        try:
-            who = self.identity() if self.current_user else None
-        except Exception:
-            who = None
-        self.finish(self.render_string("error.html", status=status_code, message=message,
-                                       active="", **self.chrome(who)))
-
-    def chrome(self, who: dict | None) -> dict:
-        """Values every page template uses (navigation bar)."""
-        return {
-            "hub": self.hub_base + "hub/",
-            "prefix": self.bai.prefix,
-            "who": who,
-            "simulated": any(n.simulated for n in self.bai.node_list),
-        }
+    def notices(self) -> Notices:
+        return self.settings["notices"]
 
     async def hub_users(self, who: dict) -> list[dict]:
-        hub = self.bai.hub
         try:
             if who["admin"]:
-                users = await hub.request("GET", "/users?state=active&limit=200") or []
+                users = await self.hub.request("GET", "/users?state=active&limit=200") or []
                 if isinstance(users, dict):  # paginated answer
                     users = users.get("items", [])
                 return users
-            model = await hub.get_user(who["name"])
+            model = await self.hub.get_user(who["name"])
             return [model] if model else []
         except (HubAPIError, OSError) as e:
             log.warning("Sessions page: the hub's view is unavailable (%s)", e)
             return []
 
     async def page_data(self, who: dict) -> dict:
-        units = self.bai.units
+        units = self.service.units
         statuses = [self.service.status(r) for r in self.service.records.values()
                     if who["admin"] or r.key.user == who["name"]]
         users = await self.hub_users(who)
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
         rows = session_rows(statuses, users, units=units)
-        nodes = node_rows(self.service.capacity(), units, live_gpu_stats(self.bai.node_list)) if who["admin"] else []
-        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": notices_for(who["name"])}
+        nodes = (node_rows(self.service.capacity(), units, inventory.live_stats(self.service.nodes))
+                 if who["admin"] else [])
+        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": self.notices.for_user(who["name"])}
 
     def fragments(self, who: dict, data: dict) -> dict:
-        ctx = dict(self.chrome(who), **data)
+        """The parts of the page its script replaces on every poll."""
+        def part(name):
+            return self.render_template(name, who, **data)
+
         return {
-            "sessions_html": self.render_string("_sessions.html", **ctx).decode(),
-            "summary_html": self.render_string("_summary.html", **ctx).decode(),
-            "capacity_html": self.render_string("_capacity.html", **ctx).decode() if who["admin"] else "",
-            "notices_html": self.render_string("_notices.html", **ctx).decode(),
+            "sessions_html": part("_sessions.html"),
+            "summary_html": part("_summary.html"),
+            "capacity_html": part("_capacity.html") if who["admin"] else "",
+            "notices_html": part("_notices.html"),
         }
 
-    async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
-        from ..contract import catalog as catalog_mod
-        from ..contract.form import render_form
-
-        data = await self.page_data(who)
-        cap = capacity_model(self.bai)
+    async def form(self, who: dict, values: dict | None) -> dict:
+        """The launch form's variables, or ``form_error`` when the catalog cannot be read."""
+        limits = self.settings["limits"]
+        quanta, count = chosen_shape(values, self.service.units, limits)
+        cap = capacity_model(self.service, limits, quanta, count)
         try:
-            images = catalog_mod.visible_to(await load_catalog(self.bai), who["name"], is_admin=False)
-            form_html = render_form(visible=images, user=who["name"], capacity=cap, units=self.bai.units,
-                                    limits=form_limits(self.bai, cap), service_prefix=self.bai.prefix,
-                                    values=values, simulated_note=False)
+            images = catalog_mod.visible_to(await self.settings["catalog"].get(), who["name"], is_admin=False)
         except Exception as e:  # Docker down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
-            form_html = ('<div class="alert alert-danger">The image catalog is unavailable '
-                         f"(the Docker engine did not answer: {web.escape.xhtml_escape(type(e).__name__)}).</div>")
-        self.render("sessions.html", form_html=form_html, error=error, poll=POLL_SECONDS, active="sessions",
-                    **self.fragments(who, data), **data, **self.chrome(who))
+            return {"form_error": f"The image catalog is unavailable (the Docker engine did not answer: "
+                                  f"{type(e).__name__})."}
+        return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
+                            limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
+                            static_url=self.settings["static_url_prefix"], values=values)
+
+    async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
+        data = await self.page_data(who)
+        self.finish(self.render_template(
+            "sessions.html", who, error=error, poll=POLL_SECONDS, bai_active="sessions",
+            **data, **await self.form(who, values)))
 
 
 class SessionsPage(PageHandler):
@@ -446,17 +323,8 @@ class SessionsPage(PageHandler):
         await self.render_page(self.identity())
 
 
-class SessionsJSON(PageHandler):
-    """What the page's script polls: the rendered fragments plus the raw rows."""
-
-    json_errors = True
-
-    def check_xsrf_cookie(self):
-        # Read-only GET (the page's own fetch): nothing changes, and the answer
-        # cannot be read cross-origin (no CORS headers).
-        if self.request.method in ("GET", "HEAD"):
-            return
-        return super().check_xsrf_cookie()
+class SessionsJSON(ReadOnlyGetMixin, PageHandler, APIHandler):
+    """What the page's script polls: the rendered fragments plus the raw rows (errors as JSON)."""
 
     async def get(self):
         who = self.identity()
@@ -464,23 +332,6 @@ class SessionsJSON(PageHandler):
         self.set_header("Cache-Control", "no-store")
         self.write_json({**self.fragments(who, data), "rows": data["rows"], "summary": data["summary"],
                          "epoch": self.service.epoch, "at": time.time()})
-
-
-class CapacityJSON(CapacityHandler):
-    """GET api/capacity for the spawn form's script on the hub's page.
-
-    That page cannot read this service's xsrf cookie, so a read-only GET is
-    accepted on the login cookie alone.
-    """
-
-    def check_xsrf_cookie(self):
-        if self.request.method in ("GET", "HEAD"):
-            return
-        return super().check_xsrf_cookie()
-
-    def get(self):
-        self.set_header("Cache-Control", "no-store")
-        return super().get()
 
 
 class StopHandler(PageHandler):
@@ -496,7 +347,7 @@ class StopHandler(PageHandler):
         label = f"{server or 'default'}" + (f" of {user}" if user != who["name"] else "")
         stopped_in_hub = False
         try:
-            await self.bai.hub.stop_server(user, server)
+            await self.hub.stop_server(user, server)
             stopped_in_hub = True
         except HubAPIError as e:
             if e.code != 404 and rec is None:
@@ -509,8 +360,8 @@ class StopHandler(PageHandler):
             await self.service.release(key, rec.id)
         if not stopped_in_hub and rec is None:
             raise web.HTTPError(404, f"There is no session {label}.")
-        add_notice(who["name"], "info", f"Stopping {label}.")
-        self.redirect(self.bai.prefix, status=303)
+        self.notices.add(who["name"], "info", f"Stopping {label}.")
+        self.redirect(self.prefix, status=303)
 
 
 class NewSessionsHandler(PageHandler):
@@ -519,19 +370,15 @@ class NewSessionsHandler(PageHandler):
     FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
 
     async def post(self):
-        from ..contract import catalog as catalog_mod
-        from ..contract.options import FormError, SessionOptions, parse_options
-
         who = self.identity()
         if who["internal"] or not who["name"]:
             raise web.HTTPError(400, "Log in as a user to launch sessions.")
         raw = {k: self.get_body_argument(k) for k in self.request.body_arguments if k != "_xsrf"}
         values = {k: v for k, v in raw.items() if k in self.FIELDS}
-        cap = capacity_model(self.bai)
         try:
-            opts = parse_options(raw, self.bai.units, form_limits(self.bai, cap))
+            opts = parse_options(raw, self.service.units, self.settings["limits"])
             try:
-                images = await load_catalog(self.bai, max_age=0)
+                images = await self.settings["catalog"].get(max_age=0)
             except Exception as e:
                 raise web.HTTPError(503, f"The image catalog is unavailable ({type(e).__name__}); try again shortly.") from None
             image = catalog_mod.resolve_image(images, who["name"], opts.image, is_admin=False)
@@ -541,32 +388,27 @@ class NewSessionsHandler(PageHandler):
             return
         one = SessionOptions(image.ref, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
         n = opts.sessions
-        add_notice(who["name"], "info",
-                   f"Launching {n} session{'s' if n != 1 else ''} of {image.display_name} with "
-                   f"{self.bai.units.to_fgpu(opts.quanta)} fGPU each.")
+        self.notices.add(who["name"], "info",
+                         f"Launching {n} session{'s' if n != 1 else ''} of {image.display_name} with "
+                         f"{self.service.units.to_fgpu(opts.quanta)} fGPU each.")
         asyncio.ensure_future(self._launch(who["name"], n, one))
-        self.redirect(self.bai.prefix, status=303)
+        self.redirect(self.prefix, status=303)
 
     async def _launch(self, user: str, count: int, options: dict):
         try:
-            names = await launch_sessions(self.bai.hub, user, LAUNCH_PREFIX, count, options)
+            names = await launch_sessions(self.hub, user, LAUNCH_PREFIX, count, options)
             log.info("Launched %s for %s", names, user)
         except web.HTTPError as e:
-            add_notice(user, "danger", e.log_message or str(e))
+            self.notices.add(user, "danger", e.log_message or str(e))
         except Exception as e:  # the hub is down or answered nonsense
             log.exception("Launch for %s failed", user)
-            add_notice(user, "danger", f"Launching failed: {e}")
+            self.notices.add(user, "danger", f"Launching failed: {e}")
 
 
-def handlers(prefix: str) -> list:
-    return [
-        (prefix + "?", SessionsPage),
-        (prefix + "sessions", SessionsPage),
-        (prefix + "sessions.json", SessionsJSON),
-        (prefix + "capacity.json", CapacityJSON),
-        (prefix + "sessions/stop", StopHandler),
-        (prefix + "sessions/new", NewSessionsHandler),
-    ]
-
-
-__all__ = ["handlers", "session_rows", "node_rows", "summarize", "ago", "quote"]
+default_handlers = [
+    (r"?", SessionsPage),
+    (r"sessions", SessionsPage),
+    (r"sessions\.json", SessionsJSON),
+    (r"sessions/stop", StopHandler),
+    (r"sessions/new", NewSessionsHandler),
+]

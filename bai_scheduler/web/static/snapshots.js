@@ -1,79 +1,7 @@
-{% extends "base.html" %}
-{#- The admin panel for session snapshots (bai_scheduler/snapshots.py). Shares only base.html. -#}
-{% block title %}Session snapshots · BAI Hub{% end %}
-{% block head %}
-  <style>
-    .bai-mono { font-family: var(--bs-font-monospace); font-size: .85em; word-break: break-all; }
-    .bai-tag { max-width: 12rem; }
-    #bai-snapshots td, #bai-snapshots th { vertical-align: middle; }
-  </style>
-{% end %}
-{% block main %}
-<div id="bai-snapshots">
-  <div class="d-flex align-items-baseline justify-content-between">
-    <h1 class="h3 mb-3">Session snapshots</h1>
-    <small class="text-body-secondary" id="refreshed" aria-live="polite"></small>
-  </div>
-
-  <div class="alert alert-info" role="note" id="not-captured">
-    <strong>What a snapshot keeps.</strong>
-    A snapshot is a <code>docker commit</code> of the session's container: it keeps everything installed into the
-    image, e.g. packages installed with a plain <code>pip install X</code> into the image's environment
-    (<code>/opt/bai/venv</code>), and becomes the private image <code>{{ repo }}/&lt;user&gt;:&lt;tag&gt;</code>
-    that only its owner can launch.
-    <br><strong>Not captured:</strong> the user's home folder <code>/home/jovyan</code> (notebooks, data, and
-    anything installed with <code>pip install --user</code>). It is a mounted volume, not part of the image; it
-    stays the user's and is mounted again into sessions started from the new image.
-    {% if pause %}The session is frozen while the commit runs (seconds to minutes for large images) and then
-    continues unchanged; it is never stopped.{% end %}
-    Each user may own at most {{ cap if cap else "any number of" }} private image(s).
-  </div>
-
-  <div id="errors" class="alert alert-danger d-none" role="alert"></div>
-  <div id="flash" class="alert d-none" role="status"></div>
-
-  <div class="bai-card mb-4">
-    <div class="bai-card-header"><h2 class="h5 mb-0">Running sessions</h2></div>
-    <div>
-      <table class="table table-sm table-hover mb-0 bai-sessions" id="sessions">
-        <thead><tr>
-          <th>User</th><th>Session</th><th>Image</th><th>Node</th><th>fGPU</th><th>Age</th>
-          <th class="text-end">Snapshot into a private image</th>
-        </tr></thead>
-        <tbody><tr><td colspan="7" class="text-body-secondary">Loading…</td></tr></tbody>
-      </table>
-    </div>
-  </div>
-
-  <div class="bai-card mb-4">
-    <div class="bai-card-header"><h2 class="h5 mb-0">Snapshots in progress and recent</h2></div>
-    <div>
-      <table class="table table-sm mb-0 bai-sessions" id="jobs">
-        <thead><tr><th>Session</th><th>Image</th><th>State</th><th>By</th><th>Time</th></tr></thead>
-        <tbody><tr><td colspan="5" class="text-body-secondary">Loading…</td></tr></tbody>
-      </table>
-    </div>
-  </div>
-
-  <div class="bai-card mb-4">
-    <div class="bai-card-header"><h2 class="h5 mb-0">Private images</h2></div>
-    <div>
-      <table class="table table-sm table-hover mb-0 bai-sessions" id="images">
-        <thead><tr>
-          <th>Image</th><th>Owner</th><th>Source image</th><th>From session</th><th class="text-end">Size</th>
-          <th>Made</th><th></th>
-        </tr></thead>
-        <tbody><tr><td colspan="7" class="text-body-secondary">Loading…</td></tr></tbody>
-      </table>
-    </div>
-  </div>
-</div>
-{% end %}
-{% block script %}
-<script>
+// The admin snapshot panel (templates/snapshots.html): fills its tables from the REST API.
 "use strict";
 (function () {
-  const CFG = {% raw config_json %};
+  const CFG = JSON.parse(document.getElementById("bai-snapshots-config").textContent);
   const API = CFG.prefix + "api/";
   let timer = null;
 
@@ -215,5 +143,3 @@
   }
   refresh();
 })();
-</script>
-{% end %}
