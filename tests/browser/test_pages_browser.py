@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS, KERNEL_IMAGE
+from helpers import ARTIFACTS, KERNEL_IMAGE
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 

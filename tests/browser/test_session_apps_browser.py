@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, KERNEL_IMAGE
+from helpers import ARTIFACTS, KERNEL_IMAGE
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 

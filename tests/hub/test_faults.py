@@ -5,7 +5,7 @@ import signal
 import pytest
 import requests
 
-from conftest import KERNEL_IMAGE
+from helpers import KERNEL_IMAGE
 from helpers.engine import start_main_engine, stop_main_engine
 from helpers.invariants import check_invariants
 

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bai_scheduler.contract import labels
-from conftest import KERNEL_IMAGE, OLD_IMAGE
+from helpers import KERNEL_IMAGE, OLD_IMAGE
 from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]

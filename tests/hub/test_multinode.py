@@ -5,7 +5,7 @@ import pytest
 import requests
 
 from bai_scheduler.contract import labels
-from conftest import KERNEL_IMAGE
+from helpers import KERNEL_IMAGE
 from helpers.engine import ExtraEngine
 from helpers.invariants import check_invariants
 

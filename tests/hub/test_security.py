@@ -11,7 +11,7 @@ import requests
 
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
-from conftest import KERNEL_IMAGE
+from helpers import KERNEL_IMAGE
 from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]

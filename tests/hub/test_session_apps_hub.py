@@ -21,7 +21,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import ARTIFACTS, KERNEL_IMAGE
+from helpers import ARTIFACTS, KERNEL_IMAGE
 from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]

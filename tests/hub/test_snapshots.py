@@ -25,7 +25,7 @@ import requests
 
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
-from conftest import ARTIFACTS, KERNEL_IMAGE
+from helpers import ARTIFACTS, KERNEL_IMAGE
 from helpers.hub import ROOT, Hub, docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
