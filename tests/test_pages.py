@@ -162,7 +162,7 @@ def test_form_groups_images_newest_first_with_python_and_private_group():
     shortname = form(visible=[image("bai/sklearn:1.6.1", "scikit-learn", "1.6.1", display="scikit-learn 1.6")])
     assert "scikit-learn 1.6 (1.6.1) · Python 3.11" in shortname
     assert 'value="bai-private/ann:exp"' in html
-    assert 'name="image_name"' in html
+    assert 'name="image_name"' in html and 'placeholder="e.g. bai-private/ann:my-env"' in html
     assert re.search(r'<option value="bai/pytorch:2.5" selected>', html)  # the first image is chosen
 
 
@@ -260,3 +260,42 @@ def test_page_nav_has_sessions_and_admin_snapshots():
     assert 'href="/services/bai-scheduler/admin/snapshots"' in html and "/hub/authorize" in html
     html = env.get_template("page.html").render(user=User(), bai_native_auth=False, **ctx)
     assert "change-password" not in html
+
+
+# -- the service's pages: its templates extend the hub's page.html ------------------------------------
+
+def service_page(name, who, **ns):
+    from bai_scheduler.web.base import page_namespace, template_env
+
+    env = template_env([str(ROOT / "hub_config" / "templates")])
+    base = page_namespace(hub_base="/", prefix="/services/bai-scheduler/", who=who, xsrf_token="tok",
+                          xsrf_form_html='<input type="hidden" name="_xsrf" value="tok">',
+                          static_url=lambda p: "/services/bai-scheduler/static/" + p, simulated=True)
+    return env.get_template(name).render(**{**base, **ns})
+
+
+def test_sessions_page_wears_the_hubs_nav_and_brand_with_the_form():
+    boss = {"name": "boss", "admin": True, "internal": False}
+    form_ns = form_context(visible=IMAGES, user="boss", capacity=CAPACITY, units=U, limits=LIMITS, note=NOTE,
+                           capacity_url="/services/bai-scheduler/capacity.json",
+                           static_url="/services/bai-scheduler/static/")
+    html = service_page("sessions.html", boss, rows=[], summary=summarize([]), nodes=[], notices=[], poll=2,
+                        error=None, bai_active="sessions", **form_ns)
+    assert 'class="nav-link active" id="bai-nav-sessions"' in html
+    assert 'id="bai-nav-snapshots"' in html  # the admin's link, so the form's values did not hide the user
+    assert '<span class="me-1">boss</span>' in html and "BAI Hub" in html and "bai-logo" in html
+    assert 'href="/services/bai-scheduler/static/bai.css"' in html
+    assert 'name="_xsrf" value="tok"' in html and 'id="bai-new-form"' in html and 'id="bai-form"' in html
+    assert "No sessions yet" in html and "GPUs on this hub are simulated" in html
+    assert html.count('id="bai-live"') == 1
+
+
+def test_service_error_page_and_snapshot_panel():
+    ann = {"name": "ann", "admin": False, "internal": False}
+    html = service_page("error.html", ann, status=403, message="Only <admins>.", heading="Admins only")
+    assert 'id="error"' in html and "Admins only" in html and "Only &lt;admins&gt;." in html
+    assert 'id="bai-nav-snapshots"' not in html
+    panel = service_page("snapshots.html", {"name": "boss", "admin": True, "internal": False}, repo="bai-private",
+                         cap=5, pause=True, bai_active="snapshots")
+    assert 'id="not-captured"' in panel and "/home/jovyan" in panel
+    assert '"prefix": "/services/bai-scheduler/"' in panel and "snapshots.js" in panel

@@ -80,7 +80,7 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
     gpu_names = sorted({d["name"] for d in devices})
     return {
         "image_groups": image_groups(visible, str(values.get("image") or "")),
-        "user": user,
+        "user_name": user,
         "typed_image": str(values.get("image_name") or ""),
         "fgpu_choices": [{"value": units.to_fgpu(q), "quanta": q, "label": describe_share(q, units, device_mem),
                           "selected": q == quanta} for q in range(limits.max_quanta + 1)],

@@ -44,6 +44,36 @@ def template_env(template_paths=()) -> Environment:
     return Environment(loader=loader, autoescape=True)
 
 
+def page_namespace(*, hub_base: str, prefix: str, who: dict | None, xsrf_token: str, xsrf_form_html: str,
+                   static_url, simulated: bool) -> dict:
+    """What JupyterHub's ``page.html`` (and the brand's, hub_config/templates) expects, with the
+    hub's own URLs, plus this service's: ``bai_scheduler_prefix``, ``bai_static_url``, ``who``."""
+    hub = hub_base + "hub/"
+    user = None
+    if who and who.get("name"):
+        user = {"name": who["name"], "admin": who["admin"],
+                "json_escaped_name": json.dumps(who["name"])[1:-1].replace("<", "\\u003c")}
+    return {
+        "base_url": hub,
+        "prefix": hub_base,
+        "static_url": lambda path, include_version=True: f"{hub}static/{path}",
+        "logo_url": hub + "home",
+        "login_url": hub + "login",
+        "logout_url": hub + "logout",
+        "user": user,
+        "admin_access": bool(user and user["admin"]),
+        "parsed_scopes": {"admin-ui"} if user and user["admin"] else set(),
+        "services": [],
+        "no_spawner_check": True,
+        "xsrf_token": xsrf_token,
+        "xsrf_form_html": Markup(xsrf_form_html),
+        "bai_scheduler_prefix": prefix,
+        "bai_static_url": static_url,
+        "who": who,
+        "simulated": simulated,
+    }
+
+
 def error_message(handler: web.RequestHandler, exc) -> str:
     if isinstance(exc, web.HTTPError) and exc.log_message:
         return exc.log_message % exc.args if exc.args else exc.log_message
@@ -141,33 +171,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         return base if base.endswith("/") else base + "/"
 
     def template_namespace(self, who: dict | None) -> dict:
-        """What JupyterHub's ``page.html`` (and the brand's, hub_config/templates) expects,
-        with the hub's own URLs, plus this service's."""
-        hub = self.hub_base + "hub/"
-        user = None
-        if who and who.get("name"):
-            user = {"name": who["name"], "admin": who["admin"],
-                    "json_escaped_name": json.dumps(who["name"])[1:-1].replace("<", "\\u003c")}
         xsrf = self.xsrf_token
-        return {
-            "base_url": hub,
-            "prefix": self.hub_base,
-            "static_url": lambda path, include_version=True: f"{hub}static/{path}",
-            "logo_url": hub + "home",
-            "login_url": hub + "login",
-            "logout_url": hub + "logout",
-            "user": user,
-            "admin_access": bool(user and user["admin"]),
-            "parsed_scopes": {"admin-ui"} if user and user["admin"] else set(),
-            "services": [],
-            "no_spawner_check": True,
-            "xsrf_token": xsrf.decode() if isinstance(xsrf, bytes) else xsrf,
-            "xsrf_form_html": Markup(self.xsrf_form_html()),
-            "bai_scheduler_prefix": self.prefix,
-            "bai_static_url": self.static_url,
-            "who": who,
-            "simulated": any(n.simulated for n in self.service.nodes),
-        }
+        return page_namespace(hub_base=self.hub_base, prefix=self.prefix, who=who,
+                              xsrf_token=xsrf.decode() if isinstance(xsrf, bytes) else xsrf,
+                              xsrf_form_html=self.xsrf_form_html(), static_url=self.static_url,
+                              simulated=any(n.simulated for n in self.service.nodes))
 
     def render_template(self, name: str, who: dict | None, **ns) -> str:
         env: Environment = self.settings["jinja2_env"]
