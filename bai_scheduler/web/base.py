@@ -74,12 +74,6 @@ def page_namespace(*, hub_base: str, prefix: str, who: dict | None, xsrf_token: 
     }
 
 
-def error_message(handler: web.RequestHandler, exc) -> str:
-    if isinstance(exc, web.HTTPError) and exc.log_message:
-        return exc.log_message % exc.args if exc.args else exc.log_message
-    return handler._reason
-
-
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
     """Authentication (hub tokens, the hub's OAuth cookie, the spawner's internal token),
     JSON helpers, and pages rendered from templates."""
@@ -188,15 +182,22 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         except Exception:
             return None
 
-    def write_error(self, status_code, **kwargs):
+    def error(self, status_code: int, kwargs: dict) -> tuple[int, str]:
+        """(status, message) to answer an error with: the HTTPError's own message, or a 503
+        when the database is down."""
         exc = kwargs.get("exc_info", (None, None))[1]
-        message = error_message(self, exc)
         if isinstance(exc, StoreUnavailable):
-            status_code, message = 503, DB_DOWN
             self.set_status(503)
+            return 503, DB_DOWN
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            return status_code, exc.log_message % exc.args if exc.args else exc.log_message
+        return status_code, self._reason
+
+    def write_error(self, status_code, **kwargs):
+        status, message = self.error(status_code, kwargs)
         self.set_header("Content-Type", "text/html; charset=UTF-8")
-        self.finish(self.render_template("error.html", self.page_identity(), status=status_code,
-                                         message=message, heading=self.error_heading(status_code)))
+        self.finish(self.render_template("error.html", self.page_identity(), status=status, message=message,
+                                         heading=self.error_heading(status)))
 
     def error_heading(self, status: int) -> str:
         if status == 404:
@@ -216,13 +217,9 @@ class APIHandler(BaseHandler):
     """A REST endpoint: errors as ``{"status", "message"}``."""
 
     def write_error(self, status_code, **kwargs):
-        exc = kwargs.get("exc_info", (None, None))[1]
-        message = error_message(self, exc)
-        if isinstance(exc, StoreUnavailable):
-            status_code, message = 503, DB_DOWN
-            self.set_status(503)
+        status, message = self.error(status_code, kwargs)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
+        self.finish(json.dumps({"status": status, "message": message}))
 
 
 class ReadOnlyGetMixin:

@@ -1,6 +1,6 @@
 """The pages in Debian's chromium (Playwright, system browser): login, spawn form, sessions.
 
-A real hub (see hubtools.Hub) with NativeAuthenticator logins, 1 simulated GPU = 2 fGPU.
+A real hub (see helpers.hub.Hub) with NativeAuthenticator logins, 1 simulated GPU = 2 fGPU.
 Screenshots go to test-artifacts/.
 """
 import re
