@@ -15,14 +15,14 @@ def check_invariants(hub, expect_queued=(), settle_s: float = 30, engines=("",))
     - every RUNNING request has a running container (after ``settle_s`` for starts);
     - every key in ``expect_queued`` is still known to the scheduler.
     """
-    def snapshot():
+    def observe():
         cap = hub.service("GET", "api/capacity").json()
         reqs = hub.requests()
         running_containers = [c for url in engines for c in hub.containers(url) if c["State"]["Running"]]
         return cap, reqs, running_containers
 
     def problems():
-        cap, reqs, containers = snapshot()
+        cap, reqs, containers = observe()
         out = []
         capacity = {d["uuid"]: d["quanta"] for n in cap["nodes"] for d in n["devices"]}
         used = defaultdict(int)
