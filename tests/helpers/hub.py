@@ -147,6 +147,21 @@ class Hub:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
+    def login(self, name: str, password: str) -> requests.Session:
+        """A browser-like session logged in through the hub's login form (the account is made
+        or given ``password`` first)."""
+        from hub_config.bootstrap_admin import ensure_account
+
+        ensure_account(f"sqlite:///{self.workdir}/var/jupyterhub.sqlite", name, password)
+        s = requests.Session()
+        r = s.get(f"{self.url}/hub/login", timeout=30)
+        assert r.status_code == 200, r.text[:300]
+        xsrf = s.cookies.get("_xsrf")
+        r = s.post(f"{self.url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
+                   allow_redirects=False, timeout=30)
+        assert r.status_code == 302, f"login failed: {r.status_code} {r.text[:300]}"
+        return s
+
     def server_path(self, user, server=""):
         return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
 

@@ -121,21 +121,6 @@ def test_fuzz_hub_spawn_api(hub):
         one(body, f"body {body[:80]!r}")
 
 
-def login(hub, name: str, password: str) -> requests.Session:
-    """A browser-like session logged in through the hub's login form."""
-    from hub_config.bootstrap_admin import ensure_account
-
-    ensure_account(f"sqlite:///{hub.workdir}/var/jupyterhub.sqlite", name, password)
-    s = requests.Session()
-    r = s.get(f"{hub.url}/hub/login", timeout=30)
-    assert r.status_code == 200, r.text[:300]
-    xsrf = s.cookies.get("_xsrf")
-    r = s.post(f"{hub.url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
-               allow_redirects=False, timeout=30)
-    assert r.status_code == 302, f"login failed: {r.status_code} {r.text[:300]}"
-    return s
-
-
 def form_xsrf(s: requests.Session, hub, path: str) -> str:
     r = s.get(f"{hub.url}{path}", timeout=60)
     assert r.status_code == 200, r.text[:300]
@@ -156,7 +141,7 @@ def test_fuzz_hub_spawn_form(hub):
     """POST /hub/spawn/{u}/{s} (the HTML form) with fuzzed fields, logged in with a cookie."""
     user, server = "fuzzform", "fz"
     hub.add_user(user)
-    s = login(hub, user, "fuzz-form-" + secrets.token_hex(8))
+    s = hub.login(user, "fuzz-form-" + secrets.token_hex(8))
     path = f"/hub/spawn/{user}/{server}"
     xsrf = form_xsrf(s, hub, path)
     base = used_quanta(hub)

@@ -125,9 +125,7 @@ def test_non_admins_cannot_reach_admin_apis_or_pages(hub, users):
     r = get(f"{hub.url}/hub/admin", tok)  # a page: a token in the header is no login
     assert r.status_code == 403 or r.status_code == 302 and "/hub/login" in r.headers["Location"], r.status_code
     # Logged in with a browser cookie: the hub's admin page and the service's snapshot panel say 403.
-    from test_fuzz_api import login
-
-    browser = login(hub, name, "plain-user-" + secrets.token_hex(6))
+    browser = hub.login(name, "plain-user-" + secrets.token_hex(6))
     assert browser.get(f"{hub.url}/hub/admin", timeout=30).status_code == 403
     r = browser.get(f"{hub.url}/services/bai-scheduler/admin/snapshots", timeout=60)  # OAuth dance, then 403
     assert r.status_code == 403 and "admin" in r.text.lower(), (r.status_code, r.url, r.text[:300])
