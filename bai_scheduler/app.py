@@ -1,38 +1,57 @@
-"""The bai-scheduler JupyterHub service: REST API, engine watchers, pages.
+"""The bai-scheduler JupyterHub service: its configuration, and the assembly of its parts.
 
 Run by the hub as a managed service (see hub_config/jupyterhub_config.py),
 reading the same config file as the hub; its own options live under
-``c.BaiScheduler``.
+``c.BaiScheduler``.  The parts: the pure core (``core/``), the state machine
+(``service``, ``store``), the engines (``engines``, ``inventory``), snapshots
+(``snapshots``) and the web layer (``web/``), whose handlers reach the parts
+through ``self.settings``.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import math
 import os
-import re
 import signal
 import sys
+from decimal import Decimal, InvalidOperation
 from urllib.parse import urlparse
 
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import httpserver, web
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default, observe, validate
 from traitlets.config import Application
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
-
 from . import engines, inventory, readiness
+from .contract.options import Limits
+from .core.model import GPU_BACKENDS, GpuBackend, Node
+from .core.nodes import nodes_from_config, parse_bytes
+from .core.placement import SPANS, STRATEGIES
+from .core.queue import HEADS, ORDERS, QueuePolicy, UserLimits
+from .core.units import FgpuUnits
 from .hubapi import HubAPI, HubAPIError
-from .model import GPU_BACKENDS, GpuBackend, Node, RequestKey
-from .queue import QueuePolicy, UserLimits
-from .service import Refused, SchedulerService
+from .service import Service
+from .snapshots import Snapshots, validate_repo
 from .store import Store, StoreUnavailable
-from .units import FgpuUnits
+from .web import api, metrics, pages
+from .web import snapshots as snapshot_pages
+from .web.base import MAX_BODY, STATIC, NotFoundHandler, template_env
 
-MAX_BODY = 64 * 1024
-NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
+# The form's limits and the GPU backend were BaiSpawner options; the service reads the old
+# names from the same config file, with a warning (BaiSpawner warns too).
+MOVED_FROM_SPAWNER = ("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib", "max_sessions_per_launch",
+                      "gpu_backend", "hami_library", "mps_pipe_directory")
+
+
+def _positive_decimal(name: str, value) -> str:
+    try:
+        ok = Decimal(str(value)).is_finite() and Decimal(str(value)) > 0
+    except InvalidOperation:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive number, e.g. '4', not {value!r}")
+    return str(value)
 
 
 class BaiScheduler(Application):
@@ -123,20 +142,22 @@ class BaiScheduler(Application):
         help="Seconds between checks that each real GPU node can enforce its backend. A node that "
         "fails gets no new GPU share (CPU-only sessions still run there) until a check passes.",
     )
-    queue_order = Unicode("fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).")
-    queue_head = Unicode(
-        "backfill", config=True,
+    queue_order = CaselessStrEnum(
+        ORDERS, "fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).",
+    )
+    queue_head = CaselessStrEnum(
+        HEADS, "backfill", config=True,
         help="What a head that does not fit does: 'strict' (everyone waits), 'skip' (skip it after "
         "skip_after passes) or 'backfill' (smaller requests start when they cannot delay the head).",
     )
     skip_after = Integer(3, config=True, help="Passes a head may block before 'skip' lets others past.")
-    span = Unicode(
-        "whole-then-fraction", config=True,
+    span = CaselessStrEnum(
+        SPANS, "whole-then-fraction", config=True,
         help="Requests above one GPU: 'whole-then-fraction' (whole devices, then a fraction on one "
         "more device of the same node) or 'whole-only' (above one GPU only whole multiples).",
     )
-    strategy = Unicode(
-        "concentrate", config=True,
+    strategy = CaselessStrEnum(
+        STRATEGIES, "concentrate", config=True,
         help="Placement: 'concentrate' (best fit; keeps whole GPUs free) or 'spread' (emptiest first).",
     )
     max_running_per_user = Integer(0, config=True, help="Running sessions a user may have (0 = no limit).")
@@ -145,7 +166,49 @@ class BaiScheduler(Application):
     max_cpu_per_user = Float(0, config=True, help="CPUs a user may hold at once (0 = no limit).")
     max_memory_per_user = Unicode("0", config=True, help="Memory a user may hold at once, e.g. '32GiB' (0 = no limit).")
     wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
-    max_launch = Integer(8, config=True, help="Most sessions a user may launch in one action.")
+
+    # -- one session's limits: the spawn form, the sessions page and api/launch (published in api/capacity) --
+    default_cpu = Unicode("1", config=True, help="CPU cores the session form proposes.")
+    max_cpu = Unicode("4", config=True, help="Most CPU cores one session may ask for.")
+    default_memory_gib = Unicode("2", config=True, help="Memory (GiB) the session form proposes.")
+    max_memory_gib = Unicode("16", config=True, help="Most memory (GiB) one session may ask for.")
+    max_sessions_per_launch = Integer(
+        4, config=True,
+        help="Most sessions one launch starts: the form's Sessions field, the sessions page and api/launch's count.",
+    )
+    max_launch = Integer(config=True, help="Deprecated: use c.BaiScheduler.max_sessions_per_launch.")
+
+    # dockerspawner's way of renaming an option: the old name sets the new one, with a warning.
+    _deprecated_aliases = {"max_launch": "max_sessions_per_launch"}
+
+    @observe(*_deprecated_aliases)
+    def _deprecated_trait(self, change):
+        new = self._deprecated_aliases[change.name]
+        if getattr(self, new) != change.new:
+            self.log.warning("BaiScheduler.%s is deprecated, use BaiScheduler.%s instead", change.name, new)
+            setattr(self, new, change.new)
+
+    @validate("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib")
+    def _check_amount(self, proposal):
+        return _positive_decimal(proposal.trait.name, proposal.value)
+
+    @validate("max_sessions_per_launch")
+    def _check_sessions(self, proposal):
+        if proposal.value < 1:
+            raise ValueError("max_sessions_per_launch must be at least 1")
+        return proposal.value
+
+    template_paths = List(
+        Unicode(), config=True,
+        help="Folders with templates for the service's pages, searched after its own and before "
+        "JupyterHub's (its pages extend JupyterHub's page.html). Default: c.JupyterHub.template_paths "
+        "from the same config file, so the pages wear the hub's brand (hub_config/templates).",
+    )
+
+    @default("template_paths")
+    def _default_template_paths(self):
+        hub = self.config["JupyterHub"] if "JupyterHub" in self.config else {}
+        return list(hub.get("template_paths", []))
 
     # -- snapshots (bai_scheduler/snapshots.py) --
     private_image_repo = Unicode(
@@ -163,22 +226,20 @@ class BaiScheduler(Application):
         "freeze, but a file being written during the commit may be captured half-written.",
     )
 
+    @validate("private_image_repo")
+    def _check_repo(self, proposal):
+        return validate_repo(proposal.value)
+
     @validate("fgpu_step")
     def _check_step(self, proposal):
         FgpuUnits(self.fgpu_per_gpu, proposal.value)
         return proposal.value
 
-    @validate("queue_order")
-    def _check_order(self, proposal):
-        if proposal.value not in ("fifo", "drf"):
-            raise ValueError("queue_order must be 'fifo' or 'drf'")
-        return proposal.value
-
-    @validate("queue_head")
-    def _check_head(self, proposal):
-        if proposal.value not in ("strict", "skip", "backfill"):
-            raise ValueError("queue_head must be 'strict', 'skip' or 'backfill'")
-        return proposal.value
+    reconcile_interval = Float(
+        60, config=True,
+        help="Seconds between full reconciles with the engines. Engine events free shares at once; "
+        "this only collects what events could not tell (e.g. an admission whose spawn never came).",
+    )
 
     # -- assembly ---------------------------------------------------------------
 
@@ -186,47 +247,67 @@ class BaiScheduler(Application):
     def units(self) -> FgpuUnits:
         return FgpuUnits(self.fgpu_per_gpu, self.fgpu_step)
 
-    # BaiSpawner options that moved here: the scheduler places by backend and checks nodes.
-    _moved_from_spawner = ("gpu_backend", "hami_library", "mps_pipe_directory")
-
-    def adopt_moved_options(self) -> None:
-        spawner = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
-        for name in self._moved_from_spawner:
-            if name in spawner and name not in (self.config["BaiScheduler"] if "BaiScheduler" in self.config else {}):
-                self.log.warning("c.BaiSpawner.%s is deprecated; set c.BaiScheduler.%s (or per node). Using %r.",
-                                 name, name, spawner[name])
-                setattr(self, name, spawner[name])
-
     def build_nodes(self) -> list[Node]:
-        defaults = GpuBackend(self.gpu_backend.lower(), self.hami_library, self.hami_lock_dir,
+        defaults = GpuBackend(self.gpu_backend, self.hami_library, self.hami_lock_dir,
                               self.mps_pipe_directory, self.mps_shm_directory)
-        return inventory.nodes_from_config(self.nodes, self.units, defaults, self.simulated_gpus, log=self.log)
+        return nodes_from_config(self.nodes, self.units, defaults, self.simulated_gpus,
+                                 detect=inventory.nvml_devices, log=self.log)
 
-    def limits(self) -> UserLimits:
+    def user_limits(self) -> UserLimits:
         return UserLimits(
             max_running=self.max_running_per_user,
             max_pending=self.max_pending_per_user,
             max_quanta=self.units.to_quanta(self.max_fgpu_per_user),
             max_cpu_millis=int(self.max_cpu_per_user * 1000),
-            max_memory_bytes=inventory.parse_bytes(self.max_memory_per_user),
+            max_memory_bytes=parse_bytes(self.max_memory_per_user),
         )
+
+    def session_limits(self) -> Limits:
+        """One session's limits; fGPU up to the largest node's GPUs."""
+        limits = Limits(
+            max_quanta=max((sum(d.quanta for d in n.devices) for n in self.node_list), default=0),
+            max_cpu=Decimal(self.max_cpu),
+            max_memory_gib=Decimal(self.max_memory_gib),
+            default_cpu=Decimal(self.default_cpu),
+            default_memory_gib=Decimal(self.default_memory_gib),
+            max_sessions=self.max_sessions_per_launch,
+        )
+        for what in ("cpu", "memory_gib"):
+            if getattr(limits, f"default_{what}") > getattr(limits, f"max_{what}"):
+                raise ValueError(f"BaiScheduler.default_{what} ({getattr(limits, f'default_{what}')}) is above "
+                                 f"BaiScheduler.max_{what} ({getattr(limits, f'max_{what}')}): lower it or raise the limit.")
+        return limits
+
+    def take_moved_spawner_options(self) -> None:
+        """Apply the options still set under their old names (c.BaiSpawner.max_cpu, .gpu_backend …)."""
+        old = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
+        mine = self.config["BaiScheduler"] if "BaiScheduler" in self.config else {}
+        for name in MOVED_FROM_SPAWNER:
+            if name not in old:
+                continue
+            if name in mine:
+                self.log.warning("c.BaiSpawner.%s is deprecated and ignored: c.BaiScheduler.%s is set", name, name)
+                continue
+            self.log.warning("c.BaiSpawner.%s is deprecated: set c.BaiScheduler.%s instead", name, name)
+            setattr(self, name, old[name])
 
     def initialize(self, argv=None):
         super().initialize(argv)
-        if self.config_file:
-            self.load_config_file(self.config_file)
         logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s bai-scheduler] %(message)s")
         self.log = logging.getLogger("bai_scheduler")
-        self.adopt_moved_options()
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        self.take_moved_spawner_options()
         self.node_list = self.build_nodes()
         self.readiness = {n.name: readiness.unchecked(n) for n in self.node_list}
         if self.check_gpus_only:
             return  # no database, service or hub needed
+        self.form_limits = self.session_limits()
         self.store = Store(self.db_url)
-        self.service = SchedulerService(
+        self.service = Service(
             self.node_list, self.units, self.store,
             policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
-            limits=self.limits(), span=self.span, strategy=self.strategy,
+            limits=self.user_limits(), span=self.span, strategy=self.strategy,
         )
         self.hub = HubAPI()
         self.internal_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
@@ -323,29 +404,30 @@ class BaiScheduler(Application):
         self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
 
     def make_app(self) -> web.Application:
-        from . import pages, snapshots
-
-        p = self.prefix
-        name = r"([^/]+)"
-        handlers = [
-            (p + r"api/health", HealthHandler),
-            (p + r"api/capacity", CapacityHandler),
-            (p + r"api/requests", RequestsHandler),
-            (p + rf"api/requests/{name}/?([^/]*)/wait", WaitHandler),
-            (p + rf"api/requests/{name}/?([^/]*)", RequestHandler),
-            (p + r"api/launch", LaunchHandler),
-            (p + r"metrics", MetricsHandler),
-            (p + r"oauth_callback", HubOAuthCallbackHandler),
-        ] + pages.handlers(p) + snapshots.handlers(p)
+        """The tornado app: every web module's ``default_handlers`` under the service's prefix,
+        and what handlers find in ``self.settings``."""
+        routes = [(r"oauth_callback", HubOAuthCallbackHandler)]
+        for module in (api, pages, snapshot_pages, metrics):
+            routes += module.default_handlers
         return web.Application(
-            handlers,
+            [(self.prefix + path, handler) for path, handler in routes],
             default_handler_class=NotFoundHandler,
             bai=self,
+            service=self.service,
+            hub=self.hub,
+            prefix=self.prefix,
+            limits=self.form_limits,
+            readiness=self.readiness,
+            internal_token=self.internal_token,
+            snapshots=Snapshots(self.node_list, self.service, repo=self.private_image_repo,
+                                cap=self.max_private_images_per_user, pause=self.snapshot_pause),
+            catalog=engines.CatalogCache(self.node_list[0] if self.node_list else None),
+            notices=pages.Notices(),
             hub_auth=self.hub_auth,
+            jinja2_env=template_env(self.template_paths),
             cookie_secret=os.urandom(32),
-            template_path=os.path.join(os.path.dirname(__file__), "templates"),
-            static_path=os.path.join(os.path.dirname(__file__), "static"),
-            static_url_prefix=p + "static/",
+            static_path=STATIC,
+            static_url_prefix=self.prefix + "static/",
             xsrf_cookies=False,
         )
 
@@ -387,276 +469,6 @@ class BaiScheduler(Application):
         gpu_checks.cancel()
         for w in self.watchers:
             w.stop()
-
-
-# -- handlers --------------------------------------------------------------------
-
-
-class BaseHandler(HubOAuthenticated, web.RequestHandler):
-    @property
-    def bai(self) -> BaiScheduler:
-        return self.settings["bai"]
-
-    @property
-    def service(self) -> SchedulerService:
-        return self.bai.service
-
-    def is_internal(self) -> bool:
-        auth = self.request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        token = token.strip()
-        return bool(
-            self.bai.internal_token and scheme.lower() in ("token", "bearer")
-            and hmac.compare_digest(token, self.bai.internal_token)
-        )
-
-    def identity(self) -> dict:
-        """The caller: the hub's spawner (internal), a user, or 403."""
-        if self.is_internal():
-            return {"name": None, "admin": True, "internal": True}
-        user = self.current_user
-        if not user:
-            raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
-        scopes = set(user.get("scopes") or ())
-        # Admin users, and services (or tokens) granted server administration.
-        admin = bool(user.get("admin")) or bool(scopes & {"admin:servers", "admin:users"})
-        return {"name": user["name"], "admin": admin, "internal": False}
-
-    def check_owner(self, who: dict, user: str) -> None:
-        if not (who["admin"] or who["name"] == user):
-            raise web.HTTPError(404, "No such request.")
-
-    def json_body(self, allowed: set) -> dict:
-        if len(self.request.body) > MAX_BODY:
-            raise web.HTTPError(413, f"Request body over {MAX_BODY} bytes.")
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise web.HTTPError(400, "Body is not valid JSON.") from None
-        except RecursionError:  # e.g. "[[[[…" thousands deep: json.loads gives up
-            raise web.HTTPError(400, "Body is nested too deeply.") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "Body must be a JSON object.")
-        unknown = set(body) - allowed
-        if unknown:
-            raise web.HTTPError(400, f"Unknown field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
-        return body
-
-    def write_json(self, obj, status: int = 200):
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(obj))
-
-    def write_error(self, status_code, **kwargs):
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if isinstance(exc, StoreUnavailable):
-            status_code, message = 503, "The scheduler's database is unavailable; nothing was changed. Try again shortly."
-            self.set_status(503)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
-
-    def log_exception(self, typ, value, tb):
-        if isinstance(value, StoreUnavailable):
-            self.bai.log.error("Database unavailable during %s %s", self.request.method, self.request.uri)
-            return
-        super().log_exception(typ, value, tb)
-
-    @staticmethod
-    def key(user: str, server: str) -> RequestKey:
-        for part in (user, server):
-            if part and not NAME_RE.match(part):
-                raise web.HTTPError(400, "Invalid user or server name.")
-        return RequestKey(user, server)
-
-
-class NotFoundHandler(BaseHandler):
-    """Any path under the prefix that names nothing: a JSON 404, like the rest of the API."""
-
-    def prepare(self):
-        raise web.HTTPError(404, "No such endpoint; see the README's REST API table.")
-
-
-class HealthHandler(BaseHandler):
-    def get(self):
-        self.write_json({"ok": self.service.degraded is None, "degraded": self.service.degraded})
-
-
-class CapacityHandler(BaseHandler):
-    def get(self):
-        who = self.identity()
-        units = self.bai.units
-        nodes = []
-        snap = self.service.capacity()
-        for node in self.bai.node_list:
-            nodes.append({
-                "name": node.name,
-                "docker_url": node.docker_url,
-                "simulated": node.simulated,
-                **self.bai.readiness[node.name].to_json(who["admin"]),
-                "devices": [
-                    {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
-                     "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}
-                    for d in node.devices
-                ],
-                "cpu_millis": node.cpu_millis,
-                "memory_bytes": node.memory_bytes,
-            })
-        self.write_json({
-            "fgpu_per_gpu": units.fgpu_per_gpu,
-            "fgpu_step": str(units.fgpu_step),
-            "quanta_per_gpu": units.quanta_per_gpu,
-            "span": self.bai.span,
-            "nodes": nodes,
-            "usage": snap,
-            "queue_length": len(self.service.pending()),
-            "simulated": any(n.simulated for n in self.bai.node_list),
-        })
-
-
-class RequestsHandler(BaseHandler):
-    def get(self):
-        who = self.identity()
-        out = [
-            self.service.status(r) for r in self.service.records.values()
-            if who["admin"] or r.key.user == who["name"]
-        ]
-        out.sort(key=lambda s: (s["state"] != "RUNNING", s.get("position") or 0, s["submitted_at"]))
-        self.write_json({"requests": out, "epoch": self.service.epoch})
-
-
-class RequestHandler(BaseHandler):
-    FIELDS = {"quanta", "cpu_millis", "memory_bytes", "image", "user_options"}
-
-    def get(self, user, server):
-        who = self.identity()
-        self.check_owner(who, user)
-        rec = self.service.get(self.key(user, server))
-        if rec is None:
-            raise web.HTTPError(404, "No such request.")
-        self.write_json(self.service.status(rec))
-
-    async def put(self, user, server):
-        """The spawner registers (or re-attaches to) the request of the server it starts."""
-        if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner registers requests; start servers through the hub.")
-        body = self.json_body(self.FIELDS)
-        nums = {}
-        for field in ("quanta", "cpu_millis", "memory_bytes"):
-            v = body.get(field, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**53:
-                raise web.HTTPError(400, f"{field} must be a non-negative integer.")
-            nums[field] = v
-        image = body.get("image", "")
-        options = body.get("user_options", {})
-        if not isinstance(image, str) or not isinstance(options, dict):
-            raise web.HTTPError(400, "image must be a string and user_options an object.")
-        try:
-            rec = await self.service.submit(
-                self.key(user, server), image=image, user_options=options, reattach=True, **nums
-            )
-        except Refused as e:
-            raise web.HTTPError(e.status, str(e)) from None
-        self.write_json(self.service.status(rec), 201)
-
-    async def delete(self, user, server):
-        who = self.identity()
-        key = self.key(user, server)
-        if who["internal"]:
-            request_id = self.get_argument("request_id", None, strip=False)
-            if request_id is not None and not request_id.strip():
-                raise web.HTTPError(400, "request_id is empty.")
-            freed = await self.service.release(key, request_id)
-            self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
-            return
-        self.check_owner(who, user)
-        rec = self.service.get(key)
-        if rec is None:
-            raise web.HTTPError(404, "No such request.")
-        # Go through the hub so its view of the server stays true; the spawner's
-        # stop() then releases. A request the hub no longer tracks is released here.
-        try:
-            await self.bai.hub.stop_server(user, server)
-        except (HubAPIError, OSError) as e:
-            self.bai.log.info("Hub stop of %s: %s; releasing directly", key, e)
-        await self.service.release(key, rec.id)
-        self.write_json({"released": True})
-
-
-class WaitHandler(BaseHandler):
-    async def get(self, user, server):
-        if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner waits on requests.")
-        key = self.key(user, server)
-        try:
-            epoch = int(self.get_argument("epoch", "-1"))
-            timeout = float(self.get_argument("timeout", str(self.bai.wait_timeout)))
-        except ValueError:
-            raise web.HTTPError(400, "epoch and timeout must be numbers.") from None
-        if not math.isfinite(timeout):
-            # NaN would hold the long-poll open for ever (every comparison is False).
-            raise web.HTTPError(400, "timeout must be a finite number of seconds.")
-        timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(key, epoch, timeout)
-        if rec is None:
-            self.write_json({"state": "GONE", "epoch": self.service.epoch,
-                             "reason": "The request was cancelled."})
-            return
-        self.write_json(self.service.status(rec))
-
-
-class LaunchHandler(BaseHandler):
-    """Start several sessions of one shape at once (named servers through the hub)."""
-
-    async def post(self):
-        who = self.identity()
-        body = self.json_body({"count", "options", "user", "prefix"})
-        user = body.get("user") or who["name"]
-        if not isinstance(user, str) or not user:
-            raise web.HTTPError(400, "Say which user launches.")
-        self.check_owner(who, user)
-        count = body.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.bai.max_launch:
-            raise web.HTTPError(400, f"count must be a whole number from 1 to {self.bai.max_launch}.")
-        options = body.get("options", {})
-        if not isinstance(options, dict):
-            raise web.HTTPError(400, "options must be an object.")
-        prefix = body.get("prefix", "session")
-        if not isinstance(prefix, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", prefix):
-            raise web.HTTPError(400, "prefix must be lower-case letters, digits and '-' (at most 31).")
-        names = await launch_sessions(self.bai.hub, user, prefix, count, options)
-        self.write_json({"launched": names}, 202)
-
-
-async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:
-    try:
-        model = await hub.get_user(user)
-    except HubAPIError as e:
-        raise web.HTTPError(404 if e.code == 404 else 502, f"Hub: {e}") from None
-    taken = set((model or {}).get("servers", {}))
-    names, i = [], 1
-    while len(names) < count:
-        name = f"{prefix}-{i}"
-        i += 1
-        if name in taken:
-            continue
-        try:
-            await hub.start_server(user, name, options)
-        except HubAPIError as e:
-            raise web.HTTPError(400 if e.code < 500 else 502,
-                                f"Started {names or 'none'}; {name} refused: {e}") from None
-        names.append(name)
-    return names
-
-
-class MetricsHandler(BaseHandler):
-    def get(self):
-        from .metrics import render
-
-        self.set_header("Content-Type", "text/plain; version=0.0.4")
-        self.finish(render(self.service))
 
 
 def main(argv=None):

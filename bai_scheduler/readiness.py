@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import docker
 
-from bai_spawner import labels
-
-from .model import Node
+from .contract import labels
+from .core.model import Node
 
 DIR_BIT = 1 << 31  # Go's os.ModeDir in Docker's path stat
 LISTING, MPS = "@@bai-listing", "@@bai-mps"

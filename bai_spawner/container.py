@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from docker.types import DeviceRequest
 from docker.utils import convert_volume_binds
 
-from . import labels
-from .form import SessionOptions
+from bai_scheduler.contract import labels
+from bai_scheduler.contract.options import SessionOptions
+
 from .gpu import GpuSpec
 
 CPU_PERIOD_US = 100_000

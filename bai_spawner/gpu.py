@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bai_scheduler.units import FgpuUnits
-
-from . import labels
+from bai_scheduler.contract import labels
+from bai_scheduler.core.units import FgpuUnits
 
 BACKENDS = ("hami", "mps", "mig", "whole")
 MIB = 1024**2

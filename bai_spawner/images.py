@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import labels as L
+from bai_scheduler.contract import labels as L
 from . import recipes as R
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -529,7 +529,7 @@ def _gib(n: int) -> str:
 
 
 def list_table(client, show_all: bool = False) -> str:
-    from .catalog import build_catalog, list_images_blocking
+    from bai_scheduler.contract.catalog import build_catalog, list_images_blocking
     images = list_images_blocking(client)
     rows = [("DISPLAY NAME", "IMAGE", "FRAMEWORK", "VERSION", "PYTHON", "KIND", "SIZE")]
     for c in build_catalog(images):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from decimal import Decimal
@@ -17,17 +18,23 @@ import docker
 import requests
 from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
+from jinja2 import Environment, FileSystemLoader
 from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
 
-from bai_scheduler.units import GIB, FgpuUnits
+from bai_scheduler.contract import catalog as catalog_mod
+from bai_scheduler.contract.client import SchedulerClient, SchedulerError
+from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
+from bai_scheduler.contract.form import form_context
+from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.core.units import GIB, FgpuUnits
 
-from . import catalog as catalog_mod
-from .client import SchedulerClient, SchedulerError
 from .container import ContainerSpecError, Hardening, Session, make_container
-from .form import FormError, Limits, SessionOptions, parse_options
 from .gpu import PlacementMismatch, gpu_spec
 
+# The spawn form (kubespawner's way: a Jinja2 template in the package).
+TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__file__), "templates"), FORM_TEMPLATES]),
+                        autoescape=True)
 
 # What a Docker engine that is down or failing raises through docker-py.
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
@@ -53,13 +60,6 @@ class BaiSpawner(DockerSpawner):
         help="Names this hub deployment on its containers (label org.bai-hub.hub). Must equal "
         "c.BaiScheduler.hub_id; lets several hubs share Docker engines without seeing each other's sessions.",
     )
-    gpu_backend = Unicode(
-        config=True,
-        help="Deprecated: each node's backend is c.BaiScheduler.gpu_backend (or 'gpu_backend' in its "
-        "entry of c.BaiScheduler.nodes); the scheduler reads this value if that is unset.",
-    )
-    hami_library = Unicode(config=True, help="Deprecated: use c.BaiScheduler.hami_library.")
-    mps_pipe_directory = Unicode(config=True, help="Deprecated: use c.BaiScheduler.mps_pipe_directory.")
     pids_limit = Integer(
         4096, config=True,
         help="Most processes and threads one session may run (Docker's --pids-limit), so that a "
@@ -84,11 +84,24 @@ class BaiSpawner(DockerSpawner):
         help="Run an init process (docker --init) as PID 1 of each session: it reaps orphaned "
         "processes and forwards signals, whatever the image's entrypoint.",
     )
-    default_cpu = Unicode("1", config=True, help="CPU cores the form proposes.")
-    max_cpu = Unicode("4", config=True, help="Most CPU cores one session may ask for.")
-    default_memory_gib = Unicode("2", config=True, help="Memory (GiB) the form proposes.")
-    max_memory_gib = Unicode("16", config=True, help="Most memory (GiB) one session may ask for.")
-    max_sessions_per_launch = Integer(4, config=True, help="Most sessions the form launches in one action.")
+    # The form's limits and the GPU backend moved to the scheduler service (it publishes the
+    # limits through api/capacity and sends each node's backend with the placement). The old
+    # names still work: the service reads them from the same config file
+    # (BaiScheduler.initialize); here they only warn.
+    _moved_to_scheduler = ("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib",
+                           "max_sessions_per_launch", "gpu_backend", "hami_library", "mps_pipe_directory")
+    default_cpu = Unicode(config=True, help="Deprecated: use c.BaiScheduler.default_cpu.")
+    max_cpu = Unicode(config=True, help="Deprecated: use c.BaiScheduler.max_cpu.")
+    default_memory_gib = Unicode(config=True, help="Deprecated: use c.BaiScheduler.default_memory_gib.")
+    max_memory_gib = Unicode(config=True, help="Deprecated: use c.BaiScheduler.max_memory_gib.")
+    max_sessions_per_launch = Integer(config=True, help="Deprecated: use c.BaiScheduler.max_sessions_per_launch.")
+    gpu_backend = Unicode(
+        config=True,
+        help="Deprecated: each node's backend is c.BaiScheduler.gpu_backend (or 'gpu_backend' in its "
+        "entry of c.BaiScheduler.nodes).",
+    )
+    hami_library = Unicode(config=True, help="Deprecated: use c.BaiScheduler.hami_library.")
+    mps_pipe_directory = Unicode(config=True, help="Deprecated: use c.BaiScheduler.mps_pipe_directory.")
     wait_poll_seconds = Float(30, config=True, help="Long-poll length while a request waits in the queue.")
     container_start_timeout = Integer(
         120, config=True,
@@ -102,11 +115,11 @@ class BaiSpawner(DockerSpawner):
     )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
 
-    @observe("gpu_backend", "hami_library", "mps_pipe_directory")
-    def _moved_to_scheduler(self, change):
-        self.log.warning("c.BaiSpawner.%s is deprecated: the scheduler decides it per node; set "
-                         "c.BaiScheduler.%s instead (it reads this value while that is unset).",
-                         change.name, change.name)
+    @observe(*_moved_to_scheduler)
+    def _moved_option(self, change):
+        self.log.warning("BaiSpawner.%s is deprecated: the scheduler service owns it now (the form's limits, "
+                         "and each node's GPU backend). Set c.BaiScheduler.%s instead (until then the service "
+                         "uses this value).", change.name, change.name)
 
     @validate("pids_limit")
     def _check_pids_limit(self, proposal):
@@ -220,17 +233,6 @@ class BaiSpawner(DockerSpawner):
     async def _capacity(self) -> dict:
         return await self.scheduler.capacity()
 
-    def _limits(self, cap: dict) -> Limits:
-        biggest = max((sum(d["quanta"] for d in n["devices"]) for n in cap["nodes"]), default=0)
-        return Limits(
-            max_quanta=biggest,
-            max_cpu=Decimal(self.max_cpu),
-            max_memory_gib=Decimal(self.max_memory_gib),
-            default_cpu=Decimal(self.default_cpu),
-            default_memory_gib=Decimal(self.default_memory_gib),
-            max_sessions=self.max_sessions_per_launch,
-        )
-
     @staticmethod
     def _units(cap: dict) -> FgpuUnits:
         return FgpuUnits(cap["fgpu_per_gpu"], Decimal(cap["fgpu_step"]))
@@ -239,18 +241,18 @@ class BaiSpawner(DockerSpawner):
         return await catalog_mod.load_catalog(self.client)
 
     async def get_options_form(self):
-        from .formpage import render_form
-
+        template = TEMPLATES.get_template("options_form.html")
         try:
             cap = await self._capacity()
         except SchedulerError as e:
-            return f'<div class="alert alert-danger">{web.escape.xhtml_escape(str(e))}</div>'
+            return template.render(error=str(e))
         images = await self._catalog()
-        visible = catalog_mod.visible_to(images, self.user.name, is_admin=False)
-        return render_form(
-            visible=visible, user=self.user.name, capacity=cap, units=self._units(cap),
-            limits=self._limits(cap), service_prefix=self.scheduler_prefix,
-        )
+        service = self.scheduler_prefix.rstrip("/") + "/"
+        return template.render(simulated=cap.get("simulated"), **form_context(
+            visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
+            capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
+            capacity_url=service + "capacity.json", static_url=service + "static/",
+        ))
 
     def options_from_form(self, formdata):
         # Parsed again in start() with the live units and limits: this only
@@ -268,7 +270,7 @@ class BaiSpawner(DockerSpawner):
         if not raw.get("image") and not raw.get("image_name"):
             raw["image"] = self.image
         try:
-            opts = parse_options(raw, units, self._limits(cap))
+            opts = parse_options(raw, units, Limits.from_json(cap["limits"]))
         except FormError as e:
             raise web.HTTPError(400, str(e)) from None
         try:

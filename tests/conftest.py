@@ -4,11 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from hubtools import CHROMIUM, CHROMIUM_ARGS, Hub, docker
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-KERNEL_IMAGE = "bai/sklearn:1.6.1"
-OLD_IMAGE = "bai/sklearn:1.5.2"
+from helpers import ARTIFACTS, KERNEL_IMAGE, OLD_IMAGE
+from helpers.hub import CHROMIUM, CHROMIUM_ARGS, Hub, docker
 
 
 def pytest_configure(config):

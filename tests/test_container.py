@@ -1,15 +1,17 @@
 """The session container as plain data (bai_spawner.container), against literal dicts,
 and BaiSpawner.create_object with dockerspawner's callable extras."""
 import asyncio
-import types
 
+import docker
 import pytest
 
-from bai_scheduler.model import GpuBackend
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.contract.options import SessionOptions
+from bai_scheduler.core.model import GpuBackend
+from bai_scheduler.core.units import FgpuUnits
 from bai_spawner.container import ContainerSpecError, Hardening, Session, make_container
-from bai_spawner.form import SessionOptions
 from bai_spawner.gpu import gpu_spec
+from bai_spawner.spawner import BaiSpawner
+from helpers.spawner import make_spawner
 
 UNITS = FgpuUnits(2, "0.5")
 GIB = 1024**3
@@ -135,8 +137,6 @@ class Recorder:
     """Stands in for the Docker engine: records what create_container gets."""
 
     def __init__(self):
-        import docker
-
         self.api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41")
         self.created = None
 
@@ -146,15 +146,11 @@ class Recorder:
         return {"Id": "c1"}
 
 
-def make_spawner(**config):
-    from bai_spawner.spawner import BaiSpawner
-
-    user = types.SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/")
-    spawner = BaiSpawner(user=user, name="s1", hub=types.SimpleNamespace(), _deprecated_db_session=None,
-                         **config)
+def spawner_with_recorder(monkeypatch, **config):
+    spawner = make_spawner("alice", "s1", **config)
     rec = Recorder()
     spawner.docker = rec.docker
-    BaiSpawner._clients[""] = rec.api
+    monkeypatch.setitem(BaiSpawner._clients, "", rec.api)  # the local engine's client, for this test only
     spawner.get_env = lambda: {"JUPYTERHUB_API_TOKEN": "t"}
     spawner.request_id = "req-1"
     spawner.image = "bai/sklearn:1.6.1"
@@ -164,15 +160,15 @@ def make_spawner(**config):
 
 
 @pytest.mark.parametrize("kind", ["dict", "callable", "async"])
-def test_create_object_takes_callable_extras_and_keeps_admin_binds(kind):
+def test_create_object_takes_callable_extras_and_keeps_admin_binds(kind, monkeypatch):
     extra = {"binds": {"/srv/data": {"bind": "/data", "mode": "ro"}}, "shm_size": "1g"}
 
     async def later(spawner):
         return extra
 
     value = {"dict": extra, "callable": lambda spawner: extra, "async": later}[kind]
-    spawner, rec = make_spawner(extra_host_config=value,
-                                extra_create_kwargs=lambda spawner: {"labels": {"who": spawner.user.name}})
+    spawner, rec = spawner_with_recorder(monkeypatch, extra_host_config=value,
+                                         extra_create_kwargs=lambda spawner: {"labels": {"who": spawner.user.name}})
     asyncio.run(spawner.create_object())
     host = rec.created["host_config"]
     assert "/srv/data:/data:ro" in host["Binds"]
@@ -185,8 +181,9 @@ def test_create_object_takes_callable_extras_and_keeps_admin_binds(kind):
     assert rec.created["image"] == "bai/sklearn:1.6.1"
 
 
-def test_create_object_hardening_options():
-    spawner, rec = make_spawner(pids_limit=256, cap_add=["CHOWN"], no_new_privileges=False, use_init=False)
+def test_create_object_hardening_options(monkeypatch):
+    spawner, rec = spawner_with_recorder(monkeypatch, pids_limit=256, cap_add=["CHOWN"], no_new_privileges=False,
+                                         use_init=False)
     asyncio.run(spawner.create_object())
     host = rec.created["host_config"]
     assert host["PidsLimit"] == 256 and host["CapAdd"] == ["CHOWN"] and host["CapDrop"] == ["ALL"]

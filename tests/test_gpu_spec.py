@@ -6,8 +6,8 @@ process, and Docker's own behaviour for a missing bind source (tests/test_gpu_en
 """
 import pytest
 
-from bai_scheduler.model import GpuBackend
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.model import GpuBackend
+from bai_scheduler.core.units import FgpuUnits
 from bai_spawner.gpu import PlacementMismatch, gpu_spec
 
 UNITS = FgpuUnits(2, "0.5")  # 4 quanta per GPU

@@ -6,8 +6,9 @@ from decimal import Decimal
 import pytest
 
 from bai_scheduler import inventory
-from bai_scheduler.inventory import NoGpuError, nvml_devices, parse_bytes, simulated_nodes
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.nodes import parse_bytes, simulated_nodes
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.inventory import NoGpuError, nvml_devices
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 GIB = 1024**3

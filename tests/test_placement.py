@@ -4,10 +4,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Device, Node, Placement, Request, RequestKey, Share
-from bai_scheduler.placement import Capacity, Reservations
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import Device, Node, Placement, Request, RequestKey, Share
+from bai_scheduler.core.placement import Capacity, Reservations
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
 Q = U.quanta_per_gpu
@@ -48,7 +48,7 @@ def test_concentrate_is_best_fit_and_keeps_whole_gpus_free():
     assert b.shares[0].device_uuid == a.shares[0].device_uuid  # fullest device that fits
     cap.take(b)
     # a full GPU still goes to an empty device; three stay entirely free
-    assert sum(1 for n in cap.snapshot() for d in n["devices"] if d["used_quanta"] == 0) == 3
+    assert sum(1 for n in cap.usage() for d in n["devices"] if d["used_quanta"] == 0) == 3
 
 
 def test_concentrate_prefers_fullest_node_on_ties():
@@ -170,10 +170,10 @@ def test_constructor_checks():
         Capacity(nodes(1) + nodes(1), Q)
 
 
-def test_snapshot():
+def test_usage():
     cap = Capacity(nodes(2, cpu=4, memory="8GiB"), Q, units=U)
     cap.take(Placement("n0", (Share("GPU-sim-n0-1", 3),), 500, 1024))
-    (n,) = cap.snapshot()
+    (n,) = cap.usage()
     assert n["name"] == "n0" and n["cpu_millis_total"] == 4000 and n["cpu_millis_used"] == 500
     assert n["memory_bytes_total"] == 8 * 1024**3 and n["memory_bytes_used"] == 1024
     assert [(d["uuid"], d["index"], d["capacity_quanta"], d["used_quanta"]) for d in n["devices"]] == [
@@ -254,9 +254,9 @@ def test_random_workloads_never_overallocate(layout, cpu, span, strategy, steps)
     for op, q, c, pick in steps:
         if op == "release" and held:
             p = held.pop(pick % len(held))
-            before = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            before = {d["uuid"]: d["used_quanta"] for n in cap.usage() for d in n["devices"]}
             cap.give_back(p)
-            after = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            after = {d["uuid"]: d["used_quanta"] for n in cap.usage() for d in n["devices"]}
             for s in p.shares:
                 before[s.device_uuid] -= s.quanta
             assert before == after  # exactly what was taken
@@ -287,7 +287,7 @@ def test_random_workloads_never_overallocate(layout, cpu, span, strategy, steps)
             assert chosen == min(feasible)  # best fit
         cap.take(p)
         held.append(p)
-        for n in cap.snapshot():
+        for n in cap.usage():
             for d in n["devices"]:
                 assert 0 <= d["used_quanta"] <= d["capacity_quanta"]
             assert not n["cpu_millis_total"] or n["cpu_millis_used"] <= n["cpu_millis_total"]
@@ -365,7 +365,7 @@ def test_node_not_ready_gets_no_gpu_share_but_cpu_only_sessions():
     assert cap.reserve(req(1), Reservations()) is None  # nothing to wait for there either
     assert cap.place(req(0, cpu=500)) is not None  # CPU-only still runs
     assert cap.can_ever_fit(req(1)) is None  # it waits: the node may become ready
-    assert [n["gpu_ready"] for n in cap.snapshot()] == [False, False]
+    assert [n["gpu_ready"] for n in cap.usage()] == [False, False]
     cap.set_gpu_ready("n1", True)
     assert cap.place(req(1)).node == "n1"
 

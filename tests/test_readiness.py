@@ -1,22 +1,21 @@
 """GPU node readiness: pure verdicts on what nvidia-smi and Docker said, the check with a
-stand-in probe, and the probe itself against the real Docker engine (no GPU here: a HAMi
-node's checks stop where the engine cannot give GPUs to containers)."""
-import os
-import subprocess
+stand-in probe, and the service acting on the checks.  The probe itself against the real
+Docker engine: tests/engine/test_readiness_engine.py."""
+import logging
 
-import docker
 import pytest
+from traitlets.config import Config
 
-from bai_scheduler.inventory import nodes_from_config
-from bai_scheduler.model import GpuBackend
+from bai_scheduler.app import BaiScheduler
+from bai_scheduler.core.model import RequestKey
 from bai_scheduler.readiness import (
-    EngineProbe, ProbeError, check_node, device_problems, parse_listing, path_problem, split_sections, unchecked,
+    ProbeError, Readiness, check_node, parse_listing, path_problem, split_sections, unchecked,
 )
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.service import Service
+from bai_scheduler.store import Store
+from helpers.gpu import A100, H100, config_nodes
+from helpers.gpu import gpu_node as node
 
-U = FgpuUnits(2, "0.5")
-A100 = "GPU-5d1c2b3a-0011-2233-4455-66778899aa00"
-H100 = "GPU-5d1c2b3a-0011-2233-4455-66778899aa01"
 MIG1 = "MIG-0f7a3a4e-1111-5555-9999-aaaaaaaaaaa1"
 MIG2 = "MIG-0f7a3a4e-1111-5555-9999-aaaaaaaaaaa2"
 FILE = {"name": "libvgpu.so", "size": 1048576, "mode": 0o755, "mtime": "", "linkTarget": ""}
@@ -28,15 +27,6 @@ MIG_QUERY = f"0, {A100}, Enabled\n"
 MIG_LISTING = (f"GPU 0: NVIDIA A100-SXM4-40GB (UUID: {A100})\n"
                f"  MIG 3g.20gb     Device  0: (UUID: {MIG1})\n"
                f"  MIG 3g.20gb     Device  1: (UUID: {MIG2})\n")
-
-
-def node(backend="hami", gpus=None, **extra):
-    gpus = gpus if gpus is not None else [{"uuid": A100, "index": 0, "memory": "40GiB"},
-                                          {"uuid": H100, "index": 1, "memory": "80GiB"}]
-    (n,) = nodes_from_config([{"name": "g1", "gpus": gpus, "gpu_backend": backend, **extra}], U, GpuBackend(), {})
-    return n
-
-
 MIG_GPUS = [{"uuid": MIG1, "index": 0, "memory": "20GiB", "mig_parent": A100, "mig_profile": "3g.20gb"},
             {"uuid": MIG2, "index": 0, "memory": "20GiB", "mig_parent": A100, "mig_profile": "3g.20gb"}]
 
@@ -140,10 +130,10 @@ def test_mig_node_needs_mig_mode_and_its_instances():
 
 
 def test_simulated_and_cpu_only_nodes_are_ready_without_a_check():
-    sim = nodes_from_config([{"name": "s", "gpus": 1, "gpu_memory": "8GiB"}], U, GpuBackend(), {})[0]
+    sim = config_nodes([{"name": "s", "gpus": 1, "gpu_memory": "8GiB"}])[0]
     assert check_node(sim, StandInProbe(fail="must not run")).ready
     assert unchecked(sim).simulated and "simulated" in unchecked(sim).reason
-    cpu = nodes_from_config([{"name": "c", "gpus": 0}], U, GpuBackend(), {})[0]
+    cpu = config_nodes([{"name": "c", "gpus": 0}])[0]
     assert unchecked(cpu).ready
     assert not unchecked(node()).ready  # real GPUs: not ready until checked
     assert unchecked(node()).to_json(admin=False) == {"gpu_backend": "hami", "gpu_ready": False}
@@ -161,103 +151,12 @@ def test_simulated_and_cpu_only_nodes_are_ready_without_a_check():
 ])
 def test_bad_node_configs_are_refused_at_start_up(entry, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        nodes_from_config([{"name": "g1", **entry}], U, GpuBackend(), {})
-
-
-# ---------------------------------------------------------------- the real engine
-@pytest.fixture
-def probe(kernel_images):
-    client = docker.APIClient(version="auto")
-    yield EngineProbe(client, "bai-test-probe-", timeout=60)
-    assert not client.containers(all=True, filters={"name": "bai-test-probe-"}), "probe containers left behind"
-
-
-@pytest.mark.docker
-def test_engine_probe_sees_what_the_node_has(tmp_path, probe):
-    lib, lock = tmp_path / "libvgpu.so", tmp_path / "vgpulock"
-    lib.write_bytes(b"\x7fELF")
-    lock.mkdir()
-    image = probe.kernel_image()
-    assert image
-    assert path_problem("library", str(lib), probe.stat(image, str(lib)), False) is None
-    assert path_problem("lock", str(lock), probe.stat(image, str(lock)), True) is None
-    assert probe.stat(image, str(tmp_path / "nothing")) is None
-    assert not (tmp_path / "nothing").exists()  # checking made nothing
-
-
-@pytest.mark.docker
-def test_engine_check_of_a_hami_node_without_its_library(tmp_path, probe):
-    lock = tmp_path / "vgpulock"
-    lock.mkdir()
-    n = node(hami_library=str(tmp_path / "libvgpu.so"), hami_lock_dir=str(lock))
-    result = check_node(n, probe)
-    assert not result.ready
-    assert f"{tmp_path / 'libvgpu.so'} does not exist on the node" in result.reason
-    (tmp_path / "libvgpu.so").write_bytes(b"\x7fELF")
-    # Library and lock folder are there; this engine has no NVIDIA runtime, so the GPU step fails.
-    result = check_node(n, probe)
-    assert not result.ready and "cannot give GPUs to containers" in result.reason
-
-
-@pytest.mark.docker
-def test_docker_binds_hide_a_missing_library_but_mounts_refuse(tmp_path, kernel_images):
-    """Why the GPU backend's host paths are Mounts of type bind: for a missing source the legacy
-    Binds make an empty folder (LD_PRELOAD then loads nothing and the session runs unlimited);
-    a Mounts entry makes the engine refuse the container, naming the path."""
-    from bai_spawner.gpu import gpu_spec
-
-    missing = tmp_path / "vgpu" / "libvgpu.so"
-    spec = gpu_spec({"node": "n", "gpu": {**GpuBackend().to_json(), "hami_library": str(missing),
-                                          "hami_lock_dir": str(tmp_path)},
-                     "shares": [{"device": A100, "quanta": 1, "index": 0, "memory_bytes": 2**33, "capacity": 4}]}, U)
-    client = docker.APIClient(version="auto")
-    name = f"bai-test-binds-{os.getpid()}"
-    with pytest.raises(docker.errors.APIError, match=f"does not exist: {missing}"):
-        client.create_container(kernel_images, name=name + "-m", command=["true"],
-                                host_config=client.create_host_config(mounts=spec.mounts))
-    cid = client.create_container(kernel_images, name=name + "-b", command=["true"],
-                                  host_config=client.create_host_config(binds={str(missing): {"bind": "/lib.so"}}))["Id"]
-    try:
-        client.start(cid)
-        client.wait(cid, timeout=60)
-        assert missing.is_dir()  # what the old spec's bind did on a node without the library
-    finally:
-        client.remove_container(cid, force=True)
-        subprocess.run(["rm", "-rf", str(tmp_path / "vgpu")], check=False)
-
-
-@pytest.mark.docker
-def test_admins_check_their_nodes_from_the_command_line(tmp_path, kernel_images):
-    import json
-    import sys
-
-    config = tmp_path / "config.py"
-    config.write_text(
-        "c = get_config()\n"
-        "c.BaiScheduler.hub_id = 'bai-test-cli'\n"
-        f"c.BaiScheduler.nodes = [{{'name': 'g1', 'gpus': [{{'uuid': '{A100}', 'index': 0, 'memory': '40GiB'}}],"
-        f" 'hami_library': '{tmp_path}/libvgpu.so'}}, {{'name': 'sim', 'gpus': 1, 'gpu_memory': '8GiB'}}]\n"
-    )
-    out = subprocess.run([sys.executable, "-m", "bai_scheduler.app", f"--config={config}", "--check-gpus"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 1, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [(r["node"], r["ready"]) for r in lines] == [("g1", False), ("sim", True)]
-    assert f"{tmp_path}/libvgpu.so does not exist on the node" in lines[0]["reason"]
-    assert list(tmp_path.iterdir()) == [config]  # no database or other state made
+        config_nodes([{"name": "g1", **entry}])
 
 
 # ---------------------------------------------------------------- the service acting on checks
 def scheduler_app(tmp_path, **options):
-    import logging
-
-    from traitlets.config import Config
-
-    from bai_scheduler.app import BaiScheduler
-    from bai_scheduler.readiness import unchecked
-    from bai_scheduler.service import SchedulerService
-    from bai_scheduler.store import Store
-
+    """The app's parts that act on checks (nodes, readiness, the service), without a server."""
     app = BaiScheduler(config=Config({"BaiScheduler": {
         "nodes": [{"name": "g1", "gpus": [{"uuid": A100, "index": 0, "memory": "40GiB"}]},
                   {"name": "cpu1", "gpus": 0}],
@@ -265,14 +164,11 @@ def scheduler_app(tmp_path, **options):
     app.log = logging.getLogger("bai_scheduler")
     app.node_list = app.build_nodes()
     app.readiness = {n.name: unchecked(n) for n in app.node_list}
-    app.service = SchedulerService(app.node_list, app.units, Store(app.db_url))
+    app.service = Service(app.node_list, app.units, Store(app.db_url))
     return app
 
 
 async def test_gpu_shares_go_only_to_a_node_whose_check_passed(tmp_path):
-    from bai_scheduler.model import RequestKey
-    from bai_scheduler.readiness import Readiness
-
     app = scheduler_app(tmp_path)
     svc = app.service
     first = await svc.submit(RequestKey("u", "gpu1"), quanta=1)
@@ -293,18 +189,3 @@ async def test_gpu_shares_go_only_to_a_node_whose_check_passed(tmp_path):
     await svc.schedule()
     assert svc.get(RequestKey("u", "gpu2")).state == "PENDING"
     assert [n["gpu_ready"] for n in svc.capacity()] == [False, True]
-
-
-def test_spawner_backend_options_move_to_the_scheduler(tmp_path):
-    from traitlets.config import Config
-
-    app = scheduler_app(tmp_path)
-    app.config = Config({"BaiSpawner": {"gpu_backend": "mps", "mps_pipe_directory": "/run/mps"},
-                         "BaiScheduler": dict(app.config.BaiScheduler)})
-    app.adopt_moved_options()
-    (g1, _) = app.build_nodes()
-    assert (g1.gpu.name, g1.gpu.mps_pipe_directory) == ("mps", "/run/mps")
-    set_here = scheduler_app(tmp_path, gpu_backend="whole")
-    set_here.config = Config({"BaiSpawner": {"gpu_backend": "mps"}, "BaiScheduler": dict(set_here.config.BaiScheduler)})
-    set_here.adopt_moved_options()
-    assert set_here.build_nodes()[0].gpu.name == "whole"  # the scheduler's own option wins

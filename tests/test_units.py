@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, strategies as st
 
-from bai_scheduler.units import FgpuError, FgpuUnits, format_bytes
+from bai_scheduler.core.units import FgpuError, FgpuUnits, format_bytes
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 

@@ -36,9 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from bai_scheduler.core.model import GpuBackend  # noqa: E402
+from bai_scheduler.core.units import FgpuUnits  # noqa: E402
 from bai_scheduler.inventory import NoGpuError, nvml_devices  # noqa: E402
-from bai_scheduler.model import GpuBackend  # noqa: E402
-from bai_scheduler.units import FgpuUnits  # noqa: E402
 from bai_spawner.gpu import gpu_spec  # noqa: E402
 
 CLIENT = HERE / "share_client.py"

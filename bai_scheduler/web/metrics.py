@@ -1,0 +1,29 @@
+"""Prometheus ``{prefix}metrics``: queue length, fGPU in use, admission latency."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Summary, generate_latest
+
+from .base import APIHandler
+
+
+def render(service) -> bytes:
+    reg = CollectorRegistry()
+    Gauge("bai_queue_length", "Requests waiting in the queue", registry=reg).set(len(service.pending()))
+    Gauge("bai_sessions_running", "Requests holding capacity", registry=reg).set(len(service.running()))
+    total = sum(d.quanta for n in service.nodes for d in n.devices)
+    used = sum(r.placement.quanta for r in service.running() if r.placement)
+    Gauge("bai_fgpu_capacity_quanta", "fGPU quanta on all nodes", registry=reg).set(total)
+    Gauge("bai_fgpu_in_use_quanta", "fGPU quanta held by admitted sessions", registry=reg).set(used)
+    lat = Summary("bai_admission_latency_seconds", "Release accepted to next admission", registry=reg)
+    for v in service.admission_latencies[-1000:]:
+        lat.observe(v)
+    return generate_latest(reg)
+
+
+class MetricsHandler(APIHandler):
+    def get(self):
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish(render(self.service))
+
+
+default_handlers = [(r"metrics", MetricsHandler)]
