@@ -351,7 +351,9 @@ class BaiSpawner(DockerSpawner):
     async def _wait_admitted(self, status: dict, units: FgpuUnits) -> dict:
         last = None
         while status["state"] == "PENDING":
-            message = status.get("reason") or f"Waiting in queue (position {status.get('position')})"
+            # The reason says what the request lacks; its place in the queue goes beside it.
+            place = f"#{status['position']} in queue" if status.get("position") else "in the queue"
+            message = f"{status['reason']} ({place})" if status.get("reason") else f"Waiting {place}"
             if message != last:
                 self._emit(10, message)
                 last = message

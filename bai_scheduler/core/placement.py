@@ -154,6 +154,7 @@ class Capacity:
         self._mixed = [nd.gpu.mixed for nd in self.nodes]
         self._multi = [nd.gpu.multi_device for nd in self.nodes]
         self._gpu_off = [False] * n
+        self._missing: dict[tuple, str | None] = {}  # wait reasons by request shape, until a change
         self._restricted = False
         self._update_restricted()
         # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
@@ -182,6 +183,7 @@ class Capacity:
     def set_gpu_ready(self, name: str, ready: bool) -> None:
         """Let placement use node ``name``'s GPUs (ready) or not (CPU-only requests still go there)."""
         self._gpu_off[self._node_idx[name]] = not ready
+        self._missing = {}
         self._update_restricted()
 
     def gpu_ready(self, name: str) -> bool:
@@ -469,6 +471,74 @@ class Capacity:
     def fmt(self, quanta: int) -> str:
         return f"{self.units.to_fgpu(quanta)} fGPU"
 
+    def _device_label(self, di: int) -> str:
+        ni = self._dev_node[di]
+        dev = self.nodes[ni].devices[self._node_devs[ni].index(di)]
+        return f"GPU {dev.index}" + (f" of {self.nodes[ni].name}" if len(self.nodes) > 1 else "")
+
+    def _node_room(self, ni: int) -> str:
+        """What CPU and memory node ``ni`` has left, e.g. "1 CPU and 2 GiB memory free on local"."""
+        parts = []
+        if self._cpu_cap[ni]:
+            parts.append(f"{_cores(self._cpu_cap[ni] - self._cpu_used[ni])} CPU")
+        if self._mem_cap[ni]:
+            parts.append(f"{format_bytes(self._mem_cap[ni] - self._mem_used[ni])} memory")
+        return f"{' and '.join(parts) or 'no room'} free on {self.nodes[ni].name}"
+
+    def missing(self, request: Request) -> str | None:
+        """What keeps ``request`` from starting now, the queue aside, or None if it fits now, e.g.
+        "needs 1 fGPU; 0.5 free on GPU 0".  For the wait reasons people read: it scans every
+        device, so the answer is kept per request shape until the next change."""
+        shape = (request.quanta, request.cpu_millis, request.memory_bytes)
+        if shape not in self._missing:
+            self._missing[shape] = self._what_is_missing(request)
+        return self._missing[shape]
+
+    def _what_is_missing(self, request: Request) -> str | None:
+        if self.place(request) is not None:
+            return None
+        q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
+        Q = self.quanta_per_gpu
+        asks = " and ".join(p for p in (f"{_cores(cpu)} CPU" if cpu else "",
+                                        f"{format_bytes(mem)} memory" if mem else "") if p)
+        if q == 0:
+            best = max(range(len(self.nodes)), key=lambda ni: (self._cpu_cap[ni] - self._cpu_used[ni],
+                                                               self._mem_cap[ni] - self._mem_used[ni]))
+            return f"needs {asks}; {'at most ' if len(self.nodes) > 1 else ''}{self._node_room(best)}"
+        if q <= Q:
+            usable = [di for di in range(len(self._cap))
+                      if self._cap[di] >= q and not self._refuses(self._dev_node[di], di, q)]
+            if not usable:
+                return f"needs {self.fmt(q)}; no GPU that could hold it is ready now"
+            fitting = [di for di in usable if self._free[di] >= q]
+            if fitting:  # the GPU share is there; CPU or memory on those nodes is not
+                ni = max({self._dev_node[di] for di in fitting},
+                         key=lambda n: (self._cpu_cap[n] - self._cpu_used[n], self._mem_cap[n] - self._mem_used[n]))
+                return f"needs {self.fmt(q)} with {asks}; {self._node_room(ni)}"
+            best = max(usable, key=lambda di: (self._free[di], -di))
+            if len(usable) == 1 and not self._free[best]:
+                return f"needs {self.fmt(q)}; {self._device_label(best)} is fully in use"
+            if len(usable) == 1:
+                return f"needs {self.fmt(q)}; {self.units.to_fgpu(self._free[best])} free on {self._device_label(best)}"
+            if not self._free[best]:
+                return f"needs {self.fmt(q)} on one GPU; every GPU is fully in use"
+            return (f"needs {self.fmt(q)} on one GPU; at most {self.units.to_fgpu(self._free[best])} "
+                    f"free on one ({self._device_label(best)})")
+        k, r = divmod(q, Q)
+        gpus = k + (1 if r else 0)
+        nodes = [ni for ni in range(len(self.nodes)) if not self._refuses_multi(ni, r)
+                 and sum(1 for di in self._node_devs[ni] if self._cap[di] == Q) >= gpus]
+        if not nodes:
+            return f"needs {self.fmt(q)} on {gpus} GPUs of one node; no such node is ready now"
+        best = max(nodes, key=lambda ni: (self._whole[ni], -ni))
+        if self._whole[best] >= k:  # the whole GPUs are there: the remainder, CPU or memory is not
+            return (f"needs {self.fmt(q)} on {gpus} GPUs of one node"
+                    + (f" with {asks}; {self._node_room(best)}" if asks else
+                       f"; {self._whole[best]} whole GPUs free on {self.nodes[best].name}, "
+                       f"but no other GPU there has {self.units.to_fgpu(r)} free"))
+        return (f"needs {self.fmt(q)} on {gpus} GPUs of one node; at most {self._whole[best]} whole "
+                f"GPU{'s' if self._whole[best] != 1 else ''} free on one node ({self.nodes[best].name})")
+
     def can_ever_fit(self, request: Request) -> str | None:
         """None if ``request`` fits on some node when that node is empty, else why not."""
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
@@ -587,6 +657,8 @@ class Capacity:
             raise ValueError(f"node {placement.node!r} has not {cpu} CPU millicores free")
         if self._mem_cap[ni] and self._mem_used[ni] + mem > self._mem_cap[ni]:
             raise ValueError(f"node {placement.node!r} has not {mem} bytes of memory free")
+        if self._missing:
+            self._missing = {}
         total = 0
         for di, q in per_dev.items():
             self._set_free(di, self._free[di] - q)
@@ -611,6 +683,8 @@ class Capacity:
         cpu, mem = placement.cpu_millis, placement.memory_bytes
         if cpu > self._cpu_used[ni] or mem > self._mem_used[ni]:
             raise ValueError(f"node {placement.node!r}: giving back more CPU or memory than in use")
+        if self._missing:
+            self._missing = {}
         total = 0
         for di, q in per_dev.items():
             self._set_free(di, self._free[di] + q)

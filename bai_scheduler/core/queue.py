@@ -347,15 +347,22 @@ class AdmissionQueue:
         return bisect_left(self._order, req.seq) + 1
 
     def wait_reason(self, key: RequestKey) -> str | None:
-        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending."""
+        """Why a pending request waits: what it lacks now ("Needs 1 fGPU; 0.5 free on GPU 0"), or
+        that it fits but earlier requests go first; None if not pending.  Its place in the queue
+        is ``position`` (pages show both)."""
         req = self._pending.get(key)
         if req is None:
             return None
         limit = self._limit_reason(req)
         if limit:
             return limit
-        what = self.capacity.fmt(req.quanta) if req.quanta else "CPU/memory"
-        return f"Waiting for {what}: {ordinal(self.position(key))} in queue"
+        missing = self.capacity.missing(req)
+        if missing:
+            return missing[0].upper() + missing[1:]
+        ahead = self.position(key) - 1
+        if not ahead:
+            return "Fits now; starts on the scheduler's next pass"
+        return f"Fits now, but waits behind {ahead} earlier request{'s' if ahead != 1 else ''} (queue policy)"
 
     def __len__(self):
         return len(self._pending)
