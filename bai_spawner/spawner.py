@@ -174,6 +174,10 @@ class BaiSpawner(DockerSpawner):
 
     _executor = None
     _clients: dict = {}
+    # The form values of each user's last refused spawn, shown again with the error: the hub
+    # re-renders the form from the user's default spawner whichever server was asked for, so
+    # they are kept by user. Shown once; a spawn the scheduler takes drops them.
+    _refused_forms: dict[str, dict] = {}
 
     # -- docker plumbing: one client per node, a real thread pool --------------------
 
@@ -252,13 +256,16 @@ class BaiSpawner(DockerSpawner):
             visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
             capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
             capacity_url=service + "capacity.json", static_url=service + "static/",
+            values=BaiSpawner._refused_forms.pop(self.user.name, None), admin=bool(self.user.admin),
         ))
 
     def options_from_form(self, formdata):
         # Parsed again in start() with the live units and limits: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
-        return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
-                if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
+        values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
+                  if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
+        BaiSpawner._refused_forms[self.user.name] = {k: v for k, v in values.items() if isinstance(v, str)}
+        return values
 
     async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, object]:
         try:
@@ -281,7 +288,7 @@ class BaiSpawner(DockerSpawner):
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
-            raise web.HTTPError(400, str(e)) from None
+            raise web.HTTPError(400, str(e) + (catalog_mod.ADMIN_IMAGES_HINT if self.user.admin else "")) from None
         return opts, units, image
 
     async def check_allowed(self, image):
@@ -335,6 +342,7 @@ class BaiSpawner(DockerSpawner):
         except SchedulerError as e:
             raise web.HTTPError(e.status if 400 <= e.status < 600 else 500, e.args[0]) from None
         self.request_id = status["id"]
+        BaiSpawner._refused_forms.pop(self.user.name, None)  # taken: a later form starts afresh
         try:
             status = await self._wait_admitted(status, units)
             return await self._run_container(status, image, opts, units)

@@ -180,6 +180,16 @@ def test_form_fgpu_steps_mean_memory_and_sms_and_limits():
     assert NOTE["text"] in html and 'class="alert alert-success bai-live"' in html  # the no-JS note
 
 
+def test_form_names_each_gpu_model_once_with_its_memory():
+    """Issue 14 (5): "One GPU here is a Simulated GPU (8 GiB) (8 GiB)"."""
+    assert "One GPU here is a Simulated GPU (8 GiB)." in form()
+    assert "(8 GiB) (8 GiB)" not in form()
+    a100 = {"uuid": "a", "index": 0, "name": "NVIDIA A100", "memory_bytes": 80 * GIB, "sm_count": 108, "quanta": 4}
+    t4 = {"uuid": "t", "index": 1, "name": "Tesla T4", "memory_bytes": 16 * GIB, "sm_count": 40, "quanta": 4}
+    two = {**CAPACITY, "nodes": [{"name": "n", "simulated": False, "devices": [t4, a100, {**a100, "uuid": "b"}]}]}
+    assert "GPUs here: NVIDIA A100 (80 GiB), Tesla T4 (16 GiB)." in form(capacity=two)
+
+
 def test_form_keeps_posted_values_and_escapes_them():
     html = form(values={"fgpu": "1.5", "cpu": "2", "memory": "3", "sessions": "3", "image_name": '"><script>x</script>'})
     assert re.search(r'<option value="1.5" data-quanta="3" selected>', html)
@@ -204,7 +214,9 @@ def test_form_says_mps_limits_hold_per_process():
 
 
 def test_form_without_images_says_what_to_do():
-    assert "bai-images build" in form(visible=[])
+    """Issue 14 (5): advice only admins can follow goes to admins."""
+    assert "ask an admin to build them" in form(visible=[]) and "bai-images" not in form(visible=[])
+    assert "build them on the hub's host with bai-images build" in form(visible=[], admin=True)
 
 
 def test_form_says_when_the_scheduler_is_unreachable():
@@ -298,6 +310,22 @@ def test_sessions_page_wears_the_hubs_nav_and_brand_with_the_form():
     assert html.count('id="bai-live"') == 1
 
 
+def test_sessions_page_ids_are_unique():
+    """Issue 14 (4): the sessions list and the form's Sessions field were both id="bai-sessions",
+    so the form's script read the list's element and the live note ignored the Sessions count."""
+    ann = {"name": "ann", "admin": False, "internal": False}
+    form_ns = form_context(visible=IMAGES, user="ann", capacity=CAPACITY, units=U, limits=LIMITS, note=NOTE,
+                           capacity_url="/services/bai-scheduler/capacity.json",
+                           static_url="/services/bai-scheduler/static/")
+    rows = session_rows([status("ann", "s1", "RUNNING"), status("ann", "s2", "PENDING", position=1, reason="x")],
+                        [hub_user("ann", s1={"ready": True, "pending": None, "url": "/user/ann/s1/"})], units=U)
+    html = service_page("sessions.html", ann, rows=rows, summary=summarize(rows), nodes=[],
+                        notices=[{"level": "info", "text": "Stopping s1."}], poll=2, error="bad", **form_ns)
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert 'id="bai-sessions" name="sessions"' in html  # the form's field keeps the id its script reads
+
+
 def test_service_error_page_and_snapshot_panel():
     ann = {"name": "ann", "admin": False, "internal": False}
     html = service_page("error.html", ann, status=403, message="Only <admins>.", heading="Admins only")
@@ -307,3 +335,30 @@ def test_service_error_page_and_snapshot_panel():
                          cap=5, pause=True, bai_active="snapshots")
     assert 'id="not-captured"' in panel and "/home/jovyan" in panel
     assert '"prefix": "/services/bai-scheduler/"' in panel and "snapshots.js" in panel
+
+
+def render_spawn(url, **kw):
+    class User:
+        name = "ann"
+        admin = False
+        json_escaped_name = "ann"
+        spawner = type("Spawner", (), {"options_form": "x"})()
+
+    ctx = dict(base_url="/hub/", prefix="/", static_url=lambda p, **k: "/hub/static/" + p, login_url="/hub/login",
+               logout_url="/hub/logout", xsrf="tok", services=[], parsed_scopes=set(), user=User(),
+               for_user=User(), spawner_options_form="<i>fields</i>", url=url, error_message="", auth_state=None,
+               bai_scheduler_prefix="/services/bai-scheduler/")
+    ctx.update(kw)
+    return jinja_env().get_template("spawn.html").render(**ctx)
+
+
+def test_spawn_page_keeps_one_xsrf_in_its_url():
+    """Issue 14 (5): each refused post added another "_xsrf=" to the form's URL (1,049 characters
+    after four errors)."""
+    url = "/hub/spawn/ann/main?next=%2Fhub%2Fhome&_xsrf=old1&_xsrf=old2&_xsrf=new"
+    html = render_spawn(url, error_message="HTTP 400: Bad Request (Sessions must be a whole number from 1 to 4.)")
+    action = re.search(r'<form enctype="multipart/form-data" id="spawn_form" action="([^"]+)"', html).group(1)
+    assert action.replace("&amp;", "&") == "/hub/spawn/ann/main?next=%2Fhub%2Fhome&_xsrf=new"
+    assert "<strong>Not started:</strong> Sessions must be a whole number from 1 to 4." in html
+    plain = render_spawn("/hub/spawn/ann/main")
+    assert 'action="/hub/spawn/ann/main"' in plain

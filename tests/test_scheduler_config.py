@@ -105,7 +105,7 @@ def service(tmp_path_factory):
         users = {"ann": hub.user("ann"), "boss": hub.user("boss", admin=True), "internal": token}
 
         def get(path, who="ann"):
-            code, headers, body = raw.call("GET", PREFIX + path, token=users[who])
+            code, headers, body = raw.call("GET", PREFIX + path, token=users.get(who))
             return code, {k.lower(): v for k, v in headers.items()}, body.decode()
 
         def put(path, body):
@@ -129,6 +129,19 @@ def test_api_capacity_publishes_the_limits_and_the_note(service):
     for bad in ("quanta=9", "quanta=-1", "quanta=1.5", "count=0", "count=4", "count=x"):
         code, headers, body = get(f"capacity.json?{bad}")
         assert code == 400 and "json" in headers["content-type"] and "whole number" in json.loads(body)["message"]
+
+
+def test_capacity_json_sends_a_browser_without_the_services_cookie_through_the_hubs_login(service):
+    """Issue 14 (5): the spawn form on the hub's page could not get the live note until the user
+    had opened the sessions page once (which logs the browser in to this service)."""
+    get, put, log = service
+    code, headers, body = get("capacity.json?quanta=2&count=1", who=None)
+    assert code == 302, body
+    location = headers["location"]
+    assert "/hub/api/oauth2/authorize?" in location and "state=" in location
+    assert "oauth-state" in headers.get("set-cookie", "")  # where to come back to after the login
+    code, headers, body = get("api/capacity", who=None)  # the REST API itself still answers 403 in JSON
+    assert code == 403 and "json" in headers["content-type"]
 
 
 def test_sessions_page_is_a_hub_page_with_the_form_or_what_is_missing(service):

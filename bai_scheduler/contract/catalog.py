@@ -180,6 +180,11 @@ def _id_prefix_match(c: CatalogImage, ref: str) -> bool:
     return bool(c.id) and ref.startswith("sha256:") and len(ref) >= 19 and c.id.startswith(ref)
 
 
+# Said to admins after ``ImageNotAllowed``'s message: only they can add kernel images.
+ADMIN_IMAGES_HINT = (" As an admin you can add kernel images: `bai-images build NAME` on the hub's host builds "
+                     "the recipe hub_config/images/NAME.toml.")
+
+
 def resolve_image(catalog: Iterable[CatalogImage], user: str, requested_ref: str,
                   is_admin: bool = False) -> CatalogImage:
     """The catalog entry for ``requested_ref`` if ``user`` may launch it.
@@ -199,8 +204,9 @@ def resolve_image(catalog: Iterable[CatalogImage], user: str, requested_ref: str
     if len(by_prefix) == 1:
         return next(iter(by_prefix.values()))
     raise ImageNotAllowed(
-        f"Image {requested!r} is not in the catalog of images you may launch. Pick one of the "
-        f"images offered in the form; an admin can build more with `bai-images build`."
+        f"Image {requested!r} is not in the catalog of images you may launch. Pick one from the list "
+        f"(your own snapshots are under “My private images”), or ask an admin for the framework "
+        f"or version you need."
     )
 
 

@@ -77,19 +77,33 @@ def per_process_note(capacity: dict) -> str:
             "Keep one GPU process per session.")
 
 
+def gpu_text(devices: list[dict]) -> str:
+    """The GPU models a share is part of, e.g. "GPUs here: A100 (80 GiB), T4 (16 GiB)." (a model's
+    memory once, also when its name already gives it, as simulated GPUs' names do)."""
+    models = []
+    for d in sorted(devices, key=lambda d: (-d["memory_bytes"], d["name"])):
+        size = format_bytes(d["memory_bytes"])
+        model = d["name"] if size in d["name"] else f"{d['name']} ({size})"
+        if model not in models:
+            models.append(model)
+    if len(models) == 1:
+        return f"One GPU here is a {models[0]}."
+    return f"GPUs here: {', '.join(models)}." if models else ""
+
+
 def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits: Limits, note: dict,
-                 capacity_url: str, static_url: str, values: dict | None = None) -> dict:
+                 capacity_url: str, static_url: str, values: dict | None = None, admin: bool = False) -> dict:
     """Variables of ``session_form.html``.
 
     ``capacity``: ``api/capacity``'s answer (its devices); ``note``: ``{"level", "text"}`` for the
     chosen shape; ``capacity_url``: where the script polls the note; ``static_url``: the service's
-    static folder (the form's script and style); ``values``: raw values of a refused post, shown again.
+    static folder (the form's script and style); ``values``: raw values of a refused post, shown again;
+    ``admin``: the form is an admin's, who gets the advice only admins can follow.
     """
     values = values or {}
     devices = [d for n in capacity.get("nodes", []) for d in n.get("devices", [])]
     device_mem = max((d["memory_bytes"] for d in devices), default=0)
     quanta, _ = chosen_shape(values, units, limits)
-    gpu_names = sorted({d["name"] for d in devices})
     return {
         "image_groups": image_groups(visible, str(values.get("image") or "")),
         "user_name": user,
@@ -99,7 +113,7 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
         "fgpu_step": str(units.fgpu_step),
         "fgpu_max": units.to_fgpu(limits.max_quanta),
         "fgpu_per_gpu": units.fgpu_per_gpu,
-        "gpu_text": (f"One GPU here is a {', '.join(gpu_names)} ({format_bytes(device_mem)})." if gpu_names else ""),
+        "gpu_text": gpu_text(devices),
         "per_process_note": per_process_note(capacity),
         "cpu": str(values.get("cpu") or limits.default_cpu),
         "memory": str(values.get("memory") or limits.default_memory_gib),
@@ -108,4 +122,5 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
         "note": note,
         "capacity_url": capacity_url,
         "form_static": static_url,
+        "admin": admin,
     }

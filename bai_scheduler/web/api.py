@@ -88,6 +88,19 @@ class CapacityHandler(ReadOnlyGetMixin, APIHandler):
         self.write_json(capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count))
 
 
+class CapacityForFormsHandler(CapacityHandler):
+    """GET capacity.json: what the session form's script asks, also from the hub's spawn page,
+    where the browser may not have this service's login cookie yet. Then it is sent through the
+    hub's OAuth (this service needs no consent) and comes back here logged in; the script's fetch
+    follows those redirects, so the live note works before the sessions page was ever opened."""
+
+    def get(self):
+        if not self.current_user and not self.is_internal():
+            self.redirect(self.get_login_url())
+            return
+        super().get()
+
+
 class RequestsHandler(APIHandler):
     def get(self):
         who = self.identity()
@@ -227,7 +240,7 @@ async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, optio
 default_handlers = [
     (r"api/health", HealthHandler),
     (r"api/capacity", CapacityHandler),
-    (r"capacity\.json", CapacityHandler),
+    (r"capacity\.json", CapacityForFormsHandler),
     (r"api/requests", RequestsHandler),
     (rf"api/requests/{NAME}/?([^/]*)/wait", WaitHandler),
     (rf"api/requests/{NAME}/?([^/]*)", RequestHandler),

@@ -315,7 +315,7 @@ class PageHandler(BaseHandler):
                                   f"{type(e).__name__})."}
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
-                            static_url=self.settings["static_url_prefix"], values=values)
+                            static_url=self.settings["static_url_prefix"], values=values, admin=who["admin"])
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
         data = await self.page_data(who)
@@ -391,7 +391,8 @@ class NewSessionsHandler(PageHandler):
             image = catalog_mod.resolve_image(images, who["name"], opts.image, is_admin=False)
         except (FormError, catalog_mod.ImageNotAllowed) as e:
             self.set_status(400)
-            await self.render_page(who, values=values, error=str(e))
+            hint = catalog_mod.ADMIN_IMAGES_HINT if who["admin"] and isinstance(e, catalog_mod.ImageNotAllowed) else ""
+            await self.render_page(who, values=values, error=str(e) + hint)
             return
         one = SessionOptions(image.ref, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
         n = opts.sessions

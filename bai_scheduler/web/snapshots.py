@@ -76,7 +76,8 @@ class ImagesHandler(SnapshotsBase, APIHandler):
         images, errors = await self.snapshots.images(owner=owner)
         if not who["admin"]:
             # Engine addresses and raw errors are for admins only.
-            errors = [f"{len(errors)} node(s) could not be listed; ask an admin."] if errors else []
+            errors = [f"Images on {len(errors)} node(s) could not be listed, so some of yours may be missing "
+                      "here; try again in a minute, and tell an admin if it lasts."] if errors else []
         self.write_json({"images": images, "errors": errors})
 
 

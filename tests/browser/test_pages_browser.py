@@ -125,9 +125,9 @@ def test_form_launch_three_then_stop_one_and_the_queued_one_runs(hub, browser):
 
         # The sessions page: OAuth into the service, nothing running yet.
         page.click("#bai-nav-sessions")
-        page.wait_for_selector("#bai-sessions")
+        page.wait_for_selector("#bai-session-list")
         assert page.url.rstrip("/").endswith(SESSIONS.rstrip("/"))
-        assert "No sessions yet" in page.inner_text("#bai-sessions")
+        assert "No sessions yet" in page.inner_text("#bai-session-list")
         assert "simulated" in page.inner_text(".bai-simulated").lower()
 
         # A bad value typed into the spawn form: the hub shows the spawner's reason, nothing starts.
@@ -180,7 +180,7 @@ def test_form_launch_three_then_stop_one_and_the_queued_one_runs(hub, browser):
         admin_page.goto(f"{hub.url}{SESSIONS}")
         admin_page.wait_for_selector("#bai-capacity .bai-gpu")
         assert "2 of 2 fGPU" in admin_page.inner_text("#bai-capacity")
-        assert name in admin_page.inner_text("#bai-sessions")
+        assert name in admin_page.inner_text("#bai-session-list")
         shot(admin_page, "sessions-admin")
         admin_page.context.close()
 

@@ -23,7 +23,7 @@
       })
       .then(function (d) {
         failures = 0;
-        swap("bai-sessions", d.sessions_html);
+        swap("bai-session-list", d.sessions_html);
         swap("bai-summary", d.summary_html);
         swap("bai-capacity", d.capacity_html);
         swap("bai-notices", d.notices_html);
