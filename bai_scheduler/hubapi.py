@@ -1,6 +1,7 @@
 """The few calls the scheduler service makes to JupyterHub's REST API."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from urllib.parse import quote
@@ -45,6 +46,24 @@ class HubAPI:
 
     async def get_user(self, user: str):
         return await self.request("GET", f"/users/{quote(user, safe='')}")
+
+    async def remove_server_when_stopped(self, user: str, server: str, timeout: float = 300,
+                                         interval: float = 1.0) -> bool:
+        """Remove a named server from the hub (its ``remove`` on delete) once it has stopped;
+        False, and nothing removed, if it is being started again or is still stopping at ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            model = await self.get_user(user) or {}
+            active = (model.get("servers") or {}).get(server)
+            if active and active.get("pending") != "stop":
+                return False  # running or starting again: the user wants it
+            if not active:
+                await self.request("DELETE", self.server_path(user, server), body={"remove": True}, ok=(204, 202, 404))
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(interval)
 
 
 class HubAPIError(Exception):

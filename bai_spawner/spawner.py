@@ -26,7 +26,7 @@ from bai_scheduler.contract import catalog as catalog_mod
 from bai_scheduler.contract.client import SchedulerClient, SchedulerError
 from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
 from bai_scheduler.contract.form import form_context
-from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract.options import LAUNCHED, FormError, Limits, SessionOptions, parse_options
 from bai_scheduler.core.units import GIB, FgpuUnits
 
 from .container import ContainerSpecError, Hardening, Session, make_container
@@ -168,6 +168,7 @@ class BaiSpawner(DockerSpawner):
         return "never"
 
     request_id = Unicode("")
+    launched = Bool(False, help="Started in a group (the service chose its name): removed from the hub once stopped.")
     node_url = Unicode("")
     node_tls = Dict()
     placement = Dict()
@@ -212,7 +213,7 @@ class BaiSpawner(DockerSpawner):
 
     def get_state(self):
         state = super().get_state()
-        for k in ("request_id", "node_url"):
+        for k in ("request_id", "node_url", "launched"):
             if getattr(self, k):
                 state[k] = getattr(self, k)
         if self.node_tls:
@@ -222,12 +223,14 @@ class BaiSpawner(DockerSpawner):
     def load_state(self, state):
         super().load_state(state)
         self.request_id = state.get("request_id", "")
+        self.launched = bool(state.get("launched", False))
         self.node_url = state.get("node_url", "")
         self.node_tls = state.get("node_tls", {})
 
     def clear_state(self):
         super().clear_state()
         self.request_id = ""
+        self.launched = False
         self.node_url = ""
         self.node_tls = {}
         self.placement = {}
@@ -274,6 +277,7 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(503, str(e)) from None
         units = self._units(cap)
         raw = dict(self.user_options or {})
+        self.launched = bool(raw.pop(LAUNCHED, False)) and bool(self.name)
         if not raw.get("image") and not raw.get("image_name"):
             raw["image"] = self.image
         try:
@@ -472,4 +476,12 @@ class BaiSpawner(DockerSpawner):
         finally:
             self.request_id = request_id
             await self._release()
+            if self.launched:
+                await self._remove_when_stopped()
             self.clear_state()
+
+    async def _remove_when_stopped(self):
+        try:
+            await self.scheduler.remove_when_stopped(self.user.name, self.name)
+        except SchedulerError as e:  # the server stays listed; the user can delete it on the hub's home page
+            self.log.warning("Could not ask for %s to be removed once stopped: %s", self._log_name, e)

@@ -11,7 +11,7 @@ from bai_scheduler.contract.catalog import CatalogImage
 from bai_scheduler.contract.form import chosen_shape, form_context
 from bai_scheduler.contract.options import Limits
 from bai_scheduler.core.units import GIB, FgpuUnits
-from bai_scheduler.web.pages import ago, node_rows, session_rows, summarize
+from bai_scheduler.web.pages import Notices, ago, node_rows, session_rows, summarize
 from bai_spawner.spawner import TEMPLATES as SPAWN_FORM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,3 +362,37 @@ def test_spawn_page_keeps_one_xsrf_in_its_url():
     assert "<strong>Not started:</strong> Sessions must be a whole number from 1 to 4." in html
     plain = render_spawn("/hub/spawn/ann/main")
     assert 'action="/hub/spawn/ann/main"' in plain
+
+
+# -- notices -------------------------------------------------------------------------------------
+
+def test_stop_notices_end_with_their_session_and_do_not_pile_up():
+    """Issue 14 (4): "Stopping ..." banners piled up (each lived a minute on every view)."""
+    n = Notices()
+    n.add("ann", "info", "Stopping s1.", key="stop ann/s1", session=("ann", "s1"), now=100)
+    n.add("ann", "info", "Stopping s1.", key="stop ann/s1", session=("ann", "s1"), now=101)  # clicked twice
+    n.add("ann", "info", "Launching 3 sessions.", key="launch", now=101)
+    listed = {("ann", "s1")}
+    assert [x["text"] for x in n.for_user("ann", listed, now=102)] == ["Stopping s1.", "Launching 3 sessions."]
+    # Gone from the page: its notice goes too (after a few seconds to read it); others stay their minute.
+    assert [x["text"] for x in n.for_user("ann", set(), now=103)] == ["Stopping s1.", "Launching 3 sessions."]
+    assert [x["text"] for x in n.for_user("ann", set(), now=107)] == ["Launching 3 sessions."]
+    assert n.for_user("ann", set(), now=162) == []
+    assert n.for_user("bob", set(), now=102) == []
+
+
+def test_notices_keep_the_newest_few():
+    n = Notices()
+    for i in range(10):
+        n.add("ann", "danger", f"error {i}", now=100 + i)
+    assert [x["text"] for x in n.for_user("ann", now=110)] == [f"error {i}" for i in range(4, 10)]
+
+
+def test_stop_buttons_ask_first_and_a_pending_session_is_cancelled():
+    """Issue 14 (4): Stop asked no confirmation; a queued session's button says Cancel."""
+    ann = {"name": "ann", "admin": False, "internal": False}
+    rows = session_rows([status("ann", "s1", "RUNNING"), status("ann", "s2", "PENDING", position=1, reason="x")],
+                        [hub_user("ann", s1={"ready": True, "pending": None, "url": "/user/ann/s1/"})], units=U)
+    html = service_page("_sessions.html", ann, rows=rows)
+    assert 'data-confirm="Stop s1? Its container is removed: running kernels and anything outside /home/jovyan are lost."' in html
+    assert 'data-confirm="Cancel s2? It leaves the queue and will not start.">Cancel</button>' in html

@@ -11,15 +11,17 @@ from helpers.spawner import make_spawner
 def test_state_round_trip_and_clear():
     sp = make_spawner()
     sp.request_id, sp.node_url, sp.node_tls = "r1", "tcp://node2:2376", {"ca_cert": "/ca.pem"}
+    sp.launched = True  # started in a group: removed from the hub once stopped, also after a hub restart
     state = sp.get_state()
-    assert state["request_id"] == "r1" and state["node_url"] == "tcp://node2:2376"
+    assert state["request_id"] == "r1" and state["node_url"] == "tcp://node2:2376" and state["launched"] is True
     assert state["node_tls"] == {"ca_cert": "/ca.pem"}
     sp.clear_state()
-    assert (sp.request_id, sp.node_url, sp.node_tls, sp.placement) == ("", "", {}, {})
-    assert not {"request_id", "node_url", "node_tls"} & set(sp.get_state())
+    assert (sp.request_id, sp.node_url, sp.node_tls, sp.placement, sp.launched) == ("", "", {}, {}, False)
+    assert not {"request_id", "node_url", "node_tls", "launched"} & set(sp.get_state())
     again = make_spawner()
     again.load_state(state)
     assert (again.request_id, again.node_url, again.node_tls) == ("r1", "tcp://node2:2376", {"ca_cert": "/ca.pem"})
+    assert again.launched
 
 
 def test_poll_counts_a_queued_request_as_alive_and_nothing_as_stopped():

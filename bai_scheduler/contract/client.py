@@ -56,6 +56,10 @@ class SchedulerClient:
         q = f"?request_id={quote(request_id)}" if request_id else ""
         return await self._call("DELETE", self._path(user, server) + q)
 
+    async def remove_when_stopped(self, user: str, server: str):
+        """Ask the service to remove this named server from the hub once it has stopped."""
+        return await self._call("DELETE", f"/servers/{quote(user, safe='')}/{quote(server, safe='')}")
+
     async def capacity(self):
         return await self._call("GET", "/capacity")
 

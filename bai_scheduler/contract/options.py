@@ -13,6 +13,10 @@ from decimal import Decimal, InvalidOperation
 from ..core.units import GIB, FgpuError, FgpuUnits
 
 FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
+# Set in the ``user_options`` of sessions started as a group (the sessions page, api/launch, the
+# form's extra sessions), whose names the service chose: the spawner asks for such a server to
+# be removed from the hub once it has stopped, so they do not pile up in the hub's server list.
+LAUNCHED = "launched"
 
 
 class FormError(ValueError):

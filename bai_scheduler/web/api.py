@@ -6,16 +6,17 @@ OAuth cookie.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 
 from tornado import web
 
-from ..contract.options import Limits
+from ..contract.options import LAUNCHED, Limits
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
-from .base import APIHandler, ReadOnlyGetMixin, log
+from .base import APIHandler, ReadOnlyGetMixin, in_background, log
 
 NAME = r"([^/]+)"
 
@@ -192,6 +193,27 @@ class WaitHandler(APIHandler):
         self.write_json(self.service.status(rec))
 
 
+class ServerRemovalHandler(APIHandler):
+    """DELETE api/servers/<user>/<server>: the spawner of a session launched in a group, on its
+    stop: the service removes that named server from the hub once the hub has it stopped."""
+
+    async def delete(self, user, server):
+        if not self.is_internal():
+            raise web.HTTPError(403, "Only the hub's spawner asks for this.")
+        key = self.key(user, server)
+        if not key.server:
+            raise web.HTTPError(400, "The default server is never removed.")
+        in_background(self._remove(key.user, key.server))
+        self.write_json({"removing": f"{key.user}/{key.server}"}, 202)
+
+    async def _remove(self, user: str, server: str):
+        try:
+            if await self.hub.remove_server_when_stopped(user, server):
+                log.info("Removed %s/%s (launched in a group) from the hub's server list", user, server)
+        except (HubAPIError, OSError) as e:
+            log.warning("Could not remove %s/%s from the hub's server list: %s", user, server, e)
+
+
 class LaunchHandler(APIHandler):
     """Start several sessions of one shape at once (named servers through the hub)."""
 
@@ -217,6 +239,9 @@ class LaunchHandler(APIHandler):
 
 
 async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:
+    """Start ``count`` named servers ``{prefix}-N`` (free numbers) of one shape, all at once, so
+    that they are queued together and every row shows up together.  Their ``user_options`` say
+    they were launched in a group: each is removed from the hub's list once it stops."""
     try:
         model = await hub.get_user(user)
     except HubAPIError as e:
@@ -226,14 +251,21 @@ async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, optio
     while len(names) < count:
         name = f"{prefix}-{i}"
         i += 1
-        if name in taken:
-            continue
-        try:
-            await hub.start_server(user, name, options)
-        except HubAPIError as e:
-            raise web.HTTPError(400 if e.code < 500 else 502,
-                                f"Started {names or 'none'}; {name} refused: {e}") from None
-        names.append(name)
+        if name not in taken:
+            names.append(name)
+    options = {**options, LAUNCHED: True}
+    results = await asyncio.gather(*(hub.start_server(user, name, options) for name in names),
+                                   return_exceptions=True)
+    refused = [(name, r) for name, r in zip(names, results) if isinstance(r, BaseException)]
+    if refused:
+        for _, r in refused:
+            if not isinstance(r, HubAPIError):
+                raise r
+        started = [name for name, r in zip(names, results) if not isinstance(r, BaseException)]
+        worst = max(r.code for _, r in refused)
+        raise web.HTTPError(400 if worst < 500 else 502,
+                            f"Started {', '.join(started) or 'none'}; the hub refused "
+                            + "; ".join(f"{name}: {r}" for name, r in refused))
     return names
 
 
@@ -245,4 +277,5 @@ default_handlers = [
     (rf"api/requests/{NAME}/?([^/]*)/wait", WaitHandler),
     (rf"api/requests/{NAME}/?([^/]*)", RequestHandler),
     (r"api/launch", LaunchHandler),
+    (rf"api/servers/{NAME}/{NAME}", ServerRemovalHandler),
 ]

@@ -7,6 +7,7 @@ reach the running service through ``self.settings`` (set by
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -30,6 +31,18 @@ NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 DB_DOWN = "The scheduler's database is unavailable; nothing was changed. Try again shortly."
+
+
+_BACKGROUND: set = set()
+
+
+def in_background(coro) -> asyncio.Task:
+    """Run ``coro`` past the end of the request; the task is held until it is done (the event
+    loop keeps only a weak reference to it)."""
+    task = asyncio.ensure_future(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
 
 
 def template_env(template_paths=()) -> Environment:

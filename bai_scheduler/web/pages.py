@@ -13,9 +13,9 @@ The row building is plain functions (``session_rows``, ``node_rows``,
 """
 from __future__ import annotations
 
-import asyncio
 import datetime
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 
 from tornado import web
@@ -27,7 +27,7 @@ from ..contract.options import FormError, SessionOptions, parse_options
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
 from .api import capacity_model, launch_sessions
-from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, log
+from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, in_background, log
 
 POLL_SECONDS = 2
 LAUNCH_PREFIX = "session"
@@ -234,25 +234,51 @@ def node_rows(usage: list[dict], units: FgpuUnits, live: dict | None = None,
     return out
 
 
+@dataclass
+class Notice:
+    level: str
+    text: str
+    at: float
+    key: str | None = None
+    session: tuple[str, str] | None = None
+
+
 class Notices:
-    """Short messages shown to a user on their next page view (after a POST redirect,
-    or a background launch that the hub refused). In memory; each lives a minute."""
+    """Short messages shown to a user on their pages (after a POST redirect, or a background launch
+    that the hub refused). In memory. A notice lives a minute; one about a session (``session``:
+    its user and server) ends as soon as that session is no longer listed, once it had
+    ``SESSION_SECONDS`` to be read. A newer notice with the same ``key`` replaces an older one, so
+    repeating an action does not pile up banners."""
 
     SECONDS = 60
+    SESSION_SECONDS = 5
+    MOST = 6
 
     def __init__(self):
-        self._items: dict[str, list[tuple[float, str, str]]] = {}
+        self._items: dict[str, list[Notice]] = {}
 
-    def add(self, user: str, level: str, text: str) -> None:
-        items = self._items.setdefault(user, [])
-        items.append((time.time(), level, text))
-        del items[:-6]
+    def add(self, user: str, level: str, text: str, *, key: str | None = None,
+            session: tuple[str, str] | None = None, now: float | None = None) -> None:
+        items = [n for n in self._items.get(user, []) if key is None or n.key != key]
+        items.append(Notice(level, text, time.time() if now is None else now, key, session))
+        self._items[user] = items[-self.MOST:]
 
-    def for_user(self, user: str) -> list[dict]:
-        now = time.time()
-        items = [n for n in self._items.get(user, []) if now - n[0] < self.SECONDS]
-        self._items[user] = items
-        return [{"level": lvl, "text": text} for _, lvl, text in items]
+    def for_user(self, user: str, listed: set | None = None, now: float | None = None) -> list[dict]:
+        """The notices to show now; ``listed``: the (user, server) of the sessions on the page."""
+        now = time.time() if now is None else now
+
+        def alive(n: Notice) -> bool:
+            if now - n.at >= self.SECONDS:
+                return False
+            gone = n.session is not None and listed is not None and n.session not in listed
+            return not (gone and now - n.at >= self.SESSION_SECONDS)
+
+        items = [n for n in self._items.get(user, []) if alive(n)]
+        if items:
+            self._items[user] = items
+        else:
+            self._items.pop(user, None)
+        return [{"level": n.level, "text": n.text} for n in items]
 
 
 # -- handlers --------------------------------------------------------------------------------------
@@ -288,7 +314,9 @@ class PageHandler(BaseHandler):
         rows = session_rows(statuses, users, units=units)
         nodes = (node_rows(self.service.capacity(), units, inventory.live_stats(self.service.nodes),
                            self.settings["readiness"]) if who["admin"] else [])
-        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": self.notices.for_user(who["name"])}
+        listed = {(r["user"], r["server"]) for r in rows}
+        return {"rows": rows, "summary": summarize(rows), "nodes": nodes,
+                "notices": self.notices.for_user(who["name"], listed)}
 
     def fragments(self, who: dict, data: dict) -> dict:
         """The parts of the page its script replaces on every poll."""
@@ -367,7 +395,11 @@ class StopHandler(PageHandler):
             await self.service.release(key, rec.id)
         if not stopped_in_hub and rec is None:
             raise web.HTTPError(404, f"There is no session {label}.")
-        self.notices.add(who["name"], "info", f"Stopping {label}.")
+        if rec is not None and rec.state == "PENDING":
+            text = f"Cancelled {label}: it was still waiting in the queue and will not start."
+        else:
+            text = f"Stopping {label}; its share is freed when its container is gone."
+        self.notices.add(who["name"], "info", text, key=f"stop {user}/{server}", session=(user, server))
         self.redirect(self.prefix, status=303)
 
 
@@ -398,8 +430,8 @@ class NewSessionsHandler(PageHandler):
         n = opts.sessions
         self.notices.add(who["name"], "info",
                          f"Launching {n} session{'s' if n != 1 else ''} of {image.display_name} with "
-                         f"{self.service.units.to_fgpu(opts.quanta)} fGPU each.")
-        asyncio.ensure_future(self._launch(who["name"], n, one))
+                         f"{self.service.units.to_fgpu(opts.quanta)} fGPU each.", key="launch")
+        in_background(self._launch(who["name"], n, one))
         self.redirect(self.prefix, status=303)
 
     async def _launch(self, user: str, count: int, options: dict):

@@ -442,6 +442,8 @@ def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people,
         job = page.locator("#jobs tbody tr").filter(has_text=ref)
         expect(job).to_have_count(1, timeout=10000)
         expect(job.locator('[data-role="state"]')).to_contain_text("done", timeout=300000)
+        # Issue 14 (4): the banner follows the job to its end instead of saying "started" for ever.
+        expect(page.locator("#flash")).to_contain_text(f"Snapshot of {alice}/work finished: {ref}", timeout=20000)
         image = page.locator(f'#images tr[data-image="{ref}"]')
         expect(image).to_contain_text(alice, timeout=20000)
         expect(image).to_contain_text(KERNEL_IMAGE)

@@ -36,13 +36,17 @@
       .finally(function () { busy = false; });
   }
 
-  // Stopping asks for confirmation; the form still posts without JavaScript.
+  // Stop and Cancel ask first (the question is the button's data-confirm); without
+  // JavaScript the form posts at once.
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
-    if (form.classList && form.classList.contains("bai-stop-form")) {
-      var btn = form.querySelector("button");
-      if (btn) { btn.disabled = true; btn.textContent = "Stopping…"; }
+    if (!(form.classList && form.classList.contains("bai-stop-form"))) return;
+    var btn = form.querySelector("button");
+    if (btn && btn.dataset.confirm && !window.confirm(btn.dataset.confirm)) {
+      ev.preventDefault();
+      return;
     }
+    if (btn) { btn.disabled = true; btn.textContent = btn.textContent === "Cancel" ? "Cancelling…" : "Stopping…"; }
   });
 
   setInterval(refresh, cfg.poll * 1000);

@@ -4,6 +4,7 @@
   const CFG = JSON.parse(document.getElementById("bai-snapshots-config").textContent);
   const API = CFG.prefix + "api/";
   let timer = null;
+  const watched = new Map();  // job id -> session, for the banner of a snapshot started here
 
   function el(tag, attrs, ...children) {
     const e = document.createElement(tag);
@@ -63,7 +64,8 @@
       button.disabled = true;
       try {
         const res = await call("POST", "snapshots", { user: s.user, server: s.server, tag: input.value.trim() });
-        flash("success", "Snapshot of " + s.session + " started: " + res.job.ref);
+        flash("info", "Snapshot of " + s.session + " started: " + res.job.ref + " (the session keeps running)");
+        watched.set(res.job.id, s.session);
         input.value = "";
       } catch (e) {
         flash("danger", "Snapshot of " + s.session + " refused: " + e.message);
@@ -129,6 +131,16 @@
         tbody.dataset.key = sessKey;
       }
       fill("jobs", data.jobs.map(jobRow), "No snapshot since the service started.", 5);
+      for (const j of data.jobs) {  // the banner of a snapshot started here follows it to its end
+        if (!watched.has(j.id) || (j.state !== "done" && j.state !== "failed")) continue;
+        if (j.state === "done") {
+          flash("success", "Snapshot of " + watched.get(j.id) + " finished: " + j.ref + " (took " +
+                age(Math.round(j.finished_at - (j.started_at || j.created_at))) + "); its owner can launch it now.");
+        } else {
+          flash("danger", "Snapshot of " + watched.get(j.id) + " failed: " + (j.reason || "no reason given"));
+        }
+        watched.delete(j.id);
+      }
       fill("images", data.images.map(imageRow), "No private image yet.", 7);
       const errors = document.getElementById("errors");
       errors.classList.toggle("d-none", !data.errors.length);
