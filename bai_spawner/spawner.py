@@ -467,7 +467,7 @@ class BaiSpawner(DockerSpawner):
         return await super().poll()
 
     async def stop(self, now=False):
-        request_id = self.request_id
+        request_id, launched = self.request_id, self.launched  # DockerSpawner.stop clears the state
         try:
             if self.object_id:
                 await super().stop(now=now)
@@ -476,7 +476,7 @@ class BaiSpawner(DockerSpawner):
         finally:
             self.request_id = request_id
             await self._release()
-            if self.launched:
+            if launched:
                 await self._remove_when_stopped()
             self.clear_state()
 

@@ -137,3 +137,28 @@ def test_docker_kill_frees_the_share_at_once_and_the_queue_moves(hub, users):
                  what="share returned within 2 s")
     assert time.time() - t0 < 2
     hub.wait_ready(name, "c", timeout=90)
+
+
+def test_sessions_launched_in_a_group_leave_the_hubs_list_when_they_stop(hub, users):
+    """Issue 14 (6): session-1, session-2, ... stayed on the hub's home and admin pages after they
+    stopped. Launched as a group (api/launch, as the sessions page does), each is removed from
+    the hub once stopped, whichever way it stopped; a server the user named stays."""
+    name, token = users("group")
+    cpu_only = {**ONE, "fgpu": "0"}
+    r = hub.service("POST", "api/launch", token=token, json={"count": 2, "options": cpu_only})
+    assert r.status_code == 202, r.text
+    launched = r.json()["launched"]
+    assert launched == ["session-1", "session-2"]
+    assert hub.start_server(name, "mine", cpu_only).status_code in (201, 202)
+    for server in [*launched, "mine"]:
+        hub.wait_ready(name, server)
+
+    def listed():  # every server the hub keeps for the user, stopped ones too
+        model = hub.api("GET", f"/users/{name}?include_stopped_servers=1").json()
+        return set(model["servers"]) - {""}  # the default server is always there
+
+    assert listed() == {"session-1", "session-2", "mine"}
+    assert hub.stop_server(name, "session-1").status_code in (202, 204)  # the hub's own Stop, no remove
+    docker("rm", "-f", hub.session_container(name, "session-2")["Id"])  # and one whose container died
+    assert hub.stop_server(name, "mine").status_code in (202, 204)
+    hub.wait_for(lambda: listed() == {"mine"}, 120, what="the launched servers removed, the named one kept")
