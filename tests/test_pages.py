@@ -396,3 +396,25 @@ def test_stop_buttons_ask_first_and_a_pending_session_is_cancelled():
     html = service_page("_sessions.html", ann, rows=rows)
     assert 'data-confirm="Stop s1? Its container is removed: running kernels and anything outside /home/jovyan are lost."' in html
     assert 'data-confirm="Cancel s2? It leaves the queue and will not start.">Cancel</button>' in html
+
+
+def test_signup_page_shows_the_password_with_a_labelled_button():
+    """Issue 14 (7): NativeAuthenticator's show/hide button is an emoji, an empty box where no
+    emoji font is installed."""
+    class Anyone:
+        pass
+
+    ctx = dict(base_url="/hub/", prefix="/", static_url=lambda p, **k: "/hub/static/" + p, login_url="/hub/login",
+               logout_url="/hub/logout", xsrf="tok", services=[], parsed_scopes=set(), user=None,
+               ask_email=False, two_factor_auth=True, recaptcha_key=None, tos=None)
+    html = jinja_env().get_template("signup.html").render(**ctx)
+    assert re.search(r'<button id="eye" type="button" class="btn btn-outline-secondary"[^>]*>Show</button>', html)
+    assert "👁" not in html and "BAI Hub" in html
+    assert 'name="signup_password"' in html and 'name="signup_password_confirmation"' in html and 'name="2fa"' in html
+    assert 'name="_xsrf" value="tok"' in html
+
+
+def test_bootstrap3_default_buttons_look_like_buttons():
+    """Issue 14 (7): NativeAuthenticator's "Unauthorize" (btn-default) looked like plain text."""
+    style = (ROOT / "hub_config" / "templates" / "bai-style.html").read_text()
+    assert re.search(r"\.btn-default \{[^}]*border: 1px solid", style)
