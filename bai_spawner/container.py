@@ -8,11 +8,12 @@ tests compare the result with literal dicts.
 
 How the admin's extras meet ours (dockerspawner replaces; this merges where replacing would
 lose something or undo a limit):
-  * ``binds`` from ``volumes``/``read_only_volumes`` and from ``extra_host_config`` are all kept.
+  * ``binds`` from ``volumes``/``read_only_volumes`` and from ``extra_host_config`` are all kept,
+    and the package index's read-only ones (``PackageIndex``) join them; a target used twice is refused.
   * ``mounts`` from the ``mounts`` option, from ``extra_host_config`` and the GPU backend's are
     all kept; a GPU mount's target that an admin's bind or mount also uses is refused.
   * ``cap_add``, ``cap_drop``, ``security_opt`` lists are joined.  ``tmpfs`` dicts are merged.
-  * the environment: the hub's, then ``extra_create_kwargs['environment']``, then the GPU
+  * the environment: the package index's, the hub's, then ``extra_create_kwargs['environment']``, then the GPU
     backend's (a limit cannot be overridden by config); labels likewise end with ours.
   * ``image``, ``name`` and ``device_requests`` are ours only: the image that runs is the one
     validated, and GPUs are exactly the granted ones.
@@ -28,6 +29,7 @@ from docker.utils import convert_volume_binds
 from bai_scheduler.contract import labels
 from bai_scheduler.contract.options import SessionOptions
 
+from . import pipconf
 from .gpu import GpuSpec
 
 CPU_PERIOD_US = 100_000
@@ -56,6 +58,28 @@ class Hardening:
         if self.no_new_privileges:
             out["security_opt"] = ["no-new-privileges:true"]
         return out
+
+
+@dataclass(frozen=True)
+class PackageIndex:
+    """The site's package index for ``pip install`` in a session (BaiSpawner's ``pip_config`` and
+    ``ca_bundle``, see ``pipconf``): host files and folders mounted read-only, and the environment
+    that points pip and the HTTPS clients at the CA bundle.  The admin's own environment wins."""
+
+    pip_config: str = ""  # host path of the sessions' pip.conf
+    ca_bundle: str = ""  # host path of a PEM bundle
+    local_paths: tuple = ()  # folders and files the pip.conf names, mounted at the same paths
+
+    def binds(self) -> list[str]:
+        out = [f"{path}:{path}:ro" for path in self.local_paths]
+        if self.pip_config:
+            out.append(f"{self.pip_config}:{pipconf.PIP_CONFIG_TARGET}:ro")
+        if self.ca_bundle:
+            out.append(f"{self.ca_bundle}:{pipconf.CA_BUNDLE_TARGET}:ro")
+        return out
+
+    def environment(self) -> dict:
+        return {name: pipconf.CA_BUNDLE_TARGET for name in pipconf.CA_ENV} if self.ca_bundle else {}
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,7 @@ def make_container(
     links: dict | None = None,
     extra_create_kwargs: dict | None = None,
     extra_host_config: dict | None = None,
+    package_index: PackageIndex = PackageIndex(),
 ) -> tuple[dict, dict]:
     """(``create_container`` kwargs without ``host_config``, ``create_host_config`` kwargs)."""
     extra_create = dict(extra_create_kwargs or {})
@@ -139,6 +164,15 @@ def make_container(
     binds = _binds(volume_binds, extra_host.pop("binds", None))
     admin_mounts = list(mounts or []) + list(extra_host.pop("mounts", None) or [])
     taken = _targets(binds, admin_mounts)
+    for b in package_index.binds():
+        target = b.split(":")[1]
+        if target in taken:
+            raise ContainerSpecError(
+                f"{target} is needed for the sessions' package index ({b.split(':')[0]}), but the configuration "
+                f"also mounts {taken[target]} there; mount it elsewhere, or leave BaiSpawner.pip_config/ca_bundle empty"
+            )
+    binds += package_index.binds()
+    taken = _targets(binds, admin_mounts)
     for m in gpu.mounts:
         if m["Target"] in taken:
             raise ContainerSpecError(
@@ -146,7 +180,8 @@ def make_container(
                 f"mounts {taken[m['Target']]} there; mount it elsewhere"
             )
 
-    env = dict(environment)
+    env = dict(package_index.environment())
+    env.update(environment)
     env.update(_env(extra_create.pop("environment", None)))
     env.update(gpu.environment)
     env["BAI_SESSION"] = f"{session.user}/{session.server}" if session.server else session.user

@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 
 import docker
 import requests
@@ -29,7 +30,8 @@ from bai_scheduler.contract.form import form_context
 from bai_scheduler.contract.options import LAUNCHED, FormError, Limits, SessionOptions, parse_options
 from bai_scheduler.core.units import GIB, FgpuUnits
 
-from .container import ContainerSpecError, Hardening, Session, make_container
+from . import pipconf
+from .container import ContainerSpecError, Hardening, PackageIndex, Session, make_container
 from .gpu import PlacementMismatch, gpu_spec
 
 # The spawn form (kubespawner's way: a Jinja2 template in the package).
@@ -114,12 +116,46 @@ class BaiSpawner(DockerSpawner):
         "(it restarts with the hub, or after a crash); the request itself stays queued either way.",
     )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
+    pip_config = Unicode(
+        "", config=True,
+        help="A pip configuration file for sessions (a pip.conf on the engine's host): mounted read-only at "
+        "/etc/pip.conf in every session, so that `pip install X` there uses the site's package index or mirror. "
+        "Local folders and files it names (file:// indexes, find-links folders, constraint files) are mounted "
+        "read-only at the same paths. scripts/run-hub writes one from the host's own pip configuration "
+        "(python -m bai_spawner.pipconf). Empty: the image's own settings (PyPI).",
+    )
+    ca_bundle = Unicode(
+        "", config=True,
+        help="A PEM file of the certificate authorities sessions trust for HTTPS (e.g. the public ones plus the "
+        "site's proxy CA), on the engine's host: mounted read-only at /etc/bai/ca-certificates.crt, with PIP_CERT, "
+        "REQUESTS_CA_BUNDLE, SSL_CERT_FILE and CURL_CA_BUNDLE pointing at it. Empty: the image's own list.",
+    )
 
     @observe(*_moved_to_scheduler)
     def _moved_option(self, change):
         self.log.warning("BaiSpawner.%s is deprecated: the scheduler service owns it now (the form's limits, "
                          "and each node's GPU backend). Set c.BaiScheduler.%s instead (until then the service "
                          "uses this value).", change.name, change.name)
+
+    @validate("pip_config", "ca_bundle")
+    def _check_host_file(self, proposal):
+        path = proposal.value
+        if path and not (os.path.isabs(path) and os.path.isfile(path)):
+            raise ValueError(f"BaiSpawner.{proposal.trait.name} must be the absolute path of a file on this host; "
+                             f"{path!r} is not one (leave it empty to use the image's own settings)")
+        return path
+
+    async def _package_index(self) -> PackageIndex:
+        """The sessions' package index now (the pip.conf is read at every start, so edits apply)."""
+        paths: list[str] = []
+        if self.pip_config:
+            try:
+                text = await asyncio.to_thread(Path(self.pip_config).read_text)
+                paths = pipconf.local_paths(text)
+            except (OSError, ValueError) as e:  # configparser errors are ValueErrors
+                raise web.HTTPError(500, f"The sessions' pip configuration {self.pip_config} cannot be read ({e}); "
+                                         "ask an admin to fix BaiSpawner.pip_config.") from None
+        return PackageIndex(self.pip_config, self.ca_bundle, tuple(paths))
 
     @validate("pids_limit")
     def _check_pids_limit(self, proposal):
@@ -442,6 +478,7 @@ class BaiSpawner(DockerSpawner):
                 volume_binds=self.volume_binds, mounts=self.mount_binds, links=self.links,
                 extra_create_kwargs=await self._extra(self.extra_create_kwargs),
                 extra_host_config=await self._extra(self.extra_host_config),
+                package_index=await self._package_index(),
             )
         except ContainerSpecError as e:
             raise web.HTTPError(500, f"The session's container cannot be made: {e}") from None

@@ -15,6 +15,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
   BAI_IDLE_TIMEOUT     seconds idle before a session is culled  default 3600
   BAI_IDLE_CULL_EVERY  seconds between culler passes            default 60
+  BAI_SESSION_PIP_CONFIG  pip.conf sessions use (scripts/run-hub writes one from the host's)
+  BAI_SESSION_CA_BUNDLE   CA bundle sessions trust for HTTPS (scripts/run-hub: the host pip's cert)
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
 
 Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
@@ -114,6 +116,9 @@ c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
 c.BaiSpawner.http_timeout = 120
+# `pip install` in sessions: the site's package index and CA (docs/install.md, "Package index").
+c.BaiSpawner.pip_config = env("BAI_SESSION_PIP_CONFIG", "")
+c.BaiSpawner.ca_bundle = env("BAI_SESSION_CA_BUNDLE", "")
 
 # -- the scheduler service --------------------------------------------------------------
 c.BaiScheduler.db_url = env("BAI_SCHEDULER_DB_URL", f"sqlite:///{data / 'bai_scheduler.sqlite'}")

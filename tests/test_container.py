@@ -8,7 +8,7 @@ import pytest
 from bai_scheduler.contract.options import SessionOptions
 from bai_scheduler.core.model import GpuBackend
 from bai_scheduler.core.units import FgpuUnits
-from bai_spawner.container import ContainerSpecError, Hardening, Session, make_container
+from bai_spawner.container import ContainerSpecError, Hardening, PackageIndex, Session, make_container
 from bai_spawner.gpu import gpu_spec
 from bai_spawner.spawner import BaiSpawner
 from helpers.spawner import make_spawner
@@ -132,6 +132,26 @@ def test_admin_extras_cannot_undo_a_limit_or_swap_the_image():
     assert listed["A"] == "1" and listed["CUDA_DEVICE_SM_LIMIT_0"] == "25"
 
 
+def test_the_package_index_is_mounted_read_only_and_names_the_ca():
+    """Issue 14 (2): `pip install` in a session failed on the site's self-signed proxy CA."""
+    index = PackageIndex("/srv/bai/session-pip.conf", "/etc/ssl/certs/ca-certificates.crt",
+                         ("/opt/wheels", "/opt/pypi/simple"))
+    create, host = build(package_index=index, environment={"JUPYTERHUB_API_TOKEN": "t", "REQUESTS_CA_BUNDLE": "/mine"})
+    assert host["binds"] == ["bai-home-alice:/home/jovyan:rw", "/opt/wheels:/opt/wheels:ro",
+                             "/opt/pypi/simple:/opt/pypi/simple:ro", "/srv/bai/session-pip.conf:/etc/pip.conf:ro",
+                             "/etc/ssl/certs/ca-certificates.crt:/etc/bai/ca-certificates.crt:ro"]
+    assert create["volumes"] == ["/etc/bai/ca-certificates.crt", "/etc/pip.conf", "/home/jovyan", "/opt/pypi/simple",
+                                 "/opt/wheels"]
+    env = create["environment"]
+    assert {k: env[k] for k in ("PIP_CERT", "SSL_CERT_FILE", "CURL_CA_BUNDLE")} == dict.fromkeys(
+        ("PIP_CERT", "SSL_CERT_FILE", "CURL_CA_BUNDLE"), "/etc/bai/ca-certificates.crt")
+    assert env["REQUESTS_CA_BUNDLE"] == "/mine"  # the admin's own environment wins
+    _, plain = build()
+    assert plain["binds"] == ["bai-home-alice:/home/jovyan:rw"]
+    with pytest.raises(ContainerSpecError, match="/etc/pip.conf is needed for the sessions' package index"):
+        build(package_index=index, extra_host_config={"binds": ["/x/pip.conf:/etc/pip.conf:ro"]})
+
+
 # ---------------------------------------------------------------- BaiSpawner.create_object in-process
 class Recorder:
     """Stands in for the Docker engine: records what create_container gets."""
@@ -188,3 +208,20 @@ def test_create_object_hardening_options(monkeypatch):
     host = rec.created["host_config"]
     assert host["PidsLimit"] == 256 and host["CapAdd"] == ["CHOWN"] and host["CapDrop"] == ["ALL"]
     assert "SecurityOpt" not in host and host.get("Init") in (None, False)
+
+
+def test_create_object_mounts_the_sessions_pip_config_and_what_it_names(monkeypatch, tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    conf = tmp_path / "session-pip.conf"
+    conf.write_text(f"[global]\nfind-links = {wheels}\nindex-url = https://pypi.example/simple\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    spawner, rec = spawner_with_recorder(monkeypatch, pip_config=str(conf), ca_bundle=str(ca))
+    asyncio.run(spawner.create_object())
+    binds = rec.created["host_config"]["Binds"]
+    assert f"{wheels}:{wheels}:ro" in binds and f"{conf}:/etc/pip.conf:ro" in binds
+    assert f"{ca}:/etc/bai/ca-certificates.crt:ro" in binds
+    assert rec.created["environment"]["PIP_CERT"] == "/etc/bai/ca-certificates.crt"
+    with pytest.raises(Exception, match="must be the absolute path of a file on this host"):
+        make_spawner(pip_config=str(tmp_path / "missing.conf"))

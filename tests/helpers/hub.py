@@ -18,6 +18,8 @@ from pathlib import Path
 
 import requests
 
+from bai_spawner import pipconf
+
 from . import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
@@ -62,6 +64,9 @@ class Hub:
             "BAI_TEST_EXTRA": json.dumps(extra or {}),
             "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
         })
+        # As scripts/run-hub does: sessions get this host's package index and CA bundle.
+        settings, _ = pipconf.write_for_sessions(str(self.workdir / "session-pip.conf"))
+        self.env.update(settings)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.workdir / "jupyterhub.log"
 
