@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import docker
 import requests
@@ -116,6 +117,46 @@ class BaiSpawner(DockerSpawner):
         "(it restarts with the hub, or after a crash); the request itself stays queued either way.",
     )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
+    browser_url = Unicode(
+        "", config=True,
+        help="The hub's address as users' browsers reach it, e.g. 'https://hub.example.org/' (its scheme, host, "
+        "port and base path). Sessions build the links they print from it: the MLflow tracking URI is "
+        "<browser_url>user/<name>/<server>/mlflow, so the run links the MLflow client prints open in the browser. "
+        "When its host is a loopback address (the one-machine demo), each session's server listens on the same "
+        "port inside its container, so that the same URL reaches it from code in the session; otherwise sessions "
+        "reach it over the network. Empty: c.JupyterHub.public_url if set, else links name the session's "
+        "internal address, which browsers cannot open.",
+    )
+
+    @validate("browser_url")
+    def _check_browser_url(self, proposal):
+        url = proposal.value
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError(f"BaiSpawner.browser_url must be an http(s) URL such as 'https://hub.example.org/', "
+                             f"not {url!r}")
+        return url if not url or url.endswith("/") else url + "/"
+
+    def _browser_port(self) -> int | None:
+        """The browser address's port when its host is a loopback address, else None."""
+        parts = urlsplit(self.browser_url)
+        host = parts.hostname or ""
+        if host in ("localhost", "::1") or host.startswith("127."):
+            return parts.port or (443 if parts.scheme == "https" else 80)
+        return None
+
+    @default("port")
+    def _default_port(self):
+        # With the hub's browser address on loopback, the session's server answers on that port in
+        # its container too, so links to that address work from code inside (see browser_url).
+        return self._browser_port() or 8888
+
+    def get_env(self):
+        env = super().get_env()
+        if self.browser_url:
+            # The server's own URL as browsers reach it (bai_session_apps builds MLflow's links from it).
+            env["BAI_PUBLIC_URL"] = urlunsplit(urlsplit(self.browser_url)._replace(path=self.server.base_url))
+        return env
+
     pip_config = Unicode(
         "", config=True,
         help="A pip configuration file for sessions (a pip.conf on the engine's host): mounted read-only at "

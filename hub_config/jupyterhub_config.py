@@ -15,6 +15,7 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
   BAI_IDLE_TIMEOUT     seconds idle before a session is culled  default 3600
   BAI_IDLE_CULL_EVERY  seconds between culler passes            default 60
+  BAI_BROWSER_URL      the hub's address in users' browsers     default http://127.0.0.1:BAI_HUB_PORT/
   BAI_SESSION_PIP_CONFIG  pip.conf sessions use (scripts/run-hub writes one from the host's)
   BAI_SESSION_CA_BUNDLE   CA bundle sessions trust for HTTPS (scripts/run-hub: the host pip's cert)
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
@@ -116,6 +117,8 @@ c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
 c.BaiSpawner.http_timeout = 120
+# Links sessions print (MLflow's run links) name the address users' browsers use.
+c.BaiSpawner.browser_url = env("BAI_BROWSER_URL") or f"http://127.0.0.1:{hub_port}/"
 # `pip install` in sessions: the site's package index and CA (docs/install.md, "Package index").
 c.BaiSpawner.pip_config = env("BAI_SESSION_PIP_CONFIG", "")
 c.BaiSpawner.ca_bundle = env("BAI_SESSION_CA_BUNDLE", "")

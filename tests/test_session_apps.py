@@ -134,7 +134,7 @@ def test_mlflow_proxy_config():
             "enabled": True,
             "title": "MLflow UI",
             "icon_path": "/icons/mlflow.svg",
-            "path_info": "mlflow/",
+            "path_info": "bai-session-apps/mlflow.html",  # the page that waits for MLflow, saying so
         },
     }
     assert config.mlflow_proxy_config("p", "i", {"BAI_MLFLOW_START_TIMEOUT": "30"})["timeout"] == 30
@@ -177,6 +177,23 @@ def test_session_env():
     assert config.session_env("/user/ann/gpu/", 9000, ip="10.1.2.3") == {
         "MLFLOW_TRACKING_URI": "http://10.1.2.3:9000/user/ann/gpu/mlflow",
     }
+
+
+def test_session_env_tracks_through_the_address_browsers_use():
+    """Issue 14 (3): the run links MLflow prints (its tracking URI + "/#/experiments/...") named
+    127.0.0.1:8888 inside the container: connection refused in the user's browser."""
+    public = "http://127.0.0.1:8000/user/ann/gpu/"
+    # The demo: the hub on this machine's loopback, the session's server on the same port inside.
+    assert config.session_env("/user/ann/gpu/", 8000, "tok", public_url=public) == {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:8000/user/ann/gpu/mlflow", "MLFLOW_TRACKING_TOKEN": "tok"}
+    # A loopback address on another port would be nothing inside the container: the internal route.
+    assert config.session_env("/user/ann/gpu/", 8888, public_url=public)["MLFLOW_TRACKING_URI"] == \
+        "http://127.0.0.1:8888/user/ann/gpu/mlflow"
+    # A public name: through the hub's proxy, like the browser.
+    assert config.session_env("/user/ann/", 8888, public_url="https://hub.example.org/user/ann/") == {
+        "MLFLOW_TRACKING_URI": "https://hub.example.org/user/ann/mlflow"}
+    assert config.reachable_public_url("https://localhost/user/ann/", 443) == "https://localhost/user/ann/"
+    assert config.reachable_public_url("ftp://x/", 21) is None and config.reachable_public_url("", 1) is None
 
 
 def test_entry_points_are_registered():
@@ -523,3 +540,23 @@ def test_terminal_through_the_proxy(home):
     finally:
         server.stop()
     assert _wait_mlflow_gone(home), "processes left behind after the server stopped"
+
+
+def test_the_launchers_mlflow_entry_opens_a_page_that_waits_for_mlflow(home):
+    """Issue 14 (3): the first open took about 18 s on a blank tab, and MLflow 3 opened on its GenAI
+    view, where a logged training run is not listed. The launcher now opens a page of this
+    package (behind the server's login) that says what happens, then opens the runs."""
+    server = Server(home)
+    try:
+        info = server.get("server-proxy/servers-info").json()
+        entries = {s["name"]: s["launcher_entry"] for s in info["server_processes"]}
+        assert entries["mlflow"]["path_info"] == "bai-session-apps/mlflow.html"
+        assert server.get("bai-session-apps/mlflow.html", auth=False).status_code in (302, 403)
+        page = server.get("bai-session-apps/mlflow.html")
+        assert page.status_code == 200 and "Starting the MLflow UI of this session" in page.text
+        script = server.get("bai-session-apps/mlflow.js")
+        assert script.status_code == 200
+        assert '"mlflow.workflowType_v1": "machine_learning"' in script.text and '"../mlflow/"' in script.text
+        assert "[bai-mlflow]" not in server.logtext()  # the page itself starts nothing
+    finally:
+        server.stop()

@@ -65,3 +65,22 @@ def test_moved_options_warn_on_the_spawner(name, caplog):
     finally:
         log.removeHandler(caplog.handler)
     assert f"BaiSpawner.{name} is deprecated" in caplog.text and f"c.BaiScheduler.{name}" in caplog.text
+
+
+def test_browser_url_gives_sessions_the_address_browsers_use():
+    """Issue 14 (3): links a session prints (MLflow's) named 127.0.0.1:8888 inside the container."""
+    from jupyterhub import orm
+    from jupyterhub.objects import Server
+
+    demo = make_spawner(browser_url="http://127.0.0.1:8000")
+    assert demo.browser_url == "http://127.0.0.1:8000/"
+    assert demo.port == 8000  # the same URL reaches the session's own server from inside it
+    demo.server = Server(orm_server=orm.Server(proto="http", ip="", port=0, base_url="/user/alice/work/",
+                                               cookie_name="c"))
+    env = demo.get_env()
+    assert env["BAI_PUBLIC_URL"] == "http://127.0.0.1:8000/user/alice/work/"
+    site = make_spawner(browser_url="https://hub.example.org/")
+    assert site.port == 8888
+    assert make_spawner().port == 8888
+    with pytest.raises(Exception, match="must be an http"):
+        make_spawner(browser_url="hub.example.org")

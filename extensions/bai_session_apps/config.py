@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from urllib.parse import urlparse
 
 #: seconds jupyter-server-proxy waits for MLflow to answer HTTP; the first
 #: start creates the SQLite schema (alembic migrations), which is slow on a
@@ -19,6 +20,13 @@ TERMINAL_START_TIMEOUT = 30
 
 MLFLOW_PATH = "mlflow"
 TERMINAL_PATH = "terminal"
+#: pages the server extension serves (folder ``open/``) under the server's URL
+OPEN_PATH = "bai-session-apps"
+#: where the launcher's "MLflow UI" goes: a page that waits for MLflow, saying so, then opens it
+MLFLOW_OPEN_PAGE = OPEN_PATH + "/mlflow.html"
+#: the session server's public URL (``<hub's browser address>user/<name>/<server>/``), set by the
+#: spawner (``BAI_PUBLIC_URL``) or by JupyterHub when ``c.JupyterHub.public_url`` is set
+PUBLIC_URL_ENVS = ("BAI_PUBLIC_URL", "JUPYTERHUB_PUBLIC_URL")
 
 #: where the UI server's MLflow lives in the kernel images (full ``mlflow``,
 #: in its own venv so the kernel venv only needs ``mlflow-skinny``).
@@ -161,7 +169,7 @@ def mlflow_proxy_config(
             "enabled": True,
             "title": "MLflow UI",
             "icon_path": icon_path,
-            "path_info": MLFLOW_PATH + "/",
+            "path_info": MLFLOW_OPEN_PAGE,
         },
     }
 
@@ -225,31 +233,52 @@ def _local_host(ip: str) -> str:
     return ip
 
 
+def reachable_public_url(public_url: str | None, port: int) -> str | None:
+    """``public_url`` if code in the session can use it as is: a name the network resolves, or a
+    loopback address on the port the session's own server listens on (the spawner makes it so
+    when the hub's browser address is on loopback, as in the one-machine demo)."""
+    if not public_url:
+        return None
+    parsed = urlparse(public_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    loopback = parsed.hostname in ("localhost", "::1") or parsed.hostname.startswith("127.")
+    default = 443 if parsed.scheme == "https" else 80
+    if loopback and (parsed.port or default) != int(port):
+        return None
+    return public_url
+
+
 def session_env(
     base_url: str,
     port: int = 8888,
     token: str | None = None,
     ip: str = "0.0.0.0",
     scheme: str = "http",
+    public_url: str | None = None,
 ) -> dict:
     """Environment that lets code in a session reach its MLflow server.
 
-    The tracking URI goes through the single-user server's own proxy route on
-    the loopback interface, so the first ``mlflow`` call starts the server on
-    demand and the store is the one the UI shows. ``token`` is the server's
-    API token (``JUPYTERHUB_API_TOKEN`` under the hub, whose default scopes
-    include ``access:servers!server``); MLflow sends it as
-    ``Authorization: Bearer <token>``, which jupyter_server and the hub's
-    single-user auth both accept.
+    The tracking URI is the session server's public URL (``public_url``, the
+    address users' browsers use: see ``reachable_public_url``) plus ``mlflow``,
+    so the run links the MLflow client prints open in the browser; without one,
+    the server's own proxy route on the loopback interface. Either way the
+    first ``mlflow`` call starts the server on demand and the store is the one
+    the UI shows. ``token`` is the server's API token (``JUPYTERHUB_API_TOKEN``
+    under the hub, whose default scopes include ``access:servers!server``);
+    MLflow sends it as ``Authorization: Bearer <token>``, which jupyter_server
+    and the hub's single-user auth both accept.
 
     The ``bai_session_apps`` server extension sets these at server start, so a
     spawner does not have to; this function is for spawners or tests that want
     to set them explicitly (an explicit value always wins over the extension).
     """
-    env = {
-        "MLFLOW_TRACKING_URI": f"{scheme}://{_local_host(ip)}:{int(port)}"
-        + proxied_prefix(base_url, MLFLOW_PATH),
-    }
+    public = reachable_public_url(public_url, port)
+    if public:
+        uri = public.rstrip("/") + "/" + MLFLOW_PATH
+    else:
+        uri = f"{scheme}://{_local_host(ip)}:{int(port)}" + proxied_prefix(base_url, MLFLOW_PATH)
+    env = {"MLFLOW_TRACKING_URI": uri}
     if token:
         env["MLFLOW_TRACKING_TOKEN"] = token
     return env

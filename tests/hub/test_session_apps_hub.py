@@ -338,7 +338,8 @@ with mlflow.start_run(run_name="from-host"):
 
     # 2. in a kernel of the session, with no setup: the server extension's env
     out = run_in_kernel(apps, SEED_CELL)
-    assert f"URI=http://127.0.0.1:8888{apps.prefix}mlflow" in out, out
+    # the address the user's browser uses (issue 14: 127.0.0.1:8888 was the container's own)
+    assert f"URI={apps.url}mlflow" in out, out
     assert "TOKEN_SET=True" in out, out
     assert 'RUNS=["from-host", "in-session"]' in out, out
 
@@ -399,7 +400,7 @@ def test_terminal_websocket_through_the_hub_runs_a_command(apps, other_token):
     finally:
         ws.close()
     assert "hello-42 as jovyan in /home/jovyan" in out, out[-2000:]
-    assert f"uri=http://127.0.0.1:8888{apps.prefix}mlflow\r\n" in out, out[-2000:]
+    assert f"uri={apps.url}mlflow\r\n" in out, out[-2000:]
 
 
 # --------------------------------------------------------------------------
