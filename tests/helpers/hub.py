@@ -152,12 +152,28 @@ class Hub:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
+    def set_password(self, name: str, password: str) -> None:
+        """Give ``name`` an approved NativeAuthenticator login with ``password`` (made, or reset when
+        an earlier test or run made it)."""
+        import bcrypt
+        from nativeauthenticator.orm import UserInfo
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        from hub_config.bootstrap_admin import ensure_account
+
+        db_url = f"sqlite:///{self.workdir / 'var' / 'jupyterhub.sqlite'}"
+        if not ensure_account(db_url, name, password):
+            engine = create_engine(db_url)
+            with Session(engine) as db:
+                UserInfo.find(db, name).password = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
+                db.commit()
+            engine.dispose()
+
     def login(self, name: str, password: str) -> requests.Session:
         """A browser-like session logged in through the hub's login form (the account is made
         or given ``password`` first)."""
-        from hub_config.bootstrap_admin import ensure_account
-
-        ensure_account(f"sqlite:///{self.workdir}/var/jupyterhub.sqlite", name, password)
+        self.set_password(name, password)
         s = requests.Session()
         r = s.get(f"{self.url}/hub/login", timeout=30)
         assert r.status_code == 200, r.text[:300]
@@ -217,6 +233,23 @@ class Hub:
                 if not running_only or c["State"]["Running"]:
                     return c
         return None
+
+    def wait_capacity_free(self, timeout=120):
+        """Wait until no session holds any of the cluster's fGPU and nothing is queued.
+
+        The scheduler adopts every BAI session container on the engine at start-up and in its
+        periodic sweep, including those of other hubs on the same engine; when another suite
+        runs in parallel its sessions show up here and hold the fGPU."""
+        def free():
+            cap = self.service("GET", "api/capacity").json()
+            used = sum(d["used_quanta"] for n in cap["usage"] for d in n["devices"])
+            return used == 0 and cap["queue_length"] == 0
+        try:
+            self.wait_for(free, timeout, interval=1, what="the cluster's fGPU to be free")
+        except AssertionError:
+            holders = sorted(f"{k} ({r['state']}, {r['fgpu']} fGPU)" for k, r in self.requests().items())
+            raise AssertionError(f"The cluster is still held after {timeout}s by: {holders} "
+                                 "(another hub on the same Docker engine?)") from None
 
     def fill(self, user: str, options: dict, names=("a", "b", "c")):
         """Start three 1-fGPU sessions on the 2-fGPU cluster: two run, the third queues."""
