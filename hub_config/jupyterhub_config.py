@@ -12,7 +12,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_HUB_DB_URL       hub database URL                         default SQLite in BAI_DATA_DIR
   BAI_SCHEDULER_DB_URL scheduler database URL                   default SQLite in BAI_DATA_DIR
   BAI_ADMIN_USER       the first admin's name                   default admin
-  BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
+  BAI_HUB_CONNECT_IP   address containers reach the hub at      default the Docker bridge gateway
+                       (the hub's internal API listens there only)
   BAI_IDLE_TIMEOUT     seconds idle before a session is culled  default 3600
   BAI_IDLE_CULL_EVERY  seconds between culler passes            default 60
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
@@ -63,9 +64,11 @@ scheduler_port = int(env("BAI_SCHEDULER_PORT", "8090"))
 
 # -- hub ------------------------------------------------------------------------------
 c.JupyterHub.bind_url = f"http://127.0.0.1:{hub_port}"
-c.JupyterHub.hub_ip = "0.0.0.0"  # containers connect over the Docker bridge
-c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
+# The hub's internal API listens only where the session containers reach it (the Docker
+# bridge's gateway by default), not on every interface; the proxy and services use it there too.
 c.JupyterHub.hub_connect_ip = env("BAI_HUB_CONNECT_IP") or docker_bridge_gateway()
+c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip
+c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
 # The proxy scripts/setup.sh installs beside this Python (.venv/bin): found
 # without relying on PATH, so the run command works with only system folders there.
 local_proxy = Path(sys.prefix) / "bin" / "configurable-http-proxy"
