@@ -21,6 +21,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
 Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
 c.JupyterHub.ssl_cert/ssl_key), and list GPU nodes in c.BaiScheduler.nodes.
 """
+import ipaddress
+import json
 import os
 import secrets
 import subprocess
@@ -47,14 +49,20 @@ def secret_file(name: str, nbytes: int = 32) -> str:
 
 
 def docker_bridge_gateway() -> str:
+    """The host's address on Docker's default bridge: its gateway, or (engines that leave the
+    gateway out of `network inspect`) the subnet's first address, which Docker gives the host."""
     try:
         out = subprocess.run(
-            ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+            ["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
             capture_output=True, text=True, timeout=10,
         )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
+        if out.returncode == 0:
+            for net in json.loads(out.stdout) or []:
+                if net.get("Gateway"):
+                    return net["Gateway"]
+                if net.get("Subnet") and ipaddress.ip_network(net["Subnet"]).version == 4:
+                    return str(next(ipaddress.ip_network(net["Subnet"]).hosts()))
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         pass
     return "172.17.0.1"
 
