@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +80,13 @@ c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip
 c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
 # The proxy scripts/setup.sh installs beside this Python (.venv/bin): found
 # without relying on PATH, so the run command works with only system folders there.
+# It runs through proxy.mjs, which answers a malformed path with 400 where CHP says 500.
 local_proxy = Path(sys.prefix) / "bin" / "configurable-http-proxy"
 if local_proxy.exists():
-    c.ConfigurableHTTPProxy.command = [str(local_proxy)]
+    node = shutil.which("node")
+    chp_package = local_proxy.resolve().parent.parent
+    c.ConfigurableHTTPProxy.command = ([node, str(here / "proxy.mjs"), str(chp_package)] if node
+                                       else [str(local_proxy)])
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env('BAI_PROXY_API_PORT', '8001')}"
 c.ConfigurableHTTPProxy.auth_token = secret_file("proxy-token")
 c.ConfigurableHTTPProxy.pid_file = str(data / "proxy.pid")

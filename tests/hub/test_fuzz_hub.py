@@ -1,8 +1,10 @@
 """Bad input, fuzzed, through the suite's real hub (slow, fewer cases):
 ``POST /hub/api/users/{u}/servers/{s}`` with fuzzed ``user_options`` and
 ``POST /hub/spawn/{u}/{s}`` with fuzzed form fields, each refused with a message,
-leaving no container, request or share.  The service's own endpoints are fuzzed
-in tests/test_fuzz_api.py.
+leaving no container, request or share; the hub's and the service's endpoints called
+through the proxy with tokens of narrower scope and bad Authorization headers, on
+server names that are also route segments, leaving another user's session alone.
+The service's own endpoints are fuzzed in tests/test_fuzz_api.py.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import KERNEL_IMAGE
-from helpers.fuzz import COUNTS, any_json, json_bytes, print_counts  # noqa: F401
+from helpers.fuzz import COUNTS, ROUTE_NAMES, SPECIAL_NAMES, any_json, bad_auth_headers, json_bytes, path_part, print_counts  # noqa: F401,E501
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -174,3 +176,103 @@ def test_fuzz_hub_spawn_form(hub):
         fuzz()
     finally:
         hub.api("DELETE", f"/users/{user}/servers/{server}", json={"remove": True})
+
+
+ACCESS = "access:services!service=bai-scheduler"
+# Tokens of the caller narrower than the caller: (owner, scopes); "own" is a full token of its owner.
+CALLER_TOKENS = {
+    "access-only": ("caller", [ACCESS]),
+    "read-only": ("caller", [ACCESS, "read:servers!user={caller}"]),
+    "start-only": ("caller", [ACCESS, "start:servers!user={caller}"]),
+    "other-server": ("caller", [ACCESS, "servers!server={caller}/zz"]),
+    "no-access": ("caller", ["servers!user={caller}"]),
+    "own": ("caller", None),
+    "admin-access-only": ("admin", [ACCESS]),
+}
+# Options the spawner refuses for sure: nothing a fuzzed call starts may run.
+REFUSED = {**GOOD, "fgpu": "-1"}
+
+
+@st.composite
+def hub_calls(draw, caller: str, victim: str):
+    """(method, path, body) on the hub's API or the service, for the caller's or the victim's servers."""
+    user = draw(st.sampled_from([caller, victim, victim, "nobody-" + caller]))
+    server = draw(st.one_of(st.sampled_from(["keep", "zz", *ROUTE_NAMES]), st.sampled_from(SPECIAL_NAMES)))
+    s, u = path_part(server), path_part(user)
+    svc = "/services/bai-scheduler/"
+    return draw(st.sampled_from([
+        ("GET", "/hub/api/user", None),
+        ("GET", f"/hub/api/users/{u}", None),
+        ("POST", f"/hub/api/users/{u}/servers/{s}", REFUSED),
+        ("DELETE", f"/hub/api/users/{u}/servers/{s}", None),
+        ("DELETE", f"/hub/api/users/{u}/server", None),
+        ("GET", f"{svc}api/capacity", None),
+        ("GET", f"{svc}api/requests", None),
+        ("GET", f"{svc}api/requests/{u}/{s}", None),
+        ("DELETE", f"{svc}api/requests/{u}/{s}", None),
+        ("DELETE", f"{svc}api/requests/{u}", None),
+        ("POST", f"{svc}api/launch", {"user": user, "count": 1, "options": REFUSED}),
+        ("POST", f"{svc}api/launch", {"count": 1, "options": REFUSED}),
+        ("POST", f"{svc}sessions/stop", {"user": user, "server": server}),
+        ("POST", f"{svc}api/snapshots", {"user": victim, "server": "keep", "tag": "fuzz"}),
+        ("DELETE", f"{svc}api/images/{path_part(KERNEL_IMAGE)}", None),
+        ("GET", f"{svc}metrics", None),
+        ("GET", f"{svc}sessions.json", None),
+        ("GET", f"{svc}api/snapshots", None),
+    ]))
+
+
+def test_fuzz_hub_callers(hub):
+    """The hub's and the service's endpoints through the proxy, called with the caller's tokens of
+    narrower scope and with Authorization headers that are no token: never a 5xx, and the victim's
+    running session stays as it is (its server, its request, its container)."""
+    from helpers.service import expanded_scopes
+
+    caller, victim, admin = "fuzzcaller", "fuzzvictim", "admin"  # (the deployment's first admin)
+    hub.add_user(caller)
+    hub.add_user(victim)
+    tokens = {}
+    for name, (owner, scopes) in CALLER_TOKENS.items():
+        owner = {"caller": caller, "admin": admin}[owner]
+        body = {"note": f"fuzz {name}", "expires_in": 3600}
+        if scopes is not None:
+            body["scopes"] = [sc.format(caller=caller) for sc in scopes]
+        r = hub.api("POST", f"/users/{owner}/tokens", json=body)
+        assert r.status_code == 201, r.text
+        tokens[name] = r.json()["token"]
+    assert hub.start_server(victim, "keep", {**GOOD, "fgpu": "0"}).status_code in (201, 202)
+    hub.wait_ready(victim, "keep")
+    keep = hub.session_container(victim, "keep")["Id"]
+    request = hub.requests()[f"{victim}/keep"]["id"]
+    assert f"start:servers!user={caller}" in expanded_scopes(["self"], caller)
+
+    def untouched(what):
+        assert hub.servers(victim)["keep"]["ready"], f"{what}: the victim's server"
+        assert hub.requests()[f"{victim}/keep"]["id"] == request, f"{what}: the victim's request"
+
+    @settings(HUB_FUZZ, max_examples=5 * HUB_FUZZ.max_examples)
+    @given(call=hub_calls(caller, victim), who=st.one_of(st.sampled_from(sorted(tokens)), bad_auth_headers))
+    def fuzz(call, who):
+        COUNTS["hub-callers"] += 1
+        method, path, body = call
+        header = f"token {tokens[who]}" if who in tokens else who.lstrip()  # (requests refuses leading blanks)
+        what = f"{method} {path[:100]} as {who if who in tokens else repr(who[:30])}"
+        headers = {"Authorization": header.encode("latin-1")}
+        if path.endswith("sessions/stop"):
+            r = requests.post(hub.url + path, data=body, headers=headers, allow_redirects=False, timeout=60)
+        else:
+            r = requests.request(method, hub.url + path, json=body, headers=headers, allow_redirects=False, timeout=60)
+        assert r.status_code < 500, f"{what} -> {r.status_code}: {r.text[:300]}"
+        if who not in tokens and r.status_code < 400:  # no token: a redirect to log in, or health
+            assert r.status_code == 302 and "/hub/" in r.headers.get("Location", ""), f"{what} -> {r.status_code}"
+        untouched(what)
+
+    try:
+        fuzz()
+        assert hub.session_container(victim, "keep", running_only=True)["Id"] == keep
+        assert not containers_of(hub, caller)
+    finally:
+        for server in hub.api("GET", f"/users/{caller}?include_stopped_servers=1").json().get("servers", {}):
+            hub.api("DELETE", f"/users/{caller}/servers/{server}", json={"remove": True})
+        hub.stop_server(victim, "keep")
+        hub.wait_gone(victim, "keep")

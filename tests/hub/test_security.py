@@ -17,7 +17,7 @@ from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
 from helpers.hub import docker
-from helpers.service import expanded_scopes
+from helpers.service import Raw, expanded_scopes
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -336,3 +336,17 @@ def test_every_bad_authorization_header_is_a_4xx_through_the_proxy(hub, users):
             assert 400 <= r.status_code < 500 or (page and r.status_code == 302 and "/hub/" in r.headers["Location"]), \
                 (method, path, header[:30], r.status_code, r.text[:300])
     assert not hub.servers(name)
+
+
+def test_a_malformed_path_is_a_400_not_the_proxys_500(hub, users):
+    """configurable-http-proxy decodes every path to route it; a path that is not valid
+    percent-encoding is the client's mistake (hub_config/proxy.mjs)."""
+    name, token = users("badpath")
+    for method, path in [("POST", f"/hub/api/users/{name}/servers/%ff"), ("DELETE", f"/hub/api/users/{name}/servers/%"),
+                         ("GET", "/hub/api/users/%E0%A4%A"), ("GET", "/services/bai-scheduler/api/requests/%ff/x"),
+                         ("GET", f"/user/{name}/%c3/lab"), ("GET", "/%")]:
+        code, _, out = Raw(hub.port).call(method, path, token=token)  # the path as written, not re-quoted
+        assert code == 400, (method, path, code, out[:200])
+    # Valid escapes still reach the hub and the service.
+    assert hub.api("GET", f"/users/{name}", token=token).status_code == 200
+    assert hub.service("GET", f"api/requests/{name}/%C3%A9", token=token).status_code == 404
