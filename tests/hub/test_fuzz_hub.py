@@ -15,10 +15,11 @@ import secrets
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import KERNEL_IMAGE
+from helpers import KERNEL_IMAGE, OLD_IMAGE
+from helpers.hub import docker
 from helpers.fuzz import COUNTS, ROUTE_NAMES, SPECIAL_NAMES, any_json, bad_auth_headers, json_bytes, path_part, print_counts  # noqa: F401,E501
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
@@ -276,3 +277,105 @@ def test_fuzz_hub_callers(hub):
             hub.api("DELETE", f"/users/{caller}/servers/{server}", json={"remove": True})
         hub.stop_server(victim, "keep")
         hub.wait_gone(victim, "keep")
+
+
+# -- the image fields: picker, typed name, raw user_options ---------------------------------------------
+
+def image_id(ref: str) -> str:
+    return json.loads(docker("image", "inspect", ref).stdout)[0]["Id"]
+
+
+def commit_image(hub, ref: str, *labels: str) -> str:
+    """``ref``, made from the kernel image with changed labels (under the hub's bai-test- prefix)."""
+    from bai_scheduler.contract import labels as L  # noqa: F401 (the label names below)
+
+    tmp = f"{hub.prefix}fuzzimg"
+    assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
+    try:
+        out = docker("commit", *[a for lab in labels for a in ("--change", f"LABEL {lab}")], tmp, ref)
+        assert out.returncode == 0, out.stderr
+    finally:
+        docker("rm", "-f", tmp)
+    return image_id(ref)
+
+
+@pytest.fixture(scope="module")
+def image_values(hub):
+    """name -> (what a field says, the reference that must then run for user "fuzzimg", or None: refused)."""
+    from bai_scheduler.contract import labels as L
+
+    user = "fuzzimg"
+    mine, theirs, plain = (f"{hub.prefix}private/{user}:v1", f"{hub.prefix}private/fuzzowner:v1",
+                           f"{hub.prefix}plain:1")
+    private = (f"{L.KIND}={L.KIND_PRIVATE}", f"{L.DISPLAY_NAME}=fuzz")
+    commit_image(hub, mine, *private, f"{L.OWNER}={user}")
+    theirs_id = commit_image(hub, theirs, *private, f"{L.OWNER}=fuzzowner")
+    plain_id = commit_image(hub, plain, f"{L.KIND}=")  # on the engine, not in the catalog
+    try:
+        yield user, {
+            "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),
+            "old": (OLD_IMAGE, OLD_IMAGE),
+            "catalog-by-id": (image_id(OLD_IMAGE), OLD_IMAGE),
+            "mine": (mine, mine),
+            "theirs": (theirs, None),
+            "theirs-id": (theirs_id, None),
+            "theirs-id-prefix": (theirs_id[:19], None),
+            "theirs-short-id": (theirs_id[7:19], None),
+            "not-in-catalog": (plain, None),
+            "not-in-catalog-digest-prefix": (plain_id[:15], None),
+            "nothing": ("", KERNEL_IMAGE),  # the hub's default image
+        }
+    finally:
+        docker("rmi", "-f", mine, theirs, plain)
+
+
+IMAGE_VALUES = ["catalog", "old", "catalog-by-id", "mine", "theirs", "theirs-id", "theirs-id-prefix", "theirs-short-id",
+                "not-in-catalog", "not-in-catalog-digest-prefix", "nothing"]
+
+
+def test_fuzz_hub_image_fields(hub, image_values):
+    """POST /hub/api/users/{u}/servers/{s} with every kind of value in the picker (``image``) and the
+    typed name (``image_name``, which wins): the container runs exactly the validated reference
+    (``docker inspect``), or nothing is made. Valid shapes, so allowed values really start."""
+    user, values = image_values
+    hub.add_user(user)
+    shape = {"fgpu": "0", "cpu": "0.5", "memory": "1"}
+    n = iter(range(10_000))
+
+    @settings(HUB_FUZZ, max_examples=max(6, HUB_FUZZ.max_examples // 3))
+    @given(picker=st.sampled_from(IMAGE_VALUES), typed=st.sampled_from(IMAGE_VALUES))
+    @example(picker="theirs", typed="catalog")  # the picker names another's private image
+    @example(picker="catalog", typed="theirs-id-prefix")
+    @example(picker="theirs-short-id", typed="nothing")
+    def fuzz(picker, typed):
+        COUNTS["hub-image-fields"] += 1
+        server = f"img{next(n)}"
+        opts = dict(shape)
+        if values[picker][0]:
+            opts["image"] = values[picker][0]
+        if values[typed][0]:
+            opts["image_name"] = values[typed][0]
+        expected = values[typed][1] if typed != "nothing" else values[picker][1]
+        what = f"picker={picker} typed={typed}"
+        r = hub.start_server(user, server, opts)
+        try:
+            assert r.status_code < 500, f"{what} -> {r.status_code}: {r.text[:300]}"
+            if expected is None:
+                if r.status_code in (201, 202):
+                    text = wait_spawn_ended(hub, user, server, what)
+                else:
+                    assert r.status_code == 400, f"{what} -> {r.status_code}: {r.text[:300]}"
+                    text = r.json()["message"]
+                assert "not in the catalog" in text or "either" in text, f"{what}: {text[:300]}"
+                assert_nothing_left(hub, user, server, used_quanta(hub), what)
+            else:
+                assert r.status_code in (201, 202), f"{what} -> {r.status_code}: {r.text[:300]}"
+                c = hub.wait_for(lambda: hub.session_container(user, server, running_only=True), 120,
+                                 what=f"{what}: the container")
+                assert (c["Config"]["Image"], c["Image"]) == (expected, image_id(expected)), what
+        finally:
+            hub.stop_server(user, server)
+            hub.wait_gone(user, server, timeout=90)
+            hub.api("DELETE", f"/users/{user}/servers/{server}", json={"remove": True})
+
+    fuzz()
