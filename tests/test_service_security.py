@@ -229,3 +229,23 @@ def test_every_bad_authorization_header_is_a_4xx(svc, path):
                                 body=b'{"quanta": 0}')
         assert 400 <= code < 500, (header[:12], code, out[:200])
     assert "alice/zz" not in svc.requests()
+
+
+@pytest.mark.parametrize("token", ["a%0Ab", "%E4%B8%AD", "caf%C3%A9", "a" * 5000, "%ff", "x%00y"])
+def test_a_bad_token_in_the_url_is_a_4xx(svc, token):
+    # HubAuth reads ?token= on websocket requests; it is checked like the header.
+    for path in ("api/capacity", "sessions", "metrics"):
+        code, got, out = svc.call("GET", f"{path}?token={token}", headers={"Sec-Fetch-Mode": "websocket"})
+        # (tornado turns control characters in arguments into blanks: "x y" is then just no token,
+        # and the page sends the browser to log in)
+        assert 400 <= code < 500 or code == 302 and "oauth2/authorize" in got["Location"], (path, token[:20], code)
+        assert b"127.0.0.1" not in out
+
+
+def test_a_hub_that_does_not_answer_is_a_503_without_its_address(tmp_path):
+    with start(tmp_path) as (raw, _, hub, _):
+        token = hub.user("alice")
+        hub.close()
+        code, _, out = raw.call("GET", PREFIX + "api/capacity", token=token)
+        assert code == 503 and "try again" in json.loads(out)["message"], (code, out)
+        assert b"127.0.0.1" not in out and b"/hub/api" not in out

@@ -105,10 +105,25 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
     # -- who is calling ----------------------------------------------------------------
 
     def prepare(self):
+        # The header, and the URL's ?token= (HubAuth reads it on websocket requests).
         auth = self.request.headers.get("Authorization")
         if auth is not None and (len(auth) > MAX_AUTH_HEADER or not AUTH_HEADER_RE.fullmatch(auth)):
             raise web.HTTPError(400, f"The Authorization header must be printable ASCII of at most "
                                      f"{MAX_AUTH_HEADER} characters: 'token <your hub API token>'.")
+        url_token = self.get_query_argument("token", None)
+        if url_token is not None and (len(url_token) > MAX_AUTH_HEADER or not AUTH_HEADER_RE.fullmatch(url_token)):
+            raise web.HTTPError(400, "The token in the URL is not a hub API token.")
+
+    def get_current_user(self):
+        try:
+            return super().get_current_user()
+        except web.HTTPError as e:
+            if e.status_code < 500:
+                raise
+            # HubAuth's own message names the hub's internal API address.
+            log.error("Could not check the caller with the hub: %s", e.log_message)
+            raise web.HTTPError(503, "The hub did not say who you are (it may be restarting); "
+                                     "try again shortly.") from None
 
     def is_internal(self) -> bool:
         auth = self.request.headers.get("Authorization", "")
