@@ -381,19 +381,25 @@ def callers(draw):
 
 
 @FUZZ
-@given(call=service_calls(), caller=callers(), junk=st.sampled_from(["\xe9", " x", "\x00", "a" * 1100, "\xff" * 3]))
-def test_fuzz_service_callers(svc, call, caller, junk):
-    """Every endpoint, called with narrower tokens and with bad Authorization headers: never a 5xx,
-    never a change of state, and the hub is asked to start or stop only for a token that may."""
+@given(call=service_calls(), caller=callers(), junk=st.sampled_from(["\xe9", " x", "\x00", "a" * 1100, "\xff" * 3]),
+       url_token=st.one_of(st.none(), st.text(max_size=30).map(quote), st.sampled_from(["a%0Ab", "%ff", "x" * 2000])))
+def test_fuzz_service_callers(svc, call, caller, junk, url_token):
+    """Every endpoint, called with narrower tokens and with bad Authorization headers (or a bad
+    ?token= on a websocket request): never a 5xx, never a change of state, and the hub is asked to
+    start or stop only for a token that may."""
     method, path, body, _, _, _ = call
     who, header = caller
+    extra = {}
+    if url_token is not None:
+        path += ("&" if "?" in path else "?") + "token=" + url_token
+        extra["Sec-Fetch-Mode"] = "websocket"
     if who == "boss-servers" and method == "DELETE" and path.startswith("api/requests/"):
         path = path.replace("api/requests/", "api/requests/zz-", 1)  # it may stop anyone's: a fresh key
     if isinstance(header, tuple):  # a real token wrapped in junk is no token
         header = f"token {svc.tokens[header[1]]}{junk}"
     COUNTS["service-callers"] += 1
     before, calls = svc.state(), len(svc.hub.calls)
-    headers = {"Authorization": header.encode("latin-1")} if header is not None else None
+    headers = {**extra, **({"Authorization": header.encode("latin-1")} if header is not None else {})}
     what = f"{method} {path[:120]} as {who or repr(header[:40])} body={body[:100] if body else body!r}"
     try:
         code, got, out = svc.raw.call(method, PREFIX + path, body=body, token=svc.tokens.get(who), headers=headers)
@@ -403,7 +409,7 @@ def test_fuzz_service_callers(svc, call, caller, junk):
     assert code < 500 or code in (502, 503), f"{what} -> {code}: {out[:300]!r}\n{svc.log_tail()}"
     if code in (502, 503) and path.startswith("api/") and method != "HEAD":
         assert_clean(code, got, out, what, svc.log_tail())
-    if header is not None and code < 400:
+    if (header is not None or url_token is not None) and code < 400:
         # No token: only what anyone may read, or a page sending the browser to log in.
         assert (path.startswith("api/health") or method in ("OPTIONS", "HEAD") and code == 405
                 or code == 302 and "/hub/api/oauth2/authorize" in got.get("Location", "")), f"{what} -> {code}"
