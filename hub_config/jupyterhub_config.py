@@ -112,6 +112,9 @@ c.JupyterHub.last_activity_interval = 60
 admin_user = env("BAI_ADMIN_USER", "admin")
 c.JupyterHub.authenticator_class = "hub_config.auth.BaiNativeAuthenticator"
 c.Authenticator.admin_users = {admin_user}
+# A name is used in pages, URLs, container and volume names: lower-case letters, digits and . _ @ -
+# (a sign-up name with blanks or markup would otherwise reach the admins' pages).
+c.Authenticator.username_pattern = r"^[a-z0-9][a-z0-9._@-]{0,63}\Z"
 c.Authenticator.allow_all = True  # NativeAuthenticator's approval step decides who gets in
 c.NativeAuthenticator.open_signup = False  # new sign-ups wait for an admin's approval
 c.NativeAuthenticator.minimum_password_length = 10

@@ -350,3 +350,68 @@ def test_a_malformed_path_is_a_400_not_the_proxys_500(hub, users):
     # Valid escapes still reach the hub and the service.
     assert hub.api("GET", f"/users/{name}", token=token).status_code == 200
     assert hub.service("GET", f"api/requests/{name}/%C3%A9", token=token).status_code == 404
+
+
+# -- sign-up and approval (NativeAuthenticator, hub_config/auth.py) -----------------------------------
+
+def hub_form_post(hub, path: str, data: dict, session: requests.Session | None = None) -> requests.Response:
+    """POST a hub form as a browser does: with the _xsrf cookie and field of a first GET."""
+    s = session or requests.Session()
+    r = s.get(f"{hub.url}{path}", timeout=30)
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+    return s.post(f"{hub.url}{path}", data={**data, "_xsrf": xsrf.group(1) if xsrf else s.cookies.get("_xsrf")},
+                  allow_redirects=False, timeout=30)
+
+
+def sign_up(hub, name: str, password: str) -> requests.Response:
+    return hub_form_post(hub, "/hub/signup", {"username": name, "signup_password": password,
+                                               "signup_password_confirmation": password})
+
+
+def can_log_in(hub, name: str, password: str) -> bool:
+    return hub_form_post(hub, "/hub/login", {"username": name, "password": password}).status_code == 302
+
+
+def test_sign_up_names_are_plain_names_never_markup(hub):
+    password = "Sign-up-" + secrets.token_hex(8)
+    for name in ("x\ttabindex=1\tautofocus\tonfocus=alert(1)", "y\x0cstyle=x", 'q"onclick="alert(1)', "a<b>",
+                 "two words", "-dash", "equal=sign", "x" * 65):
+        assert sign_up(hub, name, password).status_code == 200
+        assert hub.api("GET", f"/users/{requests.utils.quote(name, safe='')}").status_code == 404, name
+        assert hub.api("POST", f"/users/{requests.utils.quote(name.lower(), safe='')}").status_code == 400, name
+    admin = hub.login("admin", "Admin-" + secrets.token_hex(8))
+    page = admin.get(f"{hub.url}/hub/authorize", timeout=30)
+    assert page.status_code == 200
+    assert not re.search(r"onfocus|onclick|style=x|<b>|tabindex=1", page.text), page.text[:2000]
+    assert sign_up(hub, "plain.name-1", password).status_code == 200
+    assert 'id="plain.name-1"' in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+
+
+def test_approving_or_discarding_a_sign_up_needs_the_admins_post_not_a_link(hub):
+    eve, mallory, password = "csrfeve", "csrfmallory", "Eve-pass-" + secrets.token_hex(8)
+    for name in (eve, mallory):
+        assert sign_up(hub, name, password).status_code == 200
+    assert not can_log_in(hub, eve, password)  # waits for an admin
+    admin = hub.login("admin", "Admin-" + secrets.token_hex(8))
+    # A link, or a redirect from another site (through the hub's own login too), is a GET: nothing happens.
+    for path in (f"/hub/authorize/{eve}", f"/hub/login?next=%2Fhub%2Fauthorize%2F{eve}",
+                 f"/hub/discard/{mallory}", f"/hub/login?next=%2Fhub%2Fdiscard%2F{mallory}"):
+        assert admin.get(f"{hub.url}{path}", timeout=30).status_code == 200, path
+    assert not can_log_in(hub, eve, password)
+    assert f'id="{mallory}"' in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+    # A post without the admin's xsrf token is refused, and so is one from a user who is no admin.
+    for path in (f"/hub/authorize/{eve}", f"/hub/discard/{mallory}"):
+        assert admin.post(f"{hub.url}{path}", allow_redirects=False, timeout=30).status_code == 403, path
+    plain = hub.login("csrfplain", "Plain-" + secrets.token_hex(8))
+    assert hub_form_post(hub, f"/hub/authorize/{eve}", {}, session=plain).status_code == 403
+    assert not can_log_in(hub, eve, password)
+    # The authorization page's buttons post with the token.
+    page = admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page).group(1)
+    assert f'action="/hub/authorize/{eve}"' in page and f'action="/hub/discard/{mallory}"' in page
+    r = admin.post(f"{hub.url}/hub/authorize/{eve}", data={"_xsrf": xsrf}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302, r.text[:300]
+    assert can_log_in(hub, eve, password)
+    r = admin.post(f"{hub.url}/hub/discard/{mallory}", data={"_xsrf": xsrf}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302
+    assert f'id="{mallory}"' not in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
