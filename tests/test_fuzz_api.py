@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers.fuzz import (COUNTS, any_json, bad_auth_headers, json_bytes, json_values, malformed, names,  # noqa: F401
-                          path_part, print_counts)
+from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, any_json, bad_auth_headers, json_bytes,  # noqa: F401
+                          json_values, malformed, names, narrow_scopes, path_part, print_counts)
 from helpers.hub import free_port
 from helpers.service import PREFIX, FakeHub, Raw, standalone_service
 
@@ -66,7 +66,7 @@ class Service:
             "nobody": "not-a-token-" + secrets.token_hex(4),
             None: None,
         }
-        # Tokens narrower than their owner: none may stop anything, only "alice-start" may launch.
+        # Tokens narrower than their owner: none may stop anything, only "alice-start-only" may launch.
         for who, (user, scopes) in NARROW.items():
             self.tokens[who] = hub.user(user, admin=user == "boss", scopes=scopes)
         self.ids: dict[str, str] = {}
@@ -146,15 +146,9 @@ def put_valid(body) -> bool:
     return isinstance(body.get("image", ""), str) and isinstance(body.get("user_options", {}), dict)
 
 
-ACCESS = "access:services!service=bai-scheduler"
 NARROW = {
-    "alice-access": ("alice", [ACCESS]),
-    "alice-read": ("alice", [ACCESS, "read:servers!user=alice"]),
-    "alice-start": ("alice", [ACCESS, "start:servers!user=alice"]),
-    "alice-other-server": ("alice", [ACCESS, "servers!server=alice/zz-other"]),
-    "alice-no-access": ("alice", ["servers!user=alice"]),  # the hub's check for this service fails
-    "alice-metrics": ("alice", [ACCESS, "read:metrics"]),
-    "boss-access": ("boss", [ACCESS]),  # an admin's token limited to the service
+    **{f"alice-{kind}": ("alice", narrow_scopes(kind, "alice")) for kind in NARROW_SCOPES},
+    "boss-access-only": ("boss", [ACCESS]),  # an admin's token limited to the service
     "boss-servers": ("boss", [ACCESS, "admin:servers"]),
 }
 
@@ -418,5 +412,5 @@ def test_fuzz_service_callers(svc, call, caller, junk, url_token):
         assert "json" in content_type(got), f"{what} -> {code} not JSON"
     assert svc.state() == before, f"{what} -> {code} changed the state"
     asked = [c for c in svc.hub.calls[calls:] if c[0] in ("POST", "DELETE")]
-    assert all(who == "boss-servers" or c[0] == "POST" and who == "alice-start" and "/users/alice/" in c[1]
+    assert all(who == "boss-servers" or c[0] == "POST" and who == "alice-start-only" and "/users/alice/" in c[1]
                for c in asked), (what, asked)

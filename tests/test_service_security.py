@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from helpers.fuzz import ACCESS
 from helpers.hub import free_port
 from helpers.service import PREFIX, standalone_service
 
@@ -31,7 +32,6 @@ c.BaiScheduler.nodes = [{{"name": "gpu-a", "docker_url": "tcp://127.0.0.1:{dead}
 c.BaiScheduler.private_image_repo = "bai-test-sec-private"
 c.BaiScheduler.authenticate_prometheus = {auth}
 """
-ACCESS = "access:services!service=bai-scheduler"
 
 
 def start(tmp, auth=True):

@@ -70,6 +70,23 @@ bad_auth_headers = st.one_of(
 )
 
 
+ACCESS = "access:services!service=bai-scheduler"
+# A user's tokens narrower than the user: none may stop the user's servers, only "start-only" may
+# start them; "no-access" fails the hub's check for the service itself.
+NARROW_SCOPES = {
+    "access-only": [ACCESS],
+    "read-only": [ACCESS, "read:servers!user={user}"],
+    "start-only": [ACCESS, "start:servers!user={user}"],
+    "other-server": [ACCESS, "servers!server={user}/zz-other"],
+    "no-access": ["servers!user={user}"],
+    "metrics": [ACCESS, "read:metrics"],
+}
+
+
+def narrow_scopes(kind: str, user: str) -> list[str]:
+    return [scope.format(user=user) for scope in NARROW_SCOPES[kind]]
+
+
 def path_part(name: str) -> str:
     """A name as it goes in the URL: our special ones literally (they may hold
     %-escapes and dot segments on purpose), others %-encoded."""

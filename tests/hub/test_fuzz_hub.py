@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from helpers import KERNEL_IMAGE, OLD_IMAGE
 from helpers.hub import docker
-from helpers.fuzz import COUNTS, ROUTE_NAMES, SPECIAL_NAMES, any_json, bad_auth_headers, json_bytes, path_part, print_counts  # noqa: F401,E501
+from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, ROUTE_NAMES, SPECIAL_NAMES, any_json,  # noqa: F401
+                          bad_auth_headers, json_bytes, narrow_scopes, path_part, print_counts)
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -179,14 +180,9 @@ def test_fuzz_hub_spawn_form(hub):
         hub.api("DELETE", f"/users/{user}/servers/{server}", json={"remove": True})
 
 
-ACCESS = "access:services!service=bai-scheduler"
-# Tokens of the caller narrower than the caller: (owner, scopes); "own" is a full token of its owner.
+# The callers' tokens: (owner, scopes); "own" is the caller's full token.
 CALLER_TOKENS = {
-    "access-only": ("caller", [ACCESS]),
-    "read-only": ("caller", [ACCESS, "read:servers!user={caller}"]),
-    "start-only": ("caller", [ACCESS, "start:servers!user={caller}"]),
-    "other-server": ("caller", [ACCESS, "servers!server={caller}/zz"]),
-    "no-access": ("caller", ["servers!user={caller}"]),
+    **{kind: ("caller", kind) for kind in NARROW_SCOPES},
     "own": ("caller", None),
     "admin-access-only": ("admin", [ACCESS]),
 }
@@ -237,7 +233,7 @@ def test_fuzz_hub_callers(hub):
         owner = {"caller": caller, "admin": admin}[owner]
         body = {"note": f"fuzz {name}", "expires_in": 3600}
         if scopes is not None:
-            body["scopes"] = [sc.format(caller=caller) for sc in scopes]
+            body["scopes"] = narrow_scopes(scopes, owner) if isinstance(scopes, str) else scopes
         r = hub.api("POST", f"/users/{owner}/tokens", json=body)
         assert r.status_code == 201, r.text
         tokens[name] = r.json()["token"]
@@ -287,8 +283,6 @@ def image_id(ref: str) -> str:
 
 def commit_image(hub, ref: str, *labels: str) -> str:
     """``ref``, made from the kernel image with changed labels (under the hub's bai-test- prefix)."""
-    from bai_scheduler.contract import labels as L  # noqa: F401 (the label names below)
-
     tmp = f"{hub.prefix}fuzzimg"
     assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
     try:

@@ -16,6 +16,7 @@ import requests
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
+from helpers.fuzz import ACCESS
 from helpers.hub import docker
 from helpers.service import Raw, expanded_scopes
 
@@ -267,9 +268,6 @@ def scoped_token(hub, user: str, scopes: list[str]) -> str:
     identify = {f"read:users:{f}!user={user}" for f in ("name", "groups")}
     assert set(r.json()["scopes"]) <= set(expanded_scopes(scopes, user)) | identify, r.json()["scopes"]
     return r.json()["token"]
-
-
-ACCESS = "access:services!service=bai-scheduler"
 
 
 def test_a_token_limited_to_the_service_cannot_start_or_stop_through_it(hub, users):
