@@ -80,7 +80,7 @@ def capacity_model(service, limits: Limits, quanta: int | None = None, count: in
 
 
 class HealthHandler(APIHandler):
-    """Open to anyone (load balancers, the hub's start-up check): ok or not, nothing more."""
+    """Open to anyone (load balancers, start-up checks): ok or not, nothing more."""
 
     def get(self):
         ok = self.service.degraded is None

@@ -5,9 +5,8 @@ login) unless ``c.BaiScheduler.authenticate_prometheus`` is False.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Summary, generate_latest
-
 from jupyterhub.services.auth import check_scopes
+from prometheus_client import CollectorRegistry, Gauge, Summary, generate_latest
 from tornado import web
 
 from .base import APIHandler
