@@ -18,20 +18,7 @@ SESSIONS = "/services/bai-scheduler/"
 
 def make_login(hub, name):
     """A NativeAuthenticator login (approved, with PASSWORD) and the hub user behind it."""
-    import bcrypt
-    from nativeauthenticator.orm import UserInfo
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import Session
-
-    from hub_config.bootstrap_admin import ensure_account
-
-    db_url = f"sqlite:///{hub.workdir / 'var' / 'jupyterhub.sqlite'}"
-    if not ensure_account(db_url, name, PASSWORD):
-        engine = create_engine(db_url)
-        with Session(engine) as db:  # an earlier run's login: give it the known password
-            UserInfo.find(db, name).password = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt())
-            db.commit()
-        engine.dispose()
+    hub.set_password(name, PASSWORD)
     hub.add_user(name)
     return name
 

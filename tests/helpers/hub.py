@@ -147,12 +147,27 @@ class Hub:
         assert r.status_code == 201, r.text
         return r.json()["token"]
 
+    def set_password(self, name: str, password: str) -> None:
+        """An approved NativeAuthenticator login for ``name`` with ``password`` (made, or changed)."""
+        import bcrypt
+        from nativeauthenticator.orm import UserInfo
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        from hub_config.bootstrap_admin import ensure_account
+
+        db_url = f"sqlite:///{self.workdir}/var/jupyterhub.sqlite"
+        if not ensure_account(db_url, name, password):
+            engine = create_engine(db_url)
+            with Session(engine) as db:
+                UserInfo.find(db, name).password = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
+                db.commit()
+            engine.dispose()
+
     def login(self, name: str, password: str) -> requests.Session:
         """A browser-like session logged in through the hub's login form (the account is made
         or given ``password`` first)."""
-        from hub_config.bootstrap_admin import ensure_account
-
-        ensure_account(f"sqlite:///{self.workdir}/var/jupyterhub.sqlite", name, password)
+        self.set_password(name, password)
         s = requests.Session()
         r = s.get(f"{self.url}/hub/login", timeout=30)
         assert r.status_code == 200, r.text[:300]
