@@ -107,7 +107,8 @@ def assert_refused(hub, user, server, r):
     assert hub.session_container(user, server) is None
     assert f"{user}/{server}" not in hub.requests()
     # ...and the refusal leaves no stopped named server behind.
-    hub.wait_for(lambda: server not in hub.servers(user), 30, what=f"{user}/{server}'s record to go")
+    hub.wait_for(lambda: server not in hub.servers(user, include_stopped=True), 30,
+                 what=f"{user}/{server}'s record to go")
 
 
 def stop(hub, user, server):
@@ -210,7 +211,8 @@ def test_the_browser_form_runs_the_validated_image_and_the_sessions_page_shows_i
                 page.wait_for_selector(".spawn-error-msg")
                 assert "not in the catalog" in page.inner_text(".spawn-error-msg")
                 assert hub.session_container(name, server) is None
-                assert server not in hub.servers(name)
+                hub.wait_for(lambda: server not in hub.servers(name, include_stopped=True), 30,
+                             what="the refused server's record to go")
                 continue
             page.wait_for_url(lambda u: "/spawn-pending/" in u or f"/user/{name}/" in u, timeout=60000)
             hub.wait_ready(name, server)

@@ -171,8 +171,10 @@ class Hub:
     def stop_server(self, user, server="", token=None) -> requests.Response:
         return self.api("DELETE", self.server_path(user, server), token=token)
 
-    def servers(self, user) -> dict:
-        return self.api("GET", f"/users/{user}").json().get("servers", {})
+    def servers(self, user, include_stopped: bool = False) -> dict:
+        """The user's active servers; with ``include_stopped``, every server record."""
+        query = "?include_stopped_servers=1" if include_stopped else ""
+        return self.api("GET", f"/users/{user}{query}").json().get("servers", {})
 
     def requests(self, token=None) -> dict:
         """The scheduler's view: {"user/server": status}."""
