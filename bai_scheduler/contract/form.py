@@ -49,7 +49,7 @@ def image_groups(visible, selected: str) -> list[dict]:
 
 def _count(values: dict, limits: Limits) -> int:
     try:
-        return whole_number("Sessions", values.get("sessions") or 1, 1, limits.max_sessions)
+        return min(whole_number("Sessions", values.get("sessions") or 1, 1, 10**9 - 1), limits.max_sessions)
     except FormError:
         return 1
 

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import KERNEL_IMAGE
-from hubtools import docker
-from test_fuzz_api import form_xsrf, login
+from bai_scheduler.contract import labels as L
+from helpers import KERNEL_IMAGE
+from helpers.hub import docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -71,9 +71,9 @@ def meanwhile(bad, unrelated) -> tuple[requests.Response, float]:
 def test_hostile_numbers_are_refused_at_every_entry_point_while_others_are_served(hub, users):
     name, token = users("hostile")
     password = "hostile-pw-" + secrets.token_hex(6)
-    browser = login(hub, name, password)  # a cookie login, for the two HTML forms
-    hub_xsrf = form_xsrf(browser, hub, f"/hub/spawn/{name}")  # (the default server's form: no record made)
-    page_xsrf = form_xsrf(browser, hub, SERVICE + "sessions")
+    browser = hub.login(name, password)  # a cookie login, for the two HTML forms
+    hub_xsrf = hub.form_xsrf(browser, f"/hub/spawn/{name}")  # (the default server's form: no record made)
+    page_xsrf = hub.form_xsrf(browser, SERVICE + "sessions")
 
     def hub_unrelated():
         return hub.api("GET", "/")
@@ -122,7 +122,7 @@ def test_hostile_numbers_are_refused_at_every_entry_point_while_others_are_serve
     assert median < 0.1, sorted(slowest)[-5:]
     assert worst[0] < 1.0, sorted(slowest)[-5:]
     # Nothing was started, queued or left behind.
-    assert not [c for c in hub.containers() if c["Config"]["Labels"].get("org.bai-hub.user") == name]
+    assert not [c for c in hub.containers() if c["Config"]["Labels"].get(L.USER) == name]
     assert not [k for k in hub.requests() if k.startswith(f"{name}/")]
     hub.wait_for(lambda: set(hub.servers(name, include_stopped=True)) <= {""}, 30, what="no named servers left")
 
@@ -150,14 +150,14 @@ def test_a_launch_is_one_count_with_one_limit(hub, users):
 def test_refused_spawns_leave_no_named_servers_behind(hub, users):
     name, token = users("refusals")
     password = "refusals-pw-" + secrets.token_hex(6)
-    browser = login(hub, name, password)
+    browser = hub.login(name, password)
     bad = {**CPU_ONLY, "image": "debian:bookworm"}
     for i in range(20):  # more than named_server_limit_per_user (16)
         r = hub.start_server(name, f"no{i}", bad, token=token)
         assert r.status_code == 400 and "not in the catalog" in r.text, r.text
     for i in range(3):  # the hub's HTML form: the form page itself makes the record
         path = f"/hub/spawn/{name}/form{i}"
-        xsrf = form_xsrf(browser, hub, path)
+        xsrf = hub.form_xsrf(browser, path)
         r = browser.post(f"{hub.url}{path}", data={**bad, "_xsrf": xsrf}, allow_redirects=False, timeout=60)
         assert r.status_code == 400 and "not in the catalog" in r.text, r.text[:300]
     hub.wait_for(lambda: set(hub.servers(name, include_stopped=True)) <= {""}, 30,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ARTIFACTS, KERNEL_IMAGE
-from hubtools import ROOT, docker, free_port
+from helpers import ARTIFACTS, KERNEL_IMAGE, ROOT
+from helpers.hub import cleanup_docker, docker, free_port, login, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
 
@@ -122,34 +122,6 @@ class RunHub:
                 pass
         self.proc.wait(30)
 
-    def cleanup_docker(self):
-        ids = docker("ps", "-aq", "--filter", f"name=^/{self.prefix}").stdout.split()
-        if ids:
-            docker("rm", "-f", *ids)
-        vols = [v for v in docker("volume", "ls", "-q").stdout.split() if v.startswith(self.prefix)]
-        if vols:
-            docker("volume", "rm", "-f", *vols)
-
-
-def login(url: str, name: str, password: str) -> requests.Session:
-    s = requests.Session()
-    assert s.get(f"{url}/hub/login", timeout=30).status_code == 200
-    r = s.post(f"{url}/hub/login", data={"username": name, "password": password, "_xsrf": s.cookies["_xsrf"]},
-               allow_redirects=False, timeout=30)
-    assert r.status_code == 302, f"login as {name} failed: {r.status_code} {r.text[:300]}"
-    s.headers["X-XSRFToken"] = s.cookies["_xsrf"]  # the hub's API takes a cookie login with its xsrf token
-    return s
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last={last!r}")
 
 
 def test_run_hub_with_system_path_serves_a_session_and_ctrl_c_stops_all_it_started(tmp_path, kernel_images):
@@ -167,7 +139,7 @@ def test_run_hub_with_system_path_serves_a_session_and_ctrl_c_stops_all_it_start
         r = s.post(f"{run.url}/hub/api/users/admin/servers/first", json=OPTIONS, timeout=60)
         assert r.status_code in (201, 202), r.text
         wait_for(lambda: s.get(f"{run.url}/hub/api/users/admin", timeout=30).json()["servers"]
-                 .get("first", {}).get("ready"), 180, "the session to be ready")
+                 .get("first", {}).get("ready"), 180, what="the session to be ready")
         containers = docker("ps", "-q", "--filter", f"name=^/{run.prefix}").stdout.split()
         assert len(containers) == 1
         info = json.loads(docker("inspect", containers[0]).stdout)[0]
@@ -181,7 +153,7 @@ def test_run_hub_with_system_path_serves_a_session_and_ctrl_c_stops_all_it_start
         r = s.delete(f"{run.url}/hub/api/users/admin/servers/first", timeout=60)
         assert r.status_code in (202, 204), r.text
         wait_for(lambda: not docker("ps", "-aq", "--filter", f"name=^/{run.prefix}").stdout.split(), 90,
-                 "the session's container to be removed")
+                 what="the session's container to be removed")
 
         # Ctrl-C: the terminal sends SIGINT to the command's process group.
         started = process_tree(run.proc.pid)
@@ -199,4 +171,4 @@ def test_run_hub_with_system_path_serves_a_session_and_ctrl_c_stops_all_it_start
             run.kill()
         if run.log_path.exists():
             (ARTIFACTS / "run-hub.log").write_text(run.output())
-        run.cleanup_docker()
+        cleanup_docker(run.prefix)
