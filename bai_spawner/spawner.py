@@ -49,6 +49,11 @@ def engine_message(e: Exception) -> str:
     return str(explanation).strip()[:300] if explanation else e.__class__.__name__
 
 
+def engine_down(e: Exception) -> str:
+    """What a user reads when the engine does not answer (its kind of error, never its address)."""
+    return f"The Docker engine is not reachable ({e.__class__.__name__}); ask an admin to start it."
+
+
 class BaiSpawner(DockerSpawner):
     """Spawn sessions with fractional GPUs, versioned kernel images and a pending queue."""
 
@@ -257,7 +262,10 @@ class BaiSpawner(DockerSpawner):
             cap = await self._capacity()
         except SchedulerError as e:
             return template.render(error=str(e))
-        images = await self._catalog()
+        try:
+            images = await self._catalog()
+        except ENGINE_ERRORS as e:
+            return template.render(error=engine_down(e))
         service = self.scheduler_prefix.rstrip("/") + "/"
         return template.render(simulated=cap.get("simulated"), **form_context(
             visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
@@ -290,8 +298,7 @@ class BaiSpawner(DockerSpawner):
         try:
             images = await self._catalog()
         except ENGINE_ERRORS as e:
-            raise web.HTTPError(503, f"The Docker engine is not reachable ({e.__class__.__name__}); "
-                                     "ask an admin to start it. Nothing was started.") from None
+            raise web.HTTPError(503, engine_down(e) + " Nothing was started.") from None
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
