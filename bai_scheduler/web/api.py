@@ -11,7 +11,7 @@ import re
 
 from tornado import web
 
-from ..contract.options import Limits
+from ..contract.options import FormError, Limits, parse_options
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
@@ -223,8 +223,28 @@ class LaunchHandler(APIHandler):
         prefix = body.get("prefix", "session")
         if not isinstance(prefix, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", prefix):
             raise web.HTTPError(400, "prefix must be lower-case letters, digits and '-' (at most 31).")
-        names = await launch_sessions(self.hub, user, prefix, count, options)
+        names = await launch_sessions(self.hub, user, prefix, count, self.one_session(options))
         self.write_json({"launched": names}, 202)
+
+    def one_session(self, options: dict) -> dict:
+        """The options each launched session gets, checked as the spawn form checks them.
+
+        The launch's size is its ``count`` alone: a ``sessions`` field here would make
+        every launched server launch more (count x sessions, past the limit). Without
+        an image the hub's spawner gives each session its default one, as for any spawn.
+        """
+        named = bool(options.get("image") or options.get("image_name"))
+        try:
+            opts = parse_options(options if named else {**options, "image": "default"}, self.service.units,
+                                 self.settings["limits"])
+        except FormError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if opts.sessions != 1:
+            raise web.HTTPError(400, "Say how many sessions with count; options.sessions may only be 1.")
+        one = opts.to_user_options()
+        if not named:
+            del one["image"]
+        return one
 
 
 async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:

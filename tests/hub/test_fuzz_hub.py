@@ -125,13 +125,6 @@ def test_fuzz_hub_spawn_api(hub):
         one(body, f"body {body[:80]!r}")
 
 
-def form_xsrf(s: requests.Session, hub, path: str) -> str:
-    r = s.get(f"{hub.url}{path}", timeout=60)
-    assert r.status_code == 200, r.text[:300]
-    m = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
-    return m.group(1) if m else s.cookies.get("_xsrf")
-
-
 def form_value(v):
     """How a browser (or a hand-made POST) sends a value: strings, and repeated fields for lists."""
     if isinstance(v, list):
@@ -147,7 +140,7 @@ def test_fuzz_hub_spawn_form(hub):
     hub.add_user(user)
     s = hub.login(user, "fuzz-form-" + secrets.token_hex(8))
     path = f"/hub/spawn/{user}/{server}"
-    xsrf = form_xsrf(s, hub, path)
+    xsrf = hub.form_xsrf(s, path)
     base = used_quanta(hub)
 
     @HUB_FUZZ

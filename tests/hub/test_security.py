@@ -18,6 +18,7 @@ from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
 from helpers.fuzz import ACCESS
 from helpers.hub import docker
+from helpers.images import commit_image
 from helpers.service import Raw, expanded_scopes
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
@@ -183,15 +184,8 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
     owner, otok = users("owner")
     thief, ttok = users("thief")
     ref = f"{hub.prefix}private/{owner}:sec"
-    tmp = f"{hub.prefix}mkpriv"
-    assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
-    try:
-        out = docker("commit", "--change", f"LABEL {L.KIND}={L.KIND_PRIVATE}", "--change", f"LABEL {L.OWNER}={owner}",
-                     "--change", f"LABEL {L.DISPLAY_NAME}=sec-private", tmp, ref)
-        assert out.returncode == 0, out.stderr
-    finally:
-        docker("rm", "-f", tmp)
-    image_id = json.loads(docker("image", "inspect", ref).stdout)[0]["Id"]
+    image_id = commit_image(hub, KERNEL_IMAGE, ref, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
+                            f"{L.DISPLAY_NAME}=sec-private")
     try:
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
