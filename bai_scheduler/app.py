@@ -166,6 +166,12 @@ class BaiScheduler(Application):
     max_cpu_per_user = Float(0, config=True, help="CPUs a user may hold at once (0 = no limit).")
     max_memory_per_user = Unicode("0", config=True, help="Memory a user may hold at once, e.g. '32GiB' (0 = no limit).")
     wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
+    authenticate_prometheus = Bool(
+        True, config=True,
+        help="Whether {prefix}metrics needs a token with the read:metrics scope (as the hub's own "
+        "c.JupyterHub.authenticate_prometheus). The scraper's role also needs "
+        "access:services!service=bai-scheduler. False: anyone who reaches the service reads them.",
+    )
 
     # -- one session's limits: the spawn form, the sessions page and api/launch (published in api/capacity) --
     default_cpu = Unicode("1", config=True, help="CPU cores the session form proposes.")

@@ -43,6 +43,20 @@ TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
 
 
+def engine_message(e: Exception) -> str:
+    """What a user may read of an engine error: the engine's own explanation, or the
+    error's kind; never the engine's API URL (docker-py puts it in str(e))."""
+    explanation = getattr(e, "explanation", None)
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation).strip()[:300] if explanation else e.__class__.__name__
+
+
+def engine_down(e: Exception) -> str:
+    """What a user reads when the engine does not answer (its kind of error, never its address)."""
+    return f"The Docker engine is not reachable ({e.__class__.__name__}); ask an admin to start it."
+
+
 class BaiSpawner(DockerSpawner):
     """Spawn sessions with fractional GPUs, versioned kernel images and a pending queue."""
 
@@ -247,6 +261,7 @@ class BaiSpawner(DockerSpawner):
     request_id = Unicode("")
     launched = Bool(False, help="Started in a group (the service chose its name): removed from the hub once stopped.")
     node_url = Unicode("")
+    _allowed_image = ""
     node_tls = Dict()
     placement = Dict()
 
@@ -311,6 +326,7 @@ class BaiSpawner(DockerSpawner):
         self.node_url = ""
         self.node_tls = {}
         self.placement = {}
+        self._allowed_image = ""
 
     # -- the form ----------------------------------------------------------------------
 
@@ -330,7 +346,10 @@ class BaiSpawner(DockerSpawner):
             cap = await self._capacity()
         except SchedulerError as e:
             return template.render(error=str(e))
-        images = await self._catalog()
+        try:
+            images = await self._catalog()
+        except ENGINE_ERRORS as e:
+            return template.render(error=engine_down(e))
         service = self.scheduler_prefix.rstrip("/") + "/"
         return template.render(simulated=cap.get("simulated"), **form_context(
             visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
@@ -340,14 +359,17 @@ class BaiSpawner(DockerSpawner):
         ))
 
     def options_from_form(self, formdata):
-        # Parsed again in start() with the live units and limits: this only
+        # Parsed in start() with the live units, limits and catalog: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
         values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
                   if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
         BaiSpawner._refused_forms[self.user.name] = {k: v for k, v in values.items() if isinstance(v, str)}
         return values
 
-    async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, object]:
+    async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, catalog_mod.CatalogImage]:
+        """The request as validated: options whose ``image`` is the catalog entry's
+        reference (whatever named it: the picker, the typed name, an id or an id
+        prefix), its units, and that catalog entry."""
         try:
             cap = await self._capacity()
         except SchedulerError as e:
@@ -364,15 +386,18 @@ class BaiSpawner(DockerSpawner):
         try:
             images = await self._catalog()
         except ENGINE_ERRORS as e:
-            raise web.HTTPError(503, f"The Docker engine is not reachable ({e.__class__.__name__}); "
-                                     "ask an admin to start it. Nothing was started.") from None
+            raise web.HTTPError(503, engine_down(e) + " Nothing was started.") from None
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
             raise web.HTTPError(400, str(e) + (catalog_mod.ADMIN_IMAGES_HINT if self.user.admin else "")) from None
-        return opts, units, image
+        return replace(opts, image=image.ref), units, image
 
     async def check_allowed(self, image):
+        # DockerSpawner.start() takes user_options["image"] and runs whatever this
+        # returns: only the reference _start() validated may pass.
+        if not self._allowed_image or image != self._allowed_image:
+            raise web.HTTPError(400, "The image to run is not the one that was validated; nothing was started.")
         return image
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -396,19 +421,51 @@ class BaiSpawner(DockerSpawner):
         self._events = []
         self._events_changed = asyncio.Event()
         self._spawn_done = False
+        # A record the hub made for this spawn (a new named server, never started or
+        # stopped before: no state saved yet).
+        fresh = bool(self.name) and self.orm_spawner is not None and self.orm_spawner.state is None
         try:
             return await self._start()
+        except asyncio.CancelledError:
+            raise  # a stop, or the hub shutting down: the queued request and its server stay
+        except Exception:
+            if fresh:
+                asyncio.ensure_future(self._remove_failed_server())
+            raise
         finally:
             self._spawn_done = True
             self._events_changed.set()
 
+    async def _remove_failed_server(self, timeout: float = 60):
+        """Remove the named server of a spawn that failed before it ever ran, once the
+        hub has finished with the failure (as JupyterHub's own DELETE ... remove=true),
+        so that refusals do not pile up against named_server_limit_per_user."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self._spawn_future is not None and self._spawn_future.done() and not self.pending):
+            if loop.time() > deadline:
+                return
+            await asyncio.sleep(0.1)
+        user, orm_spawner = self.user, self.orm_spawner
+        if user.spawners.get(self.name) is not self or self.active or orm_spawner is None:
+            return  # started again meanwhile, or already removed
+        self.log.info("Removing %s: its first spawn failed", self._log_name)
+        user.spawners.pop(self.name, None)
+        user.db.delete(orm_spawner)
+        user.db.commit()
+
     async def _start(self):
         opts, units, image = await self._resolve()
+        # From here on the validated reference is the only image there is: in the
+        # options DockerSpawner.start() reads, in the hub's record of this server,
+        # in the request and on the container.
+        self._allowed_image = image.ref
         extra = opts.sessions - 1
         opts = replace(opts, sessions=1)  # this server is one session; the others launch below
-        user_options = opts.to_user_options()
+        self.user_options = opts.to_user_options()
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = self.user_options
         if extra:
-            self.user_options = user_options
             try:
                 await self.scheduler.launch(self.user.name, extra, self.user_options)
             except SchedulerError as e:
@@ -418,7 +475,7 @@ class BaiSpawner(DockerSpawner):
         try:
             status = await self.scheduler.register(
                 self.user.name, self.name, quanta=opts.quanta, cpu_millis=opts.cpu_millis,
-                memory_bytes=opts.memory_bytes, image=image.ref, user_options=user_options,
+                memory_bytes=opts.memory_bytes, image=image.ref, user_options=self.user_options,
             )
         except SchedulerError as e:
             raise web.HTTPError(e.status if 400 <= e.status < 600 else 500, e.args[0]) from None
@@ -486,7 +543,7 @@ class BaiSpawner(DockerSpawner):
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
         except ENGINE_ERRORS as e:
             await self._remove_quietly()
-            raise web.HTTPError(503, f"The Docker engine failed to start the session: {e}") from None
+            raise web.HTTPError(503, f"The Docker engine failed to start the session: {engine_message(e)}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
 

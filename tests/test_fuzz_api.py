@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers.fuzz import (COUNTS, any_json, json_bytes, json_values, malformed, names, path_part,  # noqa: F401
-                          print_counts)
+from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, any_json, bad_auth_headers, json_bytes,  # noqa: F401
+                          json_values, malformed, names, narrow_scopes, path_part, print_counts)
 from helpers.hub import free_port
 from helpers.service import PREFIX, FakeHub, Raw, standalone_service
 
@@ -66,6 +66,9 @@ class Service:
             "nobody": "not-a-token-" + secrets.token_hex(4),
             None: None,
         }
+        # Tokens narrower than their owner: none may stop anything, only "alice-start-only" may launch.
+        for who, (user, scopes) in NARROW.items():
+            self.tokens[who] = hub.user(user, admin=user == "boss", scopes=scopes)
         self.ids: dict[str, str] = {}
 
     def seed(self):
@@ -143,6 +146,12 @@ def put_valid(body) -> bool:
     return isinstance(body.get("image", ""), str) and isinstance(body.get("user_options", {}), dict)
 
 
+NARROW = {
+    **{f"alice-{kind}": ("alice", narrow_scopes(kind, "alice")) for kind in NARROW_SCOPES},
+    "boss-access-only": ("boss", [ACCESS]),  # an admin's token limited to the service
+    "boss-servers": ("boss", [ACCESS, "admin:servers"]),
+}
+
 BOGUS = ("api/", "api/requests/", "api/requests//x", "api/launch/x", "../../hub/api", "api/requests/a/b/c/d",
          "api/%2e%2e/capacity")
 TOKENS = ["internal", "alice", "boss", "nobody", None]
@@ -150,7 +159,7 @@ TOKENS = ["internal", "alice", "boss", "nobody", None]
 
 # -- the standalone fuzz -----------------------------------------------------------------------------
 
-FUZZ = settings(max_examples=int(os.environ.get("BAI_FUZZ_EXAMPLES", "200")), deadline=None, database=None,
+FUZZ = settings(max_examples=int(os.environ.get("BAI_FUZZ_EXAMPLES", "400")), deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
@@ -354,3 +363,55 @@ def test_users_see_only_their_own_requests_on_the_service(svc):
     for who in ("nobody", None):
         code, headers, out = svc.raw.call("GET", PREFIX + "api/requests", token=svc.tokens[who])
         assert code == 403
+
+
+@st.composite
+def callers(draw):
+    """Who calls: a token narrower than its owner, or an Authorization header that is no token."""
+    if draw(st.booleans()):
+        return draw(st.sampled_from(sorted(NARROW))), None
+    header = draw(st.one_of(bad_auth_headers, st.sampled_from(["internal", "alice"]).map(lambda w: ("wrapped", w))))
+    return None, header
+
+
+@FUZZ
+@given(call=service_calls(), caller=callers(), junk=st.sampled_from(["\xe9", " x", "\x00", "a" * 1100, "\xff" * 3]),
+       url_token=st.one_of(st.none(), st.text(max_size=30).map(quote), st.sampled_from(["a%0Ab", "%ff", "x" * 2000])))
+def test_fuzz_service_callers(svc, call, caller, junk, url_token):
+    """Every endpoint, called with narrower tokens and with bad Authorization headers (or a bad
+    ?token= on a websocket request): never a 5xx, never a change of state, and the hub is asked to
+    start or stop only for a token that may."""
+    method, path, body, _, _, _ = call
+    who, header = caller
+    extra = {}
+    if url_token is not None:
+        path += ("&" if "?" in path else "?") + "token=" + url_token
+        extra["Sec-Fetch-Mode"] = "websocket"
+    if who == "boss-servers" and method == "DELETE" and path.startswith("api/requests/"):
+        path = path.replace("api/requests/", "api/requests/zz-", 1)  # it may stop anyone's: a fresh key
+    if isinstance(header, tuple):  # a real token wrapped in junk is no token
+        header = f"token {svc.tokens[header[1]]}{junk}"
+    COUNTS["service-callers"] += 1
+    before, calls = svc.state(), len(svc.hub.calls)
+    headers = {**extra, **({"Authorization": header.encode("latin-1")} if header is not None else {})}
+    what = f"{method} {path[:120]} as {who or repr(header[:40])} body={body[:100] if body else body!r}"
+    try:
+        code, got, out = svc.raw.call(method, PREFIX + path, body=body, token=svc.tokens.get(who), headers=headers)
+    except (http.client.HTTPException, ConnectionError) as e:
+        assert body is not None and len(body) > 64 * 1024 * 16, f"{what}: {e!r}"
+        return
+    assert code < 500 or code in (502, 503), f"{what} -> {code}: {out[:300]!r}\n{svc.log_tail()}"
+    if code in (502, 503) and path.startswith("api/") and method != "HEAD":
+        assert_clean(code, got, out, what, svc.log_tail())
+    if (header is not None or url_token) and code < 400:
+        # No token: only what anyone may read, or a page sending the browser to log in. (An empty
+        # ?token= is no token: the caller's header then authenticates, as in HubAuth.)
+        assert (path.startswith("api/health") or method in ("OPTIONS", "HEAD") and code == 405
+                or code == 302 and "/hub/api/oauth2/authorize" in got.get("Location", "")), f"{what} -> {code}"
+    if code >= 400 and path.startswith("api/") and method != "HEAD" and out and not out.startswith(b"<html>"):
+        # (tornado itself answers an empty 400 to a header with control characters)
+        assert "json" in content_type(got), f"{what} -> {code} not JSON"
+    assert svc.state() == before, f"{what} -> {code} changed the state"
+    asked = [c for c in svc.hub.calls[calls:] if c[0] in ("POST", "DELETE")]
+    assert all(who == "boss-servers" or c[0] == "POST" and who == "alice-start-only" and "/users/alice/" in c[1]
+               for c in asked), (what, asked)

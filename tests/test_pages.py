@@ -414,7 +414,24 @@ def test_signup_page_shows_the_password_with_a_labelled_button():
     assert 'name="_xsrf" value="tok"' in html
 
 
-def test_bootstrap3_default_buttons_look_like_buttons():
-    """Issue 14 (7): NativeAuthenticator's "Unauthorize" (btn-default) looked like plain text."""
-    style = (ROOT / "hub_config" / "templates" / "bai-style.html").read_text()
-    assert re.search(r"\.btn-default \{[^}]*border: 1px solid", style)
+def test_unauthorize_is_a_bootstrap5_button():
+    """Issue 14 (7): "Unauthorize" had Bootstrap 3's btn-default, which the hub's Bootstrap 5 lacks:
+    it looked like plain text."""
+    class Admin:
+        name = "boss"
+        admin = True
+        json_escaped_name = "boss"
+        spawner = type("Spawner", (), {"options_form": None})()
+
+    class Account:
+        def __init__(self, name, authorized):
+            self.username, self.is_authorized, self.has_2fa, self.email = name, authorized, False, ""
+
+    ctx = dict(base_url="/hub/", prefix="/", static_url=lambda p, **k: "/hub/static/" + p, login_url="/hub/login",
+               logout_url="/hub/logout", xsrf="tok", services=[], parsed_scopes=set(), user=Admin(),
+               bai_scheduler_prefix="/services/bai-scheduler/", ask_email=False,
+               users=[Account("ann", True), Account("bob", False)])
+    html = jinja_env().get_template("authorization-area.html").render(**ctx)
+    assert '<button type="submit" class="btn btn-outline-secondary">Unauthorize</button>' in html
+    assert '<button type="submit" class="btn btn-jupyter">Authorize</button>' in html
+    assert "btn-default" not in html

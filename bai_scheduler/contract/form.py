@@ -15,7 +15,7 @@ import os
 
 from ..core.units import FgpuUnits, format_bytes
 from . import catalog as catalog_mod
-from .options import Limits, describe_share
+from .options import FormError, Limits, describe_share, whole_number
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 
@@ -49,8 +49,8 @@ def image_groups(visible, selected: str) -> list[dict]:
 
 def _count(values: dict, limits: Limits) -> int:
     try:
-        return max(1, min(int(str(values.get("sessions") or 1)), limits.max_sessions))
-    except ValueError:
+        return min(whole_number("Sessions", values.get("sessions") or 1, 1, 10**9 - 1), limits.max_sessions)
+    except FormError:
         return 1
 
 

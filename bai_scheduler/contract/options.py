@@ -6,11 +6,10 @@ hand-crafted POST gets exactly the checks the form does.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
-from ..core.units import GIB, FgpuError, FgpuUnits
+from ..core.units import GIB, FgpuError, FgpuUnits, NumberError, parse_number
 
 FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
 # Set in the ``user_options`` of sessions started as a group (the sessions page, api/launch, the
@@ -76,17 +75,24 @@ def _one(value):
 
 
 def _decimal(name: str, raw, lo: Decimal, hi: Decimal, unit: str) -> Decimal:
-    if isinstance(raw, bool) or raw is None or isinstance(raw, (list, dict)):
-        raise FormError(f"{name} must be a number from {lo} to {hi}{unit}.")
-    if isinstance(raw, float) and not math.isfinite(raw):
-        raise FormError(f"{name} must be a finite number from {lo} to {hi}{unit}.")
     try:
-        value = Decimal(str(raw).strip())
-    except (InvalidOperation, ValueError):
-        raise FormError(f"{name} must be a number from {lo} to {hi}{unit}.") from None
-    if not value.is_finite() or value < lo or value > hi:
+        value = parse_number(raw)
+    except NumberError as e:
+        finite = "finite " if e.kind == "finite" else ""
+        raise FormError(f"{name} must be a {finite}number from {lo} to {hi}{unit}.") from None
+    if value < lo or value > hi:
         raise FormError(f"{name} must be a number from {lo} to {hi}{unit}.")
     return value
+
+
+def whole_number(name: str, raw, lo: int, hi: int) -> int:
+    """A count typed as digits (or sent as a JSON integer), from ``lo`` to ``hi``."""
+    text = raw.strip() if isinstance(raw, str) else None
+    if isinstance(raw, int) and not isinstance(raw, bool) and lo <= raw <= hi:
+        return raw
+    if text is not None and len(text) <= 9 and text.isascii() and text.isdigit() and lo <= int(text) <= hi:
+        return int(text)
+    raise FormError(f"{name} must be a whole number from {lo} to {hi}.")
 
 
 def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOptions:
@@ -101,6 +107,12 @@ def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOption
     if unknown:
         raise FormError(f"Unknown field(s): {', '.join(sorted(str(k) for k in unknown))[:200]}.")
     if "quanta" in data:  # already-parsed options (a restart, or the launch API)
+        mixed = sorted(set(data) & {"image_name", "fgpu", "cpu", "memory"})
+        if mixed:
+            # Each field has one meaning: a typed image name or an fGPU amount next to
+            # the parsed fields would otherwise be ignored, or replace what was checked.
+            raise FormError(f"Send either the form's fields or parsed ones (quanta, cpu_millis, "
+                            f"memory_bytes), not both: {', '.join(mixed)}.")
         data = {
             "image": data.get("image"),
             "fgpu": units.to_fgpu(_int("quanta", data["quanta"])),
@@ -125,13 +137,7 @@ def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOption
     cpu = _decimal("CPU", _one(data.get("cpu", limits.default_cpu)), Decimal("0.1"), limits.max_cpu, " cores")
     mem = _decimal("Memory", _one(data.get("memory", limits.default_memory_gib)), Decimal("0.25"),
                    limits.max_memory_gib, " GiB")
-    sessions = _one(data.get("sessions", 1))
-    try:
-        n = int(str(sessions).strip())
-    except ValueError:
-        raise FormError(f"Sessions must be a whole number from 1 to {limits.max_sessions}.") from None
-    if str(n) != str(sessions).strip() or not 1 <= n <= limits.max_sessions:
-        raise FormError(f"Sessions must be a whole number from 1 to {limits.max_sessions}.")
+    n = whole_number("Sessions", _one(data.get("sessions", 1)), 1, limits.max_sessions)
     return SessionOptions(
         image=image,
         quanta=quanta,
@@ -142,7 +148,7 @@ def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOption
 
 
 def _int(name, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 2**53:
         raise FormError(f"{name} must be a non-negative integer.")
     return v
 

@@ -8,9 +8,73 @@ so "0.1" is exactly one tenth, never a binary float.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
+
+# Bounds on any number a user sends, checked on its text before any arithmetic:
+# Decimal("1e999999") is cheap to make, but turning it into an int (or dividing
+# it) takes seconds on the event loop, and "1e1000000" overflows the context.
+MAX_NUMBER_CHARS = 40
+MAX_MAGNITUDE = 18  # powers of ten either way: 1e18 and 1e-18 are the extremes
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_NOT_FINITE = {"nan", "snan", "inf", "infinity"}
+
+
+class NumberError(ValueError):
+    """A value that is not a plain decimal number of reasonable size.
+
+    ``kind``: "number" (not a number at all), "finite" (NaN or infinity) or
+    "range" (too many digits, or too large or too small)."""
+
+    def __init__(self, kind: str):
+        super().__init__({"number": "not a number", "finite": "not a finite number",
+                          "range": "too long, too large or too small a number"}[kind])
+        self.kind = kind
+
+
+def parse_number(raw) -> Decimal:
+    """A user's number (text, int, float or Decimal) as an exact ``Decimal``, or ``NumberError``.
+
+    ASCII digits, an optional sign, point and exponent; at most MAX_NUMBER_CHARS
+    characters and a magnitude within 10**±MAX_MAGNITUDE. Every check runs on
+    the text, so a hostile value costs no more than a sensible one.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float, Decimal)):
+        raise NumberError("number")
+    if isinstance(raw, Decimal):
+        text = str(raw)  # the code's own defaults and already-parsed values
+    elif isinstance(raw, int):
+        if raw.bit_length() > 64:
+            raise NumberError("range")
+        text = str(raw)
+    elif isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise NumberError("finite")
+        text = repr(raw)
+    else:
+        text = raw.strip()
+        if len(text) > MAX_NUMBER_CHARS:
+            raise NumberError("range")
+    if not _NUMBER.fullmatch(text):
+        raise NumberError("finite" if text.lower().lstrip("+-") in _NOT_FINITE else "number")
+    value = Decimal(text)
+    if not value:
+        return Decimal(0)  # "0e999999" too
+    if abs(value.adjusted()) > MAX_MAGNITUDE:
+        raise NumberError("range")
+    return value
+
+
+def shown(raw, limit: int = 40) -> str:
+    """A user's value quoted in a message, cut short (never converted in full)."""
+    if isinstance(raw, str):
+        return repr(raw[:limit] + ("…" if len(raw) > limit else ""))
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return repr(raw) if isinstance(raw, float) or raw.bit_length() <= 64 else "a huge number"
+    return "nothing" if raw is None else type(raw).__name__
 
 
 class FgpuError(ValueError):
@@ -50,20 +114,20 @@ class FgpuUnits:
             + (f", at most {self.to_fgpu(max_quanta)} fGPU" if max_quanta is not None else "")
             + ")"
         )
-        if isinstance(amount, bool):
-            raise FgpuError(f"fGPU must be a number{limit}")
         try:
-            value = Decimal(str(amount).strip())
-        except (InvalidOperation, ValueError):
-            raise FgpuError(f"fGPU must be a number, not {str(amount)[:40]!r}{limit}") from None
-        if not value.is_finite():
-            raise FgpuError(f"fGPU must be a finite number{limit}")
+            value = parse_number(amount)
+        except NumberError as e:
+            if e.kind == "finite":
+                raise FgpuError(f"fGPU must be a finite number{limit}") from None
+            if e.kind == "range":
+                raise FgpuError(f"fGPU {shown(amount)} is out of range{limit}") from None
+            raise FgpuError(f"fGPU must be a number, not {shown(amount)}{limit}") from None
         if value < 0:
             raise FgpuError(f"fGPU cannot be negative{limit}")
-        quanta = value / self.fgpu_step
-        if quanta != quanta.to_integral_value():
+        steps = Fraction(value) / Fraction(self.fgpu_step)
+        if steps.denominator != 1:
             raise FgpuError(f"{value.normalize()} fGPU is not a whole number of steps{limit}")
-        quanta = int(quanta)
+        quanta = steps.numerator
         if max_quanta is not None and quanta > max_quanta:
             raise FgpuError(f"{value.normalize()} fGPU is more than allowed{limit}")
         return quanta

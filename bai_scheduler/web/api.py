@@ -12,7 +12,7 @@ import re
 
 from tornado import web
 
-from ..contract.options import LAUNCHED, Limits
+from ..contract.options import LAUNCHED, FormError, Limits, parse_options
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
@@ -21,16 +21,47 @@ from .base import APIHandler, ReadOnlyGetMixin, in_background, log
 NAME = r"([^/]+)"
 
 
+# Where a node's Docker engine is and its TLS files: for admins (and the hub's spawner) only.
+ENGINE_KEYS = ("docker_url", "tls")
+
+
+def without_engines(obj: dict) -> dict:
+    """A copy of a node (``usage`` entry) or a placement without the engine's address."""
+    return {k: v for k, v in obj.items() if k not in ENGINE_KEYS}
+
+
+def public_status(status: dict, who: dict) -> dict:
+    """``Service.status()`` as the caller may see it: users see node names and device use only."""
+    if who["admin"] or "placement" not in status:
+        return status
+    return {**status, "placement": without_engines(status["placement"])}
+
+
 def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta: int | None = None,
                    count: int = 1) -> dict:
     """What GET api/capacity answers: nodes (with their GPU backend and whether it is ready; for
-    admins why, and when it was checked), devices, use, queue length, the form's limits, and the
-    form's live note for ``count`` sessions of ``quanta`` (default: the form's first choice).
-    ``readiness``: {node name: ``readiness.Readiness``}."""
+    admins why, and when it was checked, and each node's engine address), devices, use, queue
+    length, the form's limits, and the form's live note for ``count`` sessions of ``quanta``
+    (default: the form's first choice). ``readiness``: {node name: ``readiness.Readiness``}."""
     units = service.units
     if quanta is None:
         quanta = min(1, limits.max_quanta)
     usage = service.capacity()
+    nodes = [{
+        "name": node.name,
+        "docker_url": node.docker_url,
+        "simulated": node.simulated,
+        **readiness[node.name].to_json(admin),
+        "devices": [
+            {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
+             "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}
+            for d in node.devices
+        ],
+        "cpu_millis": node.cpu_millis,
+        "memory_bytes": node.memory_bytes,
+    } for node in service.nodes]
+    if not admin:
+        nodes, usage = [without_engines(n) for n in nodes], [without_engines(n) for n in usage]
     trial = trial_capacity(service.nodes, units, (r.placement for r in service.running() if r.placement),
                            span=service.span, strategy=service.strategy)
     queue_length = len(service.pending())
@@ -42,19 +73,7 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
         "fgpu_step": str(units.fgpu_step),
         "quanta_per_gpu": units.quanta_per_gpu,
         "span": service.span,
-        "nodes": [{
-            "name": node.name,
-            "docker_url": node.docker_url,
-            "simulated": node.simulated,
-            **readiness[node.name].to_json(admin),
-            "devices": [
-                {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
-                 "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}
-                for d in node.devices
-            ],
-            "cpu_millis": node.cpu_millis,
-            "memory_bytes": node.memory_bytes,
-        } for node in service.nodes],
+        "nodes": nodes,
         "usage": usage,
         "queue_length": queue_length,
         "simulated": any(n.simulated for n in service.nodes),
@@ -64,8 +83,11 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
 
 
 class HealthHandler(APIHandler):
+    """Open to anyone (load balancers, start-up checks): ok or not, nothing more."""
+
     def get(self):
-        self.write_json({"ok": self.service.degraded is None, "degraded": self.service.degraded})
+        ok = self.service.degraded is None
+        self.write_json({"ok": ok}, 200 if ok else 503)
 
 
 class CapacityHandler(ReadOnlyGetMixin, APIHandler):
@@ -106,7 +128,7 @@ class RequestsHandler(APIHandler):
     def get(self):
         who = self.identity()
         out = [
-            self.service.status(r) for r in self.service.records.values()
+            public_status(self.service.status(r), who) for r in self.service.records.values()
             if who["admin"] or r.key.user == who["name"]
         ]
         out.sort(key=lambda s: (s["state"] != "RUNNING", s.get("position") or 0, s["submitted_at"]))
@@ -122,7 +144,7 @@ class RequestHandler(APIHandler):
         rec = self.service.get(self.key(user, server))
         if rec is None:
             raise web.HTTPError(404, "No such request.")
-        self.write_json(self.service.status(rec))
+        self.write_json(public_status(self.service.status(rec), who))
 
     async def put(self, user, server):
         """The spawner registers (or re-attaches to) the request of the server it starts."""
@@ -161,6 +183,7 @@ class RequestHandler(APIHandler):
         rec = self.service.get(key)
         if rec is None:
             raise web.HTTPError(404, "No such request.")
+        self.check_may(who, "delete", user, server)
         # Go through the hub so its view of the server stays true; the spawner's
         # stop() then releases. A request the hub no longer tracks is released here.
         try:
@@ -224,6 +247,7 @@ class LaunchHandler(APIHandler):
         if not isinstance(user, str) or not user:
             raise web.HTTPError(400, "Say which user launches.")
         self.check_owner(who, user)
+        self.check_may(who, "start", user)
         count = body.get("count", 1)
         most = self.settings["limits"].max_sessions
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= most:
@@ -234,8 +258,28 @@ class LaunchHandler(APIHandler):
         prefix = body.get("prefix", "session")
         if not isinstance(prefix, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", prefix):
             raise web.HTTPError(400, "prefix must be lower-case letters, digits and '-' (at most 31).")
-        names = await launch_sessions(self.hub, user, prefix, count, options)
+        names = await launch_sessions(self.hub, user, prefix, count, self.one_session(options))
         self.write_json({"launched": names}, 202)
+
+    def one_session(self, options: dict) -> dict:
+        """The options each launched session gets, checked as the spawn form checks them.
+
+        The launch's size is its ``count`` alone: a ``sessions`` field here would make
+        every launched server launch more (count x sessions, past the limit). Without
+        an image the hub's spawner gives each session its default one, as for any spawn.
+        """
+        named = bool(options.get("image") or options.get("image_name"))
+        try:
+            opts = parse_options(options if named else {**options, "image": "default"}, self.service.units,
+                                 self.settings["limits"])
+        except FormError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if opts.sessions != 1:
+            raise web.HTTPError(400, "Say how many sessions with count; options.sessions may only be 1.")
+        one = opts.to_user_options()
+        if not named:
+            del one["image"]
+        return one
 
 
 async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:

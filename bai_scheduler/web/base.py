@@ -16,7 +16,7 @@ import re
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader
 from jupyterhub._data import DATA_FILES_PATH
-from jupyterhub.services.auth import HubOAuthenticated
+from jupyterhub.services.auth import HubOAuthenticated, check_scopes
 from markupsafe import Markup
 from tornado import web
 
@@ -28,6 +28,13 @@ log = logging.getLogger("bai_scheduler")
 
 MAX_BODY = 64 * 1024
 NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
+# What an Authorization header may hold: printable ASCII, no longer than any token JupyterHub makes
+# (its own are 32 hex digits; configured service tokens are longer). Anything else is refused
+# here, before the hub is asked about it (HubAuth answers 500 when the hub refuses the request).
+MAX_AUTH_HEADER = 1024
+AUTH_HEADER_RE = re.compile(r"[\x20-\x7e]*")
+# A token with either of these acts as an admin here (the hub's admin role has both).
+ADMIN_SCOPES = {"admin:servers", "admin:users"}
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 DB_DOWN = "The scheduler's database is unavailable; nothing was changed. Try again shortly."
@@ -110,28 +117,74 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
     # -- who is calling ----------------------------------------------------------------
 
+    def prepare(self):
+        # The header, and the URL's ?token= (HubAuth reads it on websocket requests).
+        auth = self.request.headers.get("Authorization")
+        if auth is not None and (len(auth) > MAX_AUTH_HEADER or not AUTH_HEADER_RE.fullmatch(auth)):
+            raise web.HTTPError(400, f"The Authorization header must be printable ASCII of at most "
+                                     f"{MAX_AUTH_HEADER} characters: 'token <your hub API token>'.")
+        url_token = self.get_query_argument("token", None)
+        if url_token is not None and (len(url_token) > MAX_AUTH_HEADER or not AUTH_HEADER_RE.fullmatch(url_token)):
+            raise web.HTTPError(400, "The token in the URL is not a hub API token.")
+
+    def get_current_user(self):
+        try:
+            return super().get_current_user()
+        except web.HTTPError as e:
+            if e.status_code < 500:
+                raise
+            # HubAuth's own message names the hub's internal API address.
+            log.error("Could not check the caller with the hub: %s", e.log_message)
+            raise web.HTTPError(503, "The hub did not say who you are (it may be restarting); "
+                                     "try again shortly.") from None
+
     def is_internal(self) -> bool:
         auth = self.request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
-        token = token.strip()
         internal = self.settings["internal_token"]
-        return bool(internal and scheme.lower() in ("token", "bearer") and hmac.compare_digest(token, internal))
+        # Bytes: compare_digest refuses str with non-ASCII characters.
+        return bool(internal and scheme.lower() in ("token", "bearer")
+                    and hmac.compare_digest(token.strip().encode("utf-8", "replace"), internal.encode()))
 
     def identity(self) -> dict:
-        """The caller: the hub's spawner (internal), a user, or 403."""
+        """The caller: the hub's spawner (internal), a user or service, or 403.
+
+        ``by_token``: authenticated by an API token (header), whose own scopes then say what
+        it may do; otherwise by the service's login cookie, which only the user's own browser
+        holds (the hub's OAuth step takes no token), acting as that user with their rights.
+        """
         if self.is_internal():
-            return {"name": None, "admin": True, "internal": True}
+            return {"name": None, "admin": True, "internal": True, "by_token": True, "scopes": set()}
         user = self.current_user
         if not user:
             raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
         scopes = set(user.get("scopes") or ())
-        # Admin users, and services (or tokens) granted server administration.
-        admin = bool(user.get("admin")) or bool(scopes & {"admin:servers", "admin:users"})
-        return {"name": user["name"], "admin": admin, "internal": False}
+        by_token = bool(getattr(self, "_token_authenticated", False))
+        # A token is an admin's only when it carries admin scopes (an admin's token limited to
+        # this service's access is not); a browser login is the user's own.
+        admin = bool(check_scopes(ADMIN_SCOPES, scopes)) if by_token else bool(user.get("admin"))
+        return {"name": user["name"], "admin": admin, "internal": False, "by_token": by_token, "scopes": scopes}
 
     def check_owner(self, who: dict, user: str) -> None:
         if not (who["admin"] or who["name"] == user):
             raise web.HTTPError(404, "No such request.")
+
+    def check_may(self, who: dict, action: str, user: str, server: str | None = None) -> None:
+        """Refuse (403) unless the caller itself may ``action`` ("start" or "delete") the servers
+        of ``user`` (one ``server``, or any): this service acts with its own ``servers`` scope,
+        so a token must carry ``<action>:servers`` for that user, as the hub's own API asks."""
+        if who["internal"]:
+            return
+        if not who["by_token"]:
+            if who["admin"] or who["name"] == user:
+                return
+        else:
+            target = f"server={user}/{server}" if server is not None else f"user={user}"
+            if check_scopes({f"{action}:servers!{target}"}, who["scopes"]):
+                return
+        verb = "start" if action == "start" else "stop"
+        raise web.HTTPError(403, f"This token may not {verb} servers of {user}: it needs the scope "
+                                 f"{action}:servers!user={user} (or log in through the hub).")
 
     def require_admin(self) -> dict:
         who = self.identity()

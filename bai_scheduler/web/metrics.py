@@ -1,7 +1,13 @@
-"""Prometheus ``{prefix}metrics``: queue length, fGPU in use, admission latency."""
+"""Prometheus ``{prefix}metrics``: queue length, fGPU in use, admission latency.
+
+Like the hub's own ``/hub/metrics``: a token with the ``read:metrics`` scope (or an admin's
+login) unless ``c.BaiScheduler.authenticate_prometheus`` is False.
+"""
 from __future__ import annotations
 
+from jupyterhub.services.auth import check_scopes
 from prometheus_client import CollectorRegistry, Gauge, Summary, generate_latest
+from tornado import web
 
 from .base import APIHandler
 
@@ -22,6 +28,12 @@ def render(service) -> bytes:
 
 class MetricsHandler(APIHandler):
     def get(self):
+        if self.bai.authenticate_prometheus:
+            who = self.identity()
+            if not (who["internal"] or check_scopes({"read:metrics"}, who["scopes"])
+                    or (who["admin"] and not who["by_token"])):
+                raise web.HTTPError(403, "Metrics need a token with the read:metrics scope "
+                                         "(c.BaiScheduler.authenticate_prometheus).")
         self.set_header("Content-Type", "text/plain; version=0.0.4")
         self.finish(render(self.service))
 

@@ -378,6 +378,7 @@ class StopHandler(PageHandler):
             raise web.HTTPError(400, "Say which session to stop.")
         self.check_owner(who, user)
         key = self.key(user, server)
+        self.check_may(who, "delete", user, server)
         rec = self.service.get(key)
         label = f"{server or 'default'}" + (f" of {user}" if user != who["name"] else "")
         stopped_in_hub = False
@@ -412,6 +413,7 @@ class NewSessionsHandler(PageHandler):
         who = self.identity()
         if who["internal"] or not who["name"]:
             raise web.HTTPError(400, "Log in as a user to launch sessions.")
+        self.check_may(who, "start", who["name"])
         raw = {k: self.get_body_argument(k) for k in self.request.body_arguments if k != "_xsrf"}
         values = {k: v for k, v in raw.items() if k in self.FIELDS}
         try:

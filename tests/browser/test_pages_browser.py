@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import ARTIFACTS, KERNEL_IMAGE
+from helpers.images import assert_runs, chosen, choice_images, stop
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
 
@@ -204,3 +205,55 @@ def test_sessions_page_refuses_bad_values_and_handcrafted_posts(hub, browser):
         ctx.close()
         stop_all(hub, name)
 
+
+def test_the_form_runs_the_validated_image_and_the_sessions_page_shows_it(hub, browser):
+    """The picker, the typed name, or a picker value the page never offered (set by
+    script, as a hand-made post would): the image that runs is the one allowed."""
+    name = make_login(hub, "imgchoicebrowser")
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    # (picker, typed): the picker set by script where the page offers no such choice,
+    # as a hand-crafted form post would.
+    cases = [
+        ("catalog", "catalog-by-id"),          # typed wins: the older version runs
+        ("private", "catalog"),                # an injected picker value is not what runs
+        ("catalog", "private"),
+        ("not-in-catalog", "nothing"),
+        ("catalog", "not-in-catalog-short-id"),
+    ]
+    with choice_images(hub) as values:
+        try:
+            login(page, hub, name)
+            for i, (picker, typed) in enumerate(cases):
+                server = f"b{i}"
+                want = chosen(values, picker, typed)
+                page.goto(f"{hub.url}/hub/spawn/{name}/{server}")
+                page.wait_for_selector("#bai-image")
+                page.eval_on_selector("#bai-image", """(s, v) => {
+                    if (![...s.options].some(o => o.value === v)) s.add(new Option(v, v));
+                    s.value = v; }""", values[picker][0])
+                page.fill("#bai-image-name", values[typed][0])
+                page.select_option("#bai-fgpu", "0")
+                page.fill("#bai-cpu", "0.5")
+                page.fill("#bai-memory", "1")
+                page.click("#spawn_form button[type=submit]")
+                if want is None:
+                    page.wait_for_selector(".spawn-error-msg")
+                    assert "not in the catalog" in page.inner_text(".spawn-error-msg")
+                    assert hub.session_container(name, server) is None
+                    hub.wait_for(lambda: server not in hub.servers(name, include_stopped=True), 30,
+                                 what="the refused server's record to go")
+                    continue
+                page.wait_for_url(lambda u: "/spawn-pending/" in u or f"/user/{name}/" in u, timeout=60000)
+                hub.wait_ready(name, server)
+                assert_runs(hub, name, server, want)
+                page.goto(f"{hub.url}{SESSIONS}")
+                row = page.locator(f"tr.bai-row[data-server='{server}']")
+                row.wait_for()
+                running = hub.session_container(name, server)["Config"]["Image"]
+                assert row.locator(".bai-image").inner_text() == running == want
+                shot(page, f"image-choice-{i}")
+                stop(hub, name, server)
+        finally:
+            ctx.close()
+            stop_all(hub, name)

@@ -99,8 +99,8 @@ def test_a_new_user_walks_the_seeds_path(hub, browser):
         login(admin_page, hub, admin, admin_password)
         admin_page.goto(f"{hub.url}/hub/authorize")
         with admin_page.expect_navigation():
-            admin_page.locator(f"tr#{name} a", has_text="Authorize").click()
-        unauthorize = admin_page.locator(f"tr#{name} a", has_text="Unauthorize")
+            admin_page.locator(f"tr#{name} button", has_text="Authorize").click()
+        unauthorize = admin_page.locator(f"tr#{name} button", has_text="Unauthorize")
         assert unauthorize.evaluate("a => getComputedStyle(a).borderTopStyle") == "solid"
         shot(admin_page, "authorize", "authorize.png")
 

@@ -44,15 +44,47 @@ def print_counts(request):
             print(line)
 
 
+# Names that are also path segments of the hub's and the service's routes.
+ROUTE_NAMES = ["wait", "stop", "new", "progress", "server", "servers", "api", "capacity", "capacity.json", "requests",
+               "launch", "metrics", "health", "sessions", "sessions.json", "snapshots", "images", "admin", "static",
+               "oauth_callback", "spawn", "spawn-pending", "tokens", "user", "hub", "default", "lab", "proxy", "mlflow"]
 SPECIAL_NAMES = ["..", ".", "../x", "%2e%2e", "%2e%2e%2fetc", "a%2Fb", "%00", "%ff", "%c3%a9", "x%20y",
                  "~", "-", "_", "a" * 255, "a" * 256, "b" * 2000, "%E2%80%AE", "con", "null", "%0a", "a;b",
-                 "a?b=1", "a#b", "\u00e9", "\u4e2d\u6587", "\U0001f600", "alice", "bob", "carol"]
+                 "a?b=1", "a#b", "\u00e9", "\u4e2d\u6587", "\U0001f600", "alice", "bob", "carol", *ROUTE_NAMES]
 
 names = st.one_of(
     st.sampled_from(SPECIAL_NAMES),
     st.text(min_size=1, max_size=40),
     st.text(alphabet=st.characters(codec="ascii"), min_size=1, max_size=300),
 )
+
+
+# Authorization headers that are no token: non-ASCII (sent as Latin-1 bytes, as a browser or a
+# careless client may), oversized, control characters, other schemes, empty.
+bad_auth_headers = st.one_of(
+    st.text(st.characters(min_codepoint=0x80, max_codepoint=0xFF), min_size=1, max_size=40).map(lambda t: "token " + t),
+    st.text(st.characters(codec="latin-1", exclude_characters="\r\n"), max_size=80),
+    st.integers(1025, 60_000).map(lambda n: "token " + "a" * n),
+    st.sampled_from(["", "token", "token ", "Bearer", "Basic dXNlcjpwYXNz", "Digest a=b", "tokenabc", "token a b",
+                     "token \x7f", "token \x01\x02", "token\ttab", "Negotiate YII=", "bearer " + "0" * 32]),
+)
+
+
+ACCESS = "access:services!service=bai-scheduler"
+# A user's tokens narrower than the user: none may stop the user's servers, only "start-only" may
+# start them; "no-access" fails the hub's check for the service itself.
+NARROW_SCOPES = {
+    "access-only": [ACCESS],
+    "read-only": [ACCESS, "read:servers!user={user}"],
+    "start-only": [ACCESS, "start:servers!user={user}"],
+    "other-server": [ACCESS, "servers!server={user}/zz-other"],
+    "no-access": ["servers!user={user}"],
+    "metrics": [ACCESS, "read:metrics"],
+}
+
+
+def narrow_scopes(kind: str, user: str) -> list[str]:
+    return [scope.format(user=user) for scope in NARROW_SCOPES[kind]]
 
 
 def path_part(name: str) -> str:

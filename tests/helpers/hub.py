@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -37,8 +38,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def login(url: str, name: str, password: str) -> requests.Session:
+    """A browser-like session logged in through the login form of the hub at ``url``; it also
+    sends the xsrf token, which the hub's API wants with a cookie login."""
+    s = requests.Session()
+    r = s.get(f"{url}/hub/login", timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    xsrf = s.cookies.get("_xsrf")
+    r = s.post(f"{url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
+               allow_redirects=False, timeout=30)
+    assert r.status_code == 302, f"login as {name} failed: {r.status_code} {r.text[:300]}"
+    s.headers["X-XSRFToken"] = s.cookies.get("_xsrf")  # the one the login set
+    return s
+
+
 def docker(*args, check=False) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def cleanup_docker(prefix: str):
+    """Remove the containers, volumes and images named with ``prefix``."""
+    ids = docker("ps", "-aq", "--filter", f"name=^/{prefix}").stdout.split()
+    if ids:
+        docker("rm", "-f", *ids)
+    vols = [v for v in docker("volume", "ls", "-q").stdout.split() if v.startswith(prefix)]
+    if vols:
+        docker("volume", "rm", "-f", *vols)
+    images = [i for i in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+              if i.startswith(prefix)]
+    if images:
+        docker("rmi", "-f", *images)
+
+
+def wait_for(predicate, timeout=120, interval=0.5, what="condition", detail=lambda: ""):
+    """The first true value of ``predicate()``, polled until ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{detail()}")
 
 
 class Hub:
@@ -121,16 +162,7 @@ class Hub:
         return pids
 
     def cleanup_docker(self):
-        ids = docker("ps", "-aq", "--filter", f"name=^/{self.prefix}").stdout.split()
-        if ids:
-            docker("rm", "-f", *ids)
-        vols = [v for v in docker("volume", "ls", "-q").stdout.split() if v.startswith(self.prefix)]
-        if vols:
-            docker("volume", "rm", "-f", *vols)
-        images = [i for i in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
-                  if i.startswith(self.prefix)]
-        if images:
-            docker("rmi", "-f", *images)
+        cleanup_docker(self.prefix)
 
     # -- REST -----------------------------------------------------------------------
 
@@ -153,8 +185,7 @@ class Hub:
         return r.json()["token"]
 
     def set_password(self, name: str, password: str) -> None:
-        """Give ``name`` an approved NativeAuthenticator login with ``password`` (made, or reset when
-        an earlier test or run made it)."""
+        """An approved NativeAuthenticator login for ``name`` with ``password`` (made, or changed)."""
         import bcrypt
         from nativeauthenticator.orm import UserInfo
         from sqlalchemy import create_engine
@@ -162,7 +193,7 @@ class Hub:
 
         from hub_config.bootstrap_admin import ensure_account
 
-        db_url = f"sqlite:///{self.workdir / 'var' / 'jupyterhub.sqlite'}"
+        db_url = f"sqlite:///{self.workdir}/var/jupyterhub.sqlite"
         if not ensure_account(db_url, name, password):
             engine = create_engine(db_url)
             with Session(engine) as db:
@@ -174,14 +205,14 @@ class Hub:
         """A browser-like session logged in through the hub's login form (the account is made
         or given ``password`` first)."""
         self.set_password(name, password)
-        s = requests.Session()
-        r = s.get(f"{self.url}/hub/login", timeout=30)
+        return login(self.url, name, password)
+
+    def form_xsrf(self, s: requests.Session, path: str) -> str:
+        """The xsrf token a form page at ``path`` posts with (the hub's, or the service's)."""
+        r = s.get(f"{self.url}{path}", timeout=60)
         assert r.status_code == 200, r.text[:300]
-        xsrf = s.cookies.get("_xsrf")
-        r = s.post(f"{self.url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
-                   allow_redirects=False, timeout=30)
-        assert r.status_code == 302, f"login failed: {r.status_code} {r.text[:300]}"
-        return s
+        m = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+        return m.group(1) if m else s.cookies.get("_xsrf")
 
     def server_path(self, user, server=""):
         return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
@@ -192,8 +223,10 @@ class Hub:
     def stop_server(self, user, server="", token=None) -> requests.Response:
         return self.api("DELETE", self.server_path(user, server), token=token)
 
-    def servers(self, user) -> dict:
-        return self.api("GET", f"/users/{user}").json().get("servers", {})
+    def servers(self, user, include_stopped: bool = False) -> dict:
+        """The user's active servers; with ``include_stopped``, every server record."""
+        query = "?include_stopped_servers=1" if include_stopped else ""
+        return self.api("GET", f"/users/{user}{query}").json().get("servers", {})
 
     def requests(self, token=None) -> dict:
         """The scheduler's view: {"user/server": status}."""
@@ -201,14 +234,7 @@ class Hub:
         return {f"{r['user']}/{r['server']}": r for r in out}
 
     def wait_for(self, predicate, timeout=120, interval=0.5, what="condition"):
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{self.tail(40)}")
+        return wait_for(predicate, timeout, interval, what, detail=lambda: self.tail(40))
 
     def wait_ready(self, user, server="", timeout=120):
         def ready():

@@ -9,7 +9,7 @@ c.JupyterHub.load_roles.append({
     "name": "test-admin",
     "scopes": ["admin:users", "admin:servers", "tokens", "list:users", "read:users", "users",
                "servers", "access:servers", "access:services", "admin-ui", "read:roles",
-               "groups", "read:groups"],
+               "groups", "read:groups", "read:metrics"],
     "services": ["test-admin"],
 })
 c.BaiScheduler.nodes = json.loads(os.environ["BAI_TEST_NODES"])

@@ -28,6 +28,25 @@ from .hub import free_port
 PREFIX = "/services/bai-scheduler/"
 
 
+def _admin_role() -> list[str]:
+    from jupyterhub.roles import get_default_roles
+
+    return next(r["scopes"] for r in get_default_roles() if r["name"] == "admin")
+
+
+ADMIN_ROLE = _admin_role()
+
+
+def expanded_scopes(raw: list[str], user: str) -> list[str]:
+    """Scopes as the hub expands them for a token of ``user`` (``self`` is that user's own)."""
+    from jupyterhub.scopes import _expand_self_scope, expand_scopes
+
+    out = set()
+    for scope in raw:
+        out |= _expand_self_scope(user) if scope == "self" else expand_scopes({scope})
+    return sorted(out)
+
+
 class FakeHub:
     """Answers what the service asks the hub: who owns a token (GET /hub/api/user),
     a user's model, and server start/stop (always refused: nothing is spawned)."""
@@ -82,12 +101,15 @@ class FakeHub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def user(self, name: str, admin: bool = False) -> str:
+    def user(self, name: str, admin: bool = False, scopes: list[str] | None = None) -> str:
+        """A token of user ``name``: with the deployment's roles' scopes (user: ``self`` and access
+        to this service; admins the hub's admin role too), or only ``scopes`` (a narrower token).
+        Its model carries the scopes expanded as the hub's ``GET /hub/api/user`` gives them."""
+        if scopes is None:
+            scopes = ["self", "access:services!service=bai-scheduler"] + (ADMIN_ROLE if admin else [])
         token = secrets.token_hex(16)
-        self.tokens[token] = {
-            "kind": "user", "name": name, "admin": admin, "groups": [],
-            "scopes": ["access:services!service=bai-scheduler", "self"] + (["admin:users", "admin:servers"] if admin else []),
-        }
+        self.tokens[token] = {"kind": "user", "name": name, "admin": admin, "groups": [],
+                              "scopes": expanded_scopes(scopes, name)}
         return token
 
     def close(self):

@@ -1,8 +1,10 @@
 """Bad input, fuzzed, through the suite's real hub (slow, fewer cases):
 ``POST /hub/api/users/{u}/servers/{s}`` with fuzzed ``user_options`` and
 ``POST /hub/spawn/{u}/{s}`` with fuzzed form fields, each refused with a message,
-leaving no container, request or share.  The service's own endpoints are fuzzed
-in tests/test_fuzz_api.py.
+leaving no container, request or share; the hub's and the service's endpoints called
+through the proxy with tokens of narrower scope and bad Authorization headers, on
+server names that are also route segments, leaving another user's session alone.
+The service's own endpoints are fuzzed in tests/test_fuzz_api.py.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import secrets
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import KERNEL_IMAGE
-from helpers.fuzz import COUNTS, any_json, json_bytes, print_counts  # noqa: F401
+from helpers import KERNEL_IMAGE, OLD_IMAGE
+from helpers.hub import docker
+from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, ROUTE_NAMES, SPECIAL_NAMES, any_json,  # noqa: F401
+                          bad_auth_headers, json_bytes, narrow_scopes, path_part, print_counts)
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -121,13 +125,6 @@ def test_fuzz_hub_spawn_api(hub):
         one(body, f"body {body[:80]!r}")
 
 
-def form_xsrf(s: requests.Session, hub, path: str) -> str:
-    r = s.get(f"{hub.url}{path}", timeout=60)
-    assert r.status_code == 200, r.text[:300]
-    m = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
-    return m.group(1) if m else s.cookies.get("_xsrf")
-
-
 def form_value(v):
     """How a browser (or a hand-made POST) sends a value: strings, and repeated fields for lists."""
     if isinstance(v, list):
@@ -143,7 +140,7 @@ def test_fuzz_hub_spawn_form(hub):
     hub.add_user(user)
     s = hub.login(user, "fuzz-form-" + secrets.token_hex(8))
     path = f"/hub/spawn/{user}/{server}"
-    xsrf = form_xsrf(s, hub, path)
+    xsrf = hub.form_xsrf(s, path)
     base = used_quanta(hub)
 
     @HUB_FUZZ
@@ -174,3 +171,199 @@ def test_fuzz_hub_spawn_form(hub):
         fuzz()
     finally:
         hub.api("DELETE", f"/users/{user}/servers/{server}", json={"remove": True})
+
+
+# The callers' tokens: (owner, scopes); "own" is the caller's full token (a user holds no
+# read:metrics to give one).
+CALLER_TOKENS = {
+    **{kind: ("caller", kind) for kind in NARROW_SCOPES if kind != "metrics"},
+    "own": ("caller", None),
+    "admin-access-only": ("admin", [ACCESS]),
+}
+# Options the spawner refuses for sure: nothing a fuzzed call starts may run.
+REFUSED = {**GOOD, "fgpu": "-1"}
+
+
+@st.composite
+def hub_calls(draw, caller: str, victim: str):
+    """(method, path, body) on the hub's API or the service, for the caller's or the victim's servers."""
+    user = draw(st.sampled_from([caller, victim, victim, "nobody-" + caller]))
+    server = draw(st.one_of(st.sampled_from(["keep", "zz", *ROUTE_NAMES]), st.sampled_from(SPECIAL_NAMES)))
+    s, u = path_part(server), path_part(user)
+    svc = "/services/bai-scheduler/"
+    return draw(st.sampled_from([
+        ("GET", "/hub/api/user", None),
+        ("GET", f"/hub/api/users/{u}", None),
+        ("POST", f"/hub/api/users/{u}/servers/{s}", REFUSED),
+        ("DELETE", f"/hub/api/users/{u}/servers/{s}", None),
+        ("DELETE", f"/hub/api/users/{u}/server", None),
+        ("GET", f"{svc}api/capacity", None),
+        ("GET", f"{svc}api/requests", None),
+        ("GET", f"{svc}api/requests/{u}/{s}", None),
+        ("DELETE", f"{svc}api/requests/{u}/{s}", None),
+        ("DELETE", f"{svc}api/requests/{u}", None),
+        ("POST", f"{svc}api/launch", {"user": user, "count": 1, "options": REFUSED}),
+        ("POST", f"{svc}api/launch", {"count": 1, "options": REFUSED}),
+        ("POST", f"{svc}sessions/stop", {"user": user, "server": server}),
+        ("POST", f"{svc}api/snapshots", {"user": victim, "server": "keep", "tag": "fuzz"}),
+        ("DELETE", f"{svc}api/images/{path_part(KERNEL_IMAGE)}", None),
+        ("GET", f"{svc}metrics", None),
+        ("GET", f"{svc}sessions.json", None),
+        ("GET", f"{svc}api/snapshots", None),
+    ]))
+
+
+def test_fuzz_hub_callers(hub):
+    """The hub's and the service's endpoints through the proxy, called with the caller's tokens of
+    narrower scope and with Authorization headers that are no token: never a 5xx, and the victim's
+    running session stays as it is (its server, its request, its container)."""
+    from helpers.service import expanded_scopes
+
+    caller, victim, admin = "fuzzcaller", "fuzzvictim", "admin"  # (the deployment's first admin)
+    hub.add_user(caller)
+    hub.add_user(victim)
+    tokens = {}
+    for name, (owner, scopes) in CALLER_TOKENS.items():
+        owner = {"caller": caller, "admin": admin}[owner]
+        body = {"note": f"fuzz {name}", "expires_in": 3600}
+        if scopes is not None:
+            body["scopes"] = narrow_scopes(scopes, owner) if isinstance(scopes, str) else scopes
+        r = hub.api("POST", f"/users/{owner}/tokens", json=body)
+        assert r.status_code == 201, r.text
+        tokens[name] = r.json()["token"]
+    assert hub.start_server(victim, "keep", {**GOOD, "fgpu": "0"}).status_code in (201, 202)
+    hub.wait_ready(victim, "keep")
+    keep = hub.session_container(victim, "keep")["Id"]
+    request = hub.requests()[f"{victim}/keep"]["id"]
+    assert f"start:servers!user={caller}" in expanded_scopes(["self"], caller)
+
+    def untouched(what):
+        assert hub.servers(victim)["keep"]["ready"], f"{what}: the victim's server"
+        assert hub.requests()[f"{victim}/keep"]["id"] == request, f"{what}: the victim's request"
+
+    @settings(HUB_FUZZ, max_examples=5 * HUB_FUZZ.max_examples)
+    @given(call=hub_calls(caller, victim), who=st.one_of(st.sampled_from(sorted(tokens)), bad_auth_headers))
+    def fuzz(call, who):
+        COUNTS["hub-callers"] += 1
+        method, path, body = call
+        header = f"token {tokens[who]}" if who in tokens else who.lstrip()  # (requests refuses leading blanks)
+        what = f"{method} {path[:100]} as {who if who in tokens else repr(who[:30])}"
+        headers = {"Authorization": header.encode("latin-1")}
+        if path.endswith("sessions/stop"):
+            r = requests.post(hub.url + path, data=body, headers=headers, allow_redirects=False, timeout=60)
+        else:
+            r = requests.request(method, hub.url + path, json=body, headers=headers, allow_redirects=False, timeout=60)
+        assert r.status_code < 500, f"{what} -> {r.status_code}: {r.text[:300]}"
+        if who not in tokens and r.status_code < 400:  # no token: a redirect to log in, or health
+            assert r.status_code == 302 and "/hub/" in r.headers.get("Location", ""), f"{what} -> {r.status_code}"
+        untouched(what)
+
+    try:
+        fuzz()
+        assert hub.session_container(victim, "keep", running_only=True)["Id"] == keep
+        assert not containers_of(hub, caller)
+    finally:
+        for server in hub.api("GET", f"/users/{caller}?include_stopped_servers=1").json().get("servers", {}):
+            hub.api("DELETE", f"/users/{caller}/servers/{server}", json={"remove": True})
+        hub.stop_server(victim, "keep")
+        hub.wait_gone(victim, "keep")
+
+
+# -- the image fields: picker, typed name, raw user_options ---------------------------------------------
+
+def image_id(ref: str) -> str:
+    return json.loads(docker("image", "inspect", ref).stdout)[0]["Id"]
+
+
+def commit_image(hub, ref: str, *labels: str) -> str:
+    """``ref``, made from the kernel image with changed labels (under the hub's bai-test- prefix)."""
+    tmp = f"{hub.prefix}fuzzimg"
+    assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
+    try:
+        out = docker("commit", *[a for lab in labels for a in ("--change", f"LABEL {lab}")], tmp, ref)
+        assert out.returncode == 0, out.stderr
+    finally:
+        docker("rm", "-f", tmp)
+    return image_id(ref)
+
+
+@pytest.fixture(scope="module")
+def image_values(hub):
+    """name -> (what a field says, the reference that must then run for user "fuzzimg", or None: refused)."""
+    from bai_scheduler.contract import labels as L
+
+    user = "fuzzimg"
+    mine, theirs, plain = (f"{hub.prefix}private/{user}:v1", f"{hub.prefix}private/fuzzowner:v1",
+                           f"{hub.prefix}plain:1")
+    private = (f"{L.KIND}={L.KIND_PRIVATE}", f"{L.DISPLAY_NAME}=fuzz")
+    commit_image(hub, mine, *private, f"{L.OWNER}={user}")
+    theirs_id = commit_image(hub, theirs, *private, f"{L.OWNER}=fuzzowner")
+    plain_id = commit_image(hub, plain, f"{L.KIND}=")  # on the engine, not in the catalog
+    try:
+        yield user, {
+            "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),
+            "old": (OLD_IMAGE, OLD_IMAGE),
+            "catalog-by-id": (image_id(OLD_IMAGE), OLD_IMAGE),
+            "mine": (mine, mine),
+            "theirs": (theirs, None),
+            "theirs-id": (theirs_id, None),
+            "theirs-id-prefix": (theirs_id[:19], None),
+            "theirs-short-id": (theirs_id[7:19], None),
+            "not-in-catalog": (plain, None),
+            "not-in-catalog-digest-prefix": (plain_id[:15], None),
+            "nothing": ("", KERNEL_IMAGE),  # the hub's default image
+        }
+    finally:
+        docker("rmi", "-f", mine, theirs, plain)
+
+
+IMAGE_VALUES = ["catalog", "old", "catalog-by-id", "mine", "theirs", "theirs-id", "theirs-id-prefix", "theirs-short-id",
+                "not-in-catalog", "not-in-catalog-digest-prefix", "nothing"]
+
+
+def test_fuzz_hub_image_fields(hub, image_values):
+    """POST /hub/api/users/{u}/servers/{s} with every kind of value in the picker (``image``) and the
+    typed name (``image_name``, which wins): the container runs exactly the validated reference
+    (``docker inspect``), or nothing is made. Valid shapes, so allowed values really start."""
+    user, values = image_values
+    hub.add_user(user)
+    shape = {"fgpu": "0", "cpu": "0.5", "memory": "1"}
+    n = iter(range(10_000))
+
+    @settings(HUB_FUZZ, max_examples=max(6, HUB_FUZZ.max_examples // 3))
+    @given(picker=st.sampled_from(IMAGE_VALUES), typed=st.sampled_from(IMAGE_VALUES))
+    @example(picker="theirs", typed="catalog")  # the picker names another's private image
+    @example(picker="catalog", typed="theirs-id-prefix")
+    @example(picker="theirs-short-id", typed="nothing")
+    def fuzz(picker, typed):
+        COUNTS["hub-image-fields"] += 1
+        server = f"img{next(n)}"
+        opts = dict(shape)
+        if values[picker][0]:
+            opts["image"] = values[picker][0]
+        if values[typed][0]:
+            opts["image_name"] = values[typed][0]
+        expected = values[typed][1] if typed != "nothing" else values[picker][1]
+        what = f"picker={picker} typed={typed}"
+        r = hub.start_server(user, server, opts)
+        try:
+            assert r.status_code < 500, f"{what} -> {r.status_code}: {r.text[:300]}"
+            if expected is None:
+                if r.status_code in (201, 202):
+                    text = wait_spawn_ended(hub, user, server, what)
+                else:
+                    assert r.status_code == 400, f"{what} -> {r.status_code}: {r.text[:300]}"
+                    text = r.json()["message"]
+                assert "not in the catalog" in text or "either" in text, f"{what}: {text[:300]}"
+                assert_nothing_left(hub, user, server, used_quanta(hub), what)
+            else:
+                assert r.status_code in (201, 202), f"{what} -> {r.status_code}: {r.text[:300]}"
+                c = hub.wait_for(lambda: hub.session_container(user, server, running_only=True), 120,
+                                 what=f"{what}: the container")
+                assert (c["Config"]["Image"], c["Image"]) == (expected, image_id(expected)), what
+        finally:
+            hub.stop_server(user, server)
+            hub.wait_gone(user, server, timeout=90)
+            hub.api("DELETE", f"/users/{user}/servers/{server}", json={"remove": True})
+
+    fuzz()

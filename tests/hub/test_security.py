@@ -3,8 +3,12 @@ service token's scopes: a real hub, proxy, scheduler service and Docker engine.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import secrets
+import socket
+from pathlib import Path
 
 import pytest
 import requests
@@ -12,7 +16,10 @@ import requests
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
+from helpers.fuzz import ACCESS
 from helpers.hub import docker
+from helpers.images import commit_image
+from helpers.service import Raw, expanded_scopes
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -177,15 +184,8 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
     owner, otok = users("owner")
     thief, ttok = users("thief")
     ref = f"{hub.prefix}private/{owner}:sec"
-    tmp = f"{hub.prefix}mkpriv"
-    assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
-    try:
-        out = docker("commit", "--change", f"LABEL {L.KIND}={L.KIND_PRIVATE}", "--change", f"LABEL {L.OWNER}={owner}",
-                     "--change", f"LABEL {L.DISPLAY_NAME}=sec-private", tmp, ref)
-        assert out.returncode == 0, out.stderr
-    finally:
-        docker("rm", "-f", tmp)
-    image_id = json.loads(docker("image", "inspect", ref).stdout)[0]["Id"]
+    image_id = commit_image(hub, KERNEL_IMAGE, ref, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
+                            f"{L.DISPLAY_NAME}=sec-private")
     try:
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
@@ -212,3 +212,198 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
             assert f"{thief}/{server}" not in hub.requests()
     finally:
         docker("rmi", "-f", ref)
+
+
+# -- the hub's internal API, engine addresses, metrics, tokens of narrower scope, bad headers ----------
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses this machine listens on at TCP ``port`` (from /proc/net/tcp and tcp6)."""
+    out = set()
+    for path, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(path).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            out.add(socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
+    return out
+
+
+def test_the_hubs_internal_api_listens_only_where_containers_reach_it(hub):
+    bridge = json.loads(docker("network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}").stdout)
+    subnets = [ipaddress.ip_network(n["Subnet"]) for n in bridge]
+    bound = listening_addresses(int(hub.env["BAI_HUB_API_PORT"]))
+    assert len(bound) == 1 and any(ipaddress.ip_address(a) in net for a in bound for net in subnets), (bound, subnets)
+    # The public side stays on loopback; the sessions (tests/hub/test_hub_sessions.py) reach the API.
+    assert listening_addresses(hub.port) == {"127.0.0.1"}
+
+
+def test_users_see_no_engine_address_and_metrics_need_their_scope(hub, two_sessions):
+    (alice, atok), _ = two_sessions
+    for path in ("api/capacity", "capacity.json?quanta=1", "api/requests", f"api/requests/{alice}/s", "sessions.json"):
+        text = hub.service("GET", path, token=atok).text
+        assert not re.search(r'"docker_url"|"tls"', text), (path, text[:300])
+    admin_view = hub.service("GET", "api/capacity").json()
+    assert "docker_url" in admin_view["nodes"][0] and "docker_url" in admin_view["usage"][0]
+    # Health: open, and only ok or not.
+    r = requests.get(f"{hub.url}/services/bai-scheduler/api/health", timeout=30)
+    assert (r.status_code, r.json()) == (200, {"ok": True})
+    # Metrics: a token with read:metrics (the test admin's role has it), as the hub's own /hub/metrics.
+    assert requests.get(f"{hub.url}/services/bai-scheduler/metrics", timeout=30).status_code == 403
+    assert hub.service("GET", "metrics", token=atok).status_code == 403
+    assert "bai_fgpu_in_use_quanta 2.0" in hub.service("GET", "metrics").text
+    assert requests.get(f"{hub.url}/hub/metrics", timeout=30).status_code == 403
+
+
+def scoped_token(hub, user: str, scopes: list[str]) -> str:
+    r = hub.api("POST", f"/users/{user}/tokens", json={"note": "narrow", "expires_in": 3600, "scopes": scopes})
+    assert r.status_code == 201, r.text
+    identify = {f"read:users:{f}!user={user}" for f in ("name", "groups")}
+    assert set(r.json()["scopes"]) <= set(expanded_scopes(scopes, user)) | identify, r.json()["scopes"]
+    return r.json()["token"]
+
+
+def test_a_token_limited_to_the_service_cannot_start_or_stop_through_it(hub, users):
+    name, _ = users("limited")
+    assert hub.start_server(name, "s", CPU_ONLY).status_code in (201, 202)
+    hub.wait_ready(name, "s")
+    access_only = scoped_token(hub, name, [ACCESS])
+    read_only = scoped_token(hub, name, [ACCESS, f"read:servers!user={name}"])
+    for token in (access_only, read_only):
+        assert hub.service("GET", "api/requests", token=token).json()["requests"]  # it may look
+        r = hub.service("DELETE", f"api/requests/{name}/s", token=token)
+        assert r.status_code == 403 and "delete:servers" in r.json()["message"], r.text
+        r = hub.service("POST", "sessions/stop", token=token, data={"user": name, "server": "s"}, allow_redirects=False)
+        assert r.status_code == 403, r.text
+        r = hub.service("POST", "api/launch", token=token, json={"count": 2, "options": CPU_ONLY})
+        assert r.status_code == 403 and "start:servers" in r.json()["message"], r.text
+        r = hub.service("POST", "sessions/new", token=token, data={**CPU_ONLY, "sessions": "1"}, allow_redirects=False)
+        assert r.status_code == 403, r.text
+        # The hub's own API says the same to such a token.
+        assert hub.api("DELETE", f"/users/{name}/servers/s", token=token).status_code == 403
+    assert set(hub.servers(name)) == {"s"} and hub.servers(name)["s"]["ready"]
+    assert f"{name}/s" in hub.requests()
+    # The user's own browser login stops it through the sessions page.
+    browser = hub.login(name, "limited-user-" + secrets.token_hex(6))
+    page = browser.get(f"{hub.url}/services/bai-scheduler/sessions", timeout=60)
+    assert page.status_code == 200, page.text[:300]
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    r = browser.post(f"{hub.url}/services/bai-scheduler/sessions/stop", data={"_xsrf": xsrf, "user": name, "server": "s"},
+                     allow_redirects=False, timeout=60)
+    assert r.status_code == 303, (r.status_code, r.text[:300])
+    hub.wait_gone(name, "s")
+    assert f"{name}/s" not in hub.requests()
+
+
+def test_a_token_with_the_users_server_scope_starts_and_stops_through_the_service(hub, users):
+    name, _ = users("scoped")
+    token = scoped_token(hub, name, [ACCESS, f"servers!user={name}"])
+    r = hub.service("POST", "api/launch", token=token, json={"count": 1, "options": CPU_ONLY})
+    assert r.status_code == 202, r.text
+    server = r.json()["launched"][0]
+    hub.wait_ready(name, server)
+    assert hub.service("DELETE", f"api/requests/{name}/{server}", token=token).status_code == 200
+    hub.wait_gone(name, server)
+
+
+BAD_AUTH = ["token \xe9t\xe9", "Bearer \xff\xfe", "token " + "a" * 2000, "token " + "a" * 20000, "Basic dXNlcjpwYXNz",
+            "token", "Bearer", "token \x7f", "\xe9"]
+
+
+def test_every_bad_authorization_header_is_a_4xx_through_the_proxy(hub, users):
+    name, _ = users("headers")
+    paths = [("GET", "/hub/api/user"), ("GET", "/hub/api/users"), ("POST", f"/hub/api/users/{name}/servers/x"),
+             ("DELETE", f"/hub/api/users/{name}/servers/x"), ("GET", "/hub/metrics"),
+             ("GET", "/services/bai-scheduler/api/capacity"), ("GET", "/services/bai-scheduler/api/requests"),
+             ("POST", "/services/bai-scheduler/api/launch"), ("DELETE", f"/services/bai-scheduler/api/requests/{name}/x"),
+             ("GET", "/services/bai-scheduler/metrics"), ("GET", "/services/bai-scheduler/sessions.json"),
+             ("GET", f"/user/{name}/x/api/status")]
+    for header in BAD_AUTH:
+        for method, path in paths:
+            r = requests.request(method, hub.url + path, headers={"Authorization": header.encode("latin-1")},
+                                 json={} if method == "POST" else None, allow_redirects=False, timeout=60)
+            # A page that is not the API may send the browser to the hub (to log in, or to start it).
+            page = path.startswith("/user/")
+            assert 400 <= r.status_code < 500 or (page and r.status_code == 302 and "/hub/" in r.headers["Location"]), \
+                (method, path, header[:30], r.status_code, r.text[:300])
+    assert not hub.servers(name)
+
+
+def test_a_malformed_path_is_a_400_not_the_proxys_500(hub, users):
+    """configurable-http-proxy decodes every path to route it; a path that is not valid
+    percent-encoding is the client's mistake (hub_config/proxy.mjs)."""
+    name, token = users("badpath")
+    for method, path in [("POST", f"/hub/api/users/{name}/servers/%ff"), ("DELETE", f"/hub/api/users/{name}/servers/%"),
+                         ("GET", "/hub/api/users/%E0%A4%A"), ("GET", "/services/bai-scheduler/api/requests/%ff/x"),
+                         ("GET", f"/user/{name}/%c3/lab"), ("GET", "/%")]:
+        code, _, out = Raw(hub.port).call(method, path, token=token)  # the path as written, not re-quoted
+        assert code == 400, (method, path, code, out[:200])
+    # Valid escapes still reach the hub and the service.
+    assert hub.api("GET", f"/users/{name}", token=token).status_code == 200
+    assert hub.service("GET", f"api/requests/{name}/%C3%A9", token=token).status_code == 404
+
+
+# -- sign-up and approval (NativeAuthenticator, hub_config/auth.py) -----------------------------------
+
+def hub_form_post(hub, path: str, data: dict, session: requests.Session | None = None) -> requests.Response:
+    """POST a hub form as a browser does: with the _xsrf cookie and field of a first GET."""
+    s = session or requests.Session()
+    r = s.get(f"{hub.url}{path}", timeout=30)
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+    return s.post(f"{hub.url}{path}", data={**data, "_xsrf": xsrf.group(1) if xsrf else s.cookies.get("_xsrf")},
+                  allow_redirects=False, timeout=30)
+
+
+def sign_up(hub, name: str, password: str) -> requests.Response:
+    return hub_form_post(hub, "/hub/signup", {"username": name, "signup_password": password,
+                                               "signup_password_confirmation": password})
+
+
+def can_log_in(hub, name: str, password: str) -> bool:
+    return hub_form_post(hub, "/hub/login", {"username": name, "password": password}).status_code == 302
+
+
+def test_sign_up_names_are_plain_names_never_markup(hub):
+    password = "Sign-up-" + secrets.token_hex(8)
+    for name in ("x\ttabindex=1\tautofocus\tonfocus=alert(1)", "y\x0cstyle=x", 'q"onclick="alert(1)', "a<b>",
+                 "two words", "-dash", "equal=sign", "x" * 65):
+        assert sign_up(hub, name, password).status_code == 200
+        assert hub.api("GET", f"/users/{requests.utils.quote(name, safe='')}").status_code == 404, name
+        assert hub.api("POST", f"/users/{requests.utils.quote(name.lower(), safe='')}").status_code == 400, name
+    admin = hub.login("admin", "Admin-" + secrets.token_hex(8))
+    page = admin.get(f"{hub.url}/hub/authorize", timeout=30)
+    assert page.status_code == 200
+    assert not re.search(r"onfocus|onclick|style=x|<b>|tabindex=1", page.text), page.text[:2000]
+    assert sign_up(hub, "plain.name-1", password).status_code == 200
+    assert 'id="plain.name-1"' in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+
+
+def test_approving_or_discarding_a_sign_up_needs_the_admins_post_not_a_link(hub):
+    eve, mallory, password = "csrfeve", "csrfmallory", "Eve-pass-" + secrets.token_hex(8)
+    for name in (eve, mallory):
+        assert sign_up(hub, name, password).status_code == 200
+    assert not can_log_in(hub, eve, password)  # waits for an admin
+    admin = hub.login("admin", "Admin-" + secrets.token_hex(8))
+    # A link, or a redirect from another site (through the hub's own login too), is a GET: nothing happens.
+    for path in (f"/hub/authorize/{eve}", f"/hub/login?next=%2Fhub%2Fauthorize%2F{eve}",
+                 f"/hub/discard/{mallory}", f"/hub/login?next=%2Fhub%2Fdiscard%2F{mallory}"):
+        assert admin.get(f"{hub.url}{path}", timeout=30).status_code == 200, path
+    assert not can_log_in(hub, eve, password)
+    assert f'id="{mallory}"' in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+    # A post without the admin's xsrf token is refused, and so is one from a user who is no admin.
+    for path in (f"/hub/authorize/{eve}", f"/hub/discard/{mallory}"):
+        assert admin.post(f"{hub.url}{path}", allow_redirects=False, timeout=30).status_code == 403, path
+    plain = hub.login("csrfplain", "Plain-" + secrets.token_hex(8))
+    assert hub_form_post(hub, f"/hub/authorize/{eve}", {}, session=plain).status_code == 403
+    assert not can_log_in(hub, eve, password)
+    # The authorization page's buttons post with the token.
+    page = admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page).group(1)
+    assert f'action="/hub/authorize/{eve}"' in page and f'action="/hub/discard/{mallory}"' in page
+    r = admin.post(f"{hub.url}/hub/authorize/{eve}", data={"_xsrf": xsrf}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302, r.text[:300]
+    assert can_log_in(hub, eve, password)
+    r = admin.post(f"{hub.url}/hub/discard/{mallory}", data={"_xsrf": xsrf}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302
+    assert f'id="{mallory}"' not in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
