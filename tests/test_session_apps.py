@@ -557,6 +557,17 @@ def test_the_launchers_mlflow_entry_opens_a_page_that_waits_for_mlflow(home):
         script = server.get("bai-session-apps/mlflow.js")
         assert script.status_code == 200
         assert '"mlflow.workflowType_v1": "machine_learning"' in script.text and '"../mlflow/"' in script.text
+        # As a browser opens it from the launcher: the login cookie, and no Referer (jupyter_server's
+        # file handler refuses such requests, and the tab stayed on a blank page)
+        browser = requests.Session()
+        login = browser.get(server.url + "login")
+        browser.post(server.url + "login", data={"password": TOKEN, "_xsrf": browser.cookies.get("_xsrf", "")},
+                     allow_redirects=False)
+        assert login.status_code == 200
+        for name in ("mlflow.html", "mlflow.js"):
+            r = browser.get(server.url + "bai-session-apps/" + name, allow_redirects=False)
+            assert r.status_code == 200, (name, r.status_code)
+        assert server.get("bai-session-apps/nothing.html").status_code == 404
         assert "[bai-mlflow]" not in server.logtext()  # the page itself starts nothing
     finally:
         server.stop()

@@ -19,7 +19,6 @@ __version__ = "0.1.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ICONS = os.path.join(HERE, "icons")
-OPEN = os.path.join(HERE, "open")  # pages served at <server>/bai-session-apps/
 
 
 def setup_mlflow() -> dict:
@@ -74,22 +73,14 @@ def _export_tracking_env(serverapp) -> dict:
     return exported
 
 
-def _add_pages(serverapp) -> None:
-    """Serve ``open/`` (the MLflow UI's opening page) at ``<server>/bai-session-apps/``, behind the
-    server's authentication."""
-    from jupyter_server.base.handlers import AuthenticatedFileHandler
-    from jupyter_server.utils import url_path_join
-
-    route = url_path_join(serverapp.base_url, config.OPEN_PATH, "(.*)")
-    serverapp.web_app.add_handlers(".*$", [(route, AuthenticatedFileHandler, {"path": OPEN})])
-
-
 def _load_jupyter_server_extension(serverapp):
     # jupyter-server-proxy's readiness backoff doubles without limit: cap it
     # for our apps so MLflow's first page is not delayed up to 2x (readiness.py)
     if not readiness.patch():
         serverapp.log.warning("bai_session_apps: could not cap the readiness backoff")
-    _add_pages(serverapp)
+    from . import pages  # jupyter_server: only in the server (the apps' processes import this package too)
+
+    pages.add_pages(serverapp)
     exported = _export_tracking_env(serverapp)
     if exported:
         serverapp.log.info(

@@ -7,7 +7,7 @@
   var started = Date.now();
   var elapsed = document.getElementById("elapsed");
   var timer = setInterval(function () {
-    elapsed.textContent = Math.round((Date.now() - started) / 1000) + " s";
+    elapsed.textContent = Math.round((Date.now() - started) / 1000) + " s elapsed";
   }, 500);
 
   // MLflow's own settings (its useLocalStorage keys, "<key>_v<version>"), set only when unset.
