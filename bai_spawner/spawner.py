@@ -271,6 +271,7 @@ class BaiSpawner(DockerSpawner):
     # re-renders the form from the user's default spawner whichever server was asked for, so
     # they are kept by user. Shown once; a spawn the scheduler takes drops them.
     _refused_forms: dict[str, dict] = {}
+    _launching = None  # the task launching the form's other sessions (held so it is not collected)
 
     # -- docker plumbing: one client per node, a real thread pool --------------------
 
@@ -465,11 +466,6 @@ class BaiSpawner(DockerSpawner):
         self.user_options = opts.to_user_options()
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = self.user_options
-        if extra:
-            try:
-                await self.scheduler.launch(self.user.name, extra, self.user_options)
-            except SchedulerError as e:
-                self.log.warning("Could not launch %d more sessions for %s: %s", extra, self.user.name, e)
         self._emit(5, f"Requesting {units.to_fgpu(opts.quanta)} fGPU, {opts.cpu_millis / 1000:g} CPU, "
                       f"{opts.memory_bytes / GIB:g} GiB for {image.display_name}")
         try:
@@ -481,6 +477,10 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(e.status if 400 <= e.status < 600 else 500, e.args[0]) from None
         self.request_id = status["id"]
         BaiSpawner._refused_forms.pop(self.user.name, None)  # taken: a later form starts afresh
+        if extra:
+            # The others start beside this one, not ahead of it in the queue, and the hub's wait
+            # for each of them does not hold this spawn.
+            self._launching = asyncio.ensure_future(self._launch_more(extra))
         try:
             status = await self._wait_admitted(status, units)
             return await self._run_container(status, image, opts, units)
@@ -493,6 +493,16 @@ class BaiSpawner(DockerSpawner):
             # Refused, or the container failed: give the share back at once.
             await self._release()
             raise
+
+    async def _launch_more(self, count: int):
+        """The form's other sessions of this shape (Sessions > 1), launched in a group."""
+        progress = self._events[-1]["progress"] if self._events else 5
+        try:
+            launched = (await self.scheduler.launch(self.user.name, count, self.user_options))["launched"]
+            self._emit(progress, f"Also launched {', '.join(launched)}: see them on the Sessions page")
+        except SchedulerError as e:
+            self.log.warning("Could not launch %d more sessions for %s: %s", count, self.user.name, e)
+            self._emit(progress, f"The {count} other session{'s' if count != 1 else ''} did not start: {e}")
 
     async def _wait_admitted(self, status: dict, units: FgpuUnits) -> dict:
         last = None

@@ -162,3 +162,20 @@ def test_sessions_launched_in_a_group_leave_the_hubs_list_when_they_stop(hub, us
     docker("rm", "-f", hub.session_container(name, "session-2")["Id"])  # and one whose container died
     assert hub.stop_server(name, "mine").status_code in (202, 204)
     hub.wait_for(lambda: listed() == {"mine"}, 120, what="the launched servers removed, the named one kept")
+
+
+def test_pip_in_a_session_uses_this_hosts_package_index(hub, users):
+    """Issue 14 (2): `pip install` in a session ended in CERTIFICATE_VERIFY_FAILED (the site's proxy
+    CA never reached sessions). The test hub, like scripts/run-hub, gives sessions this host's pip
+    configuration and CA bundle; plain `pip install` lands in the image's kernel environment (a
+    snapshot keeps it), `pip install --user` in the home volume."""
+    name, _ = users("pip")
+    assert hub.start_server(name, "pip", {**ONE, "fgpu": "0"}).status_code in (201, 202)
+    hub.wait_ready(name, "pip")
+    c = hub.session_container(name, "pip")
+    assert any(b.endswith(":/etc/pip.conf:ro") for b in c["HostConfig"]["Binds"]), c["HostConfig"]["Binds"]
+    for package, flags, where in (("humanize", (), "/opt/bai/"), ("tabulate", ("--user",), "/home/jovyan/.local/")):
+        out = docker("exec", c["Id"], "pip", "install", "--no-cache-dir", "-q", *flags, package)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        path = exec_in(c, "python", "-c", f"import {package}; print({package}.__file__)")
+        assert path.startswith(where), (package, path)
