@@ -196,6 +196,26 @@ def test_session_env_tracks_through_the_address_browsers_use():
     assert config.reachable_public_url("ftp://x/", 21) is None and config.reachable_public_url("", 1) is None
 
 
+def test_mlflow_page_gets_the_ui_defaults_first():
+    """Issue 14 (3): MLflow 3 opened on its GenAI view, where a logged training run is not listed;
+    a run link printed in a notebook opened there too."""
+    from types import SimpleNamespace
+
+    from bai_session_apps.mlflow_page import add_ui_defaults
+
+    page = b'<!doctype html><html lang="en"><head><meta charset="utf-8"/><script defer src="static-files/x.js">'
+    response = SimpleNamespace(code=200, headers={"Content-Type": "text/html; charset=utf-8"}, body=page)
+    add_ui_defaults(response)
+    head = response.body.split(b"<head>", 1)[1]
+    assert head.startswith(b"<script>") and b'"mlflow.workflowType_v1": "machine_learning"' in head
+    assert head.index(b"mlflow.workflowType_v1") < head.index(b"static-files/x.js")  # before MLflow's bundle
+    for other in (SimpleNamespace(code=200, headers={"Content-Type": "application/json"}, body=b'{"<head>": 1}'),
+                  SimpleNamespace(code=503, headers={"Content-Type": "text/html"}, body=b"<head>down</head>")):
+        before = other.body
+        add_ui_defaults(other)
+        assert other.body == before
+
+
 def test_entry_points_are_registered():
     from importlib.metadata import entry_points
 
@@ -204,6 +224,7 @@ def test_entry_points_are_registered():
     assert eps["terminal"].value == "bai_session_apps:setup_terminal"
     cfg = eps["mlflow"].load()()
     assert cfg["command"][0] == sys.executable
+    assert cfg["rewrite_response"].__name__ == "add_ui_defaults"
     assert os.path.isfile(cfg["launcher_entry"]["icon_path"])
     assert os.path.isfile(eps["terminal"].load()()["launcher_entry"]["icon_path"])
 
@@ -404,6 +425,7 @@ def test_mlflow_ui_and_client_through_the_proxy(home):
         print(f"MLflow UI first response after {started:.1f}s")
         assert r.status_code == 200, r.text[:2000]
         assert "<title>MLflow</title>" in r.text
+        assert '"mlflow.workflowType_v1": "machine_learning"' in r.text  # the session's UI defaults, first
         assets = re.findall(r'(?:src|href)="\.?/?(static-files/[^"]+\.(?:js|css))"', r.text)
         assert assets, r.text[:2000]
         for asset in assets:
@@ -556,7 +578,9 @@ def test_the_launchers_mlflow_entry_opens_a_page_that_waits_for_mlflow(home):
         assert page.status_code == 200 and "Starting the MLflow UI of this session" in page.text
         script = server.get("bai-session-apps/mlflow.js")
         assert script.status_code == 200
-        assert '"mlflow.workflowType_v1": "machine_learning"' in script.text and '"../mlflow/"' in script.text
+        assert '"../mlflow/"' in script.text
+        defaults = server.get("bai-session-apps/mlflow-defaults.js")
+        assert defaults.status_code == 200 and '"mlflow.workflowType_v1": "machine_learning"' in defaults.text
         # As a browser opens it from the launcher: the login cookie, and no Referer (jupyter_server's
         # file handler refuses such requests, and the tab stayed on a blank page)
         browser = requests.Session()
@@ -564,7 +588,7 @@ def test_the_launchers_mlflow_entry_opens_a_page_that_waits_for_mlflow(home):
         browser.post(server.url + "login", data={"password": TOKEN, "_xsrf": browser.cookies.get("_xsrf", "")},
                      allow_redirects=False)
         assert login.status_code == 200
-        for name in ("mlflow.html", "mlflow.js"):
+        for name in ("mlflow.html", "mlflow.js", "mlflow-defaults.js"):
             r = browser.get(server.url + "bai-session-apps/" + name, allow_redirects=False)
             assert r.status_code == 200, (name, r.status_code)
         assert server.get("bai-session-apps/nothing.html").status_code == 404

@@ -23,8 +23,10 @@ ICONS = os.path.join(HERE, "icons")
 
 def setup_mlflow() -> dict:
     """``jupyter_serverproxy_servers`` entry point ``mlflow``."""
+    from .mlflow_page import add_ui_defaults
+
     return config.mlflow_proxy_config(
-        sys.executable, os.path.join(ICONS, "mlflow.svg"), dict(os.environ)
+        sys.executable, os.path.join(ICONS, "mlflow.svg"), dict(os.environ), rewrite_response=add_ui_defaults
     )
 
 

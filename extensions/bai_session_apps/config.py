@@ -142,6 +142,7 @@ def mlflow_proxy_config(
     python: str,
     icon_path: str,
     environ: dict | None = None,
+    rewrite_response=None,
 ) -> dict:
     """jupyter-server-proxy config for the ``mlflow`` entry.
 
@@ -150,10 +151,13 @@ def mlflow_proxy_config(
     MLflow cannot start or dies, answers on the port with an error page that
     gives the reason, so the proxy shows it instead of waiting out the timeout.
     ``{port}`` and ``{base_url}`` are filled in by jupyter-server-proxy.
+    ``rewrite_response``: applied to MLflow's answers (``mlflow_page.add_ui_defaults``).
     """
     environ = environ or {}
     timeout = int(environ.get("BAI_MLFLOW_START_TIMEOUT", MLFLOW_START_TIMEOUT))
+    extra = {"rewrite_response": rewrite_response} if rewrite_response else {}
     return {
+        **extra,
         "command": [
             python, "-m", "bai_session_apps.mlflow_launcher",
             "--port", "{port}",

@@ -1,6 +1,5 @@
-// Open this session's MLflow UI (open/mlflow.html): wait for it with a word on what happens, make
-// "Model training" the default view (MLflow 3 opens on its GenAI view, where training runs are not
-// listed; a choice the user made stays theirs), and land on the runs of the newest run's experiment.
+// Open this session's MLflow UI (mlflow.html): wait for it with a word on what happens, then land on
+// the runs of the newest run's experiment (mlflow-defaults.js, loaded before, picks the view).
 (function () {
   "use strict";
   var MLFLOW = "../mlflow/";  // this page is <server>/bai-session-apps/mlflow.html
@@ -9,18 +8,6 @@
   var timer = setInterval(function () {
     elapsed.textContent = Math.round((Date.now() - started) / 1000) + " s elapsed";
   }, 500);
-
-  // MLflow's own settings (its useLocalStorage keys, "<key>_v<version>"), set only when unset.
-  var DEFAULTS = {
-    "mlflow.workflowType_v1": "machine_learning",
-    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": true,  // its assistant needs an LLM service
-    "mlflow.assistant.panelOpen_v1": false
-  };
-  try {
-    Object.keys(DEFAULTS).forEach(function (key) {
-      if (window.localStorage.getItem(key) === null) window.localStorage.setItem(key, JSON.stringify(DEFAULTS[key]));
-    });
-  } catch (e) { /* storage off: MLflow uses its own defaults */ }
 
   function fail(message) {
     clearInterval(timer);
