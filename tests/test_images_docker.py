@@ -17,7 +17,7 @@ import pytest
 
 from bai_spawner import labels as L
 from bai_spawner.catalog import build_catalog, resolve_image
-from bai_spawner.images import DEFAULT_CACHE, DEFAULT_RECIPES, BuildError, Builder, docker_client, main
+from bai_spawner.images.builder import DEFAULT_CACHE, DEFAULT_RECIPES, BuildError, Builder, docker_client, main
 
 pytestmark = pytest.mark.docker
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bai_spawner import recipes as R
-from bai_spawner.images import DEFAULT_RECIPES, manylinux_platforms
+from bai_spawner.images import recipes as R
+from bai_spawner.images.builder import DEFAULT_RECIPES, manylinux_platforms
 
 GOOD = {
     "name": "sklearn-1.6", "image": "sklearn", "framework": "scikit-learn", "version": "1.6.1",

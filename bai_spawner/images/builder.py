@@ -36,10 +36,10 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import labels as L
+from .. import labels as L
 from . import recipes as R
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPES = REPO_ROOT / "hub_config" / "images"
 DEFAULT_EXTENSIONS = REPO_ROOT / "extensions"
 DEFAULT_CACHE = "/var/cache/bai-hub"
@@ -529,7 +529,7 @@ def _gib(n: int) -> str:
 
 
 def list_table(client, show_all: bool = False) -> str:
-    from .catalog import build_catalog, list_images_blocking
+    from ..catalog import build_catalog, list_images_blocking
     images = list_images_blocking(client)
     rows = [("DISPLAY NAME", "IMAGE", "FRAMEWORK", "VERSION", "PYTHON", "KIND", "SIZE")]
     for c in build_catalog(images):
