@@ -46,7 +46,8 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   say "installing BAI Hub into .venv"
   extras=""
   [ $WITH_TEST = 1 ] && extras="[test]"
-  .venv/bin/pip install -q -e ".$extras" -e ./extensions
+  # pip >= 24.1 prints download progress for bai-images (--progress-bar raw)
+  .venv/bin/pip install -q "pip>=24.1" -e ".$extras" -e ./extensions
   echo "$want" > $stamp
 fi
 

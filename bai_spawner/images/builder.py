@@ -1,27 +1,34 @@
-"""``bai-images``: build kernel images from recipes without a container registry.
+"""Build kernel images from recipes without a container registry.
 
-Pipeline for one recipe (see ``recipes.py`` for the recipe format):
+Steps for one recipe (see ``recipes.py`` for the format, ``layout.py`` for
+what lies where in an image), each reported as a ``Progress`` event:
 
-1. The parent image: another recipe's image, or for a recipe with
-   ``base = "rootfs"`` a Debian rootfs made by ``debootstrap`` (cached as a
-   tarball) and ``docker import``-ed.
-2. A wheelhouse on the host: ``pip download --only-binary=:all:`` for the
-   parent image's Python/glibc/arch, using the host's pip configuration (index,
-   mirror, CA bundle, constraints), cached under ``<cache>/wheels``.
-3. A build container from the parent with the wheelhouse mounted read-only and
-   no network: ``pip install --no-index --find-links``; then ``docker commit``
-   with the image config (labels, env, user, entrypoint, cmd, workdir).
-4. The recipe's ``test`` command runs in the new image; only then is it tagged
-   ``<prefix><name>:<version>``.
+1. ``rootfs`` (a recipe on "rootfs" only): a Debian rootfs made by
+   ``debootstrap`` (cached as a tarball) and ``docker import``-ed.
+2. ``check``: the parent image's Python, glibc and architecture; a recipe that
+   needs another Python stops here.
+3. ``download``: a wheelhouse on the host, ``pip download --only-binary=:all:``
+   for that Python/glibc/arch with the host's pip configuration (index,
+   mirror, CA bundle, constraints), cached under ``<cache>/wheels``. Packages
+   found and bytes fetched are reported as they come.
+4. ``install``, ``compile``, ``kernelspec``: a build container from the parent
+   with the wheelhouse mounted read-only and no network. A recipe on "rootfs"
+   makes the server environment (and its ``venvs``); a kernel recipe makes the
+   kernel environment as the user, from the base's ``kernel_packages`` and its
+   own packages, and registers it as the default kernel. Bytes written into
+   each environment are reported against the wheels' unpacked size.
+5. ``commit`` with the image config (labels, env, user, entrypoint, cmd).
+6. ``test``: the recipe's test command runs in the new image, without network.
+   Only then is the image tagged ``<prefix><image>:<version>``.
 
-Any failure removes the build container and the uncommitted/untested image:
-nothing half-made is ever tagged. An image whose ``recipe-hash`` label matches
-the recipe is up to date and not rebuilt.
+Any failure names the recipe, the step and the reason, and removes the build
+container and the uncommitted or untested image: nothing half-made is ever
+tagged, and the catalog is unchanged. An image whose ``recipe-hash`` label
+matches the recipe is up to date and not rebuilt.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -33,54 +40,87 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
+from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .. import labels as L
+from . import layout as Y
 from . import recipes as R
+from . import sources
+from .progress import DownloadMeter, Progress, install_detail, megabytes, script_event
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_RECIPES = REPO_ROOT / "hub_config" / "images"
-DEFAULT_EXTENSIONS = REPO_ROOT / "extensions"
 DEFAULT_CACHE = "/var/cache/bai-hub"
 DEFAULT_PREFIX = "bai/"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-
-# Paths and identity inside every image (the spawner relies on these).
-VENV = "/opt/bai/venv"
-EXTRA_VENVS_DIR = "/opt/bai"
-NB_USER, NB_UID, NB_GID, NB_HOME = "jovyan", 1000, 100, "/home/jovyan"
-PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MLFLOW_BIN = "/opt/bai/mlflow/bin/mlflow"
 BUILD_MNT = "/tmp/.bai-build"   # wheelhouse and script are mounted below this, read-only
-
 ROOTFS_VARIANT = "minbase"
 
+# pip compiles nothing while installing (the install step's byte count then
+# matches the wheels' unpacked size); compile_env does it on every core.
+PIPFLAGS = ("--no-index --no-cache-dir --no-compile --disable-pip-version-check "
+            "--no-warn-script-location --progress-bar off")
+
+_FUNCTIONS = r"""# install_env ENV "FIND-LINKS/CONSTRAINT OPTIONS" REQUIREMENT...:
+# pip install into ENV, printing the bytes written so far every second.
+install_env() {{
+  env=$1; opts=$2; shift 2
+  start=$(du -sb "$env" | cut -f1)
+  "$env/bin/pip" install {pipflags} $opts "$@" &
+  pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    sleep 1
+    now=$(du -sb "$env" 2>/dev/null | cut -f1)
+    echo "[bai] bytes $(basename "$env") $(( ${{now:-$start}} - start ))"
+  done
+  wait $pid
+}}
+# Like pip's own compile step, a file that does not compile is left as it is.
+compile_env() {{
+  "$1/bin/python" -m compileall -q -j 0 "$1/lib" >/dev/null 2>&1 || true
+}}
+"""
+
 _ROOT_SCRIPT = r"""set -eu
-echo "[bai] user {user} ({uid}:{gid}), home {home}"
-id -u {user} >/dev/null 2>&1 || useradd --create-home --home-dir {home} --uid {uid} --gid {gid} --shell /bin/bash {user}
-mkdir -p /opt/bai
-echo "[bai] venv {venv}"
-# --system-site-packages keeps the user site enabled: `pip install --user X`
-# goes to ~/.local (the home volume) and shadows the image's packages.
-python3 -m venv --system-site-packages {venv}
-{venv}/bin/pip install {pipflags} --find-links {mnt}/wheels/venv --find-links {mnt}/script/ext-wheels {venv_specs}
-{extra_venvs}
-chown -R {uid}:{gid} {venv} {home}
+{functions}
+id -u {user} >/dev/null 2>&1 || useradd --create-home --home-dir {home} --uid {uid} --gid {gid} --shell {shell} {user}
+mkdir -p {envs_dir}
+echo "[bai] step install server"
+# no --system-site-packages: the user site stays off, so `pip install --user`
+# in a session cannot change the server's packages
+python3 -m venv {server}
+install_env {server} "--find-links {mnt}/wheels/server --find-links {mnt}/script/ext-wheels" {server_specs}
+{extra_venvs}echo "[bai] step compile"
+{compile}
+# Made by each kernel recipe, as the user: `pip install X` in a session lands there.
+install -d -o {uid} -g {gid} {kernel}
+cat > {profile_script} <<'BAI_PROFILE'
+{profile}BAI_PROFILE
+chown -R {uid}:{gid} {home}
 rm -rf /root/.cache /var/cache/apt/archives/*.deb /var/lib/apt/lists/*
 echo "[bai] done"
 """
 
-_EXTRA_VENV = r"""echo "[bai] venv {path}"
+_EXTRA_VENV = r"""echo "[bai] step install {name}"
 python3 -m venv {path}
-{path}/bin/pip install {pipflags} --find-links {mnt}/wheels/{name} {specs}
+install_env {path} "--find-links {mnt}/wheels/{name}" {specs}
 ln -sf {path}/bin/{name} /usr/local/bin/{name}-server 2>/dev/null || true
 """
 
-_DERIVED_SCRIPT = r"""set -eu
-{venv}/bin/pip install {pipflags} --find-links {mnt}/wheels/venv {constraints} {specs}
+_KERNEL_SCRIPT = r"""set -eu
+{functions}
+echo "[bai] step install kernel"
+{create}install_env {kernel} "--find-links {mnt}/wheels/kernel {constraints}" {specs}
+echo "[bai] step compile"
+compile_env {kernel}
+echo "[bai] step kernelspec"
+{kernel}/bin/python -m ipykernel install --prefix {kernel} --name {kernel_name} --display-name {display}
 echo "[bai] done"
 """
+# --system-site-packages keeps the user site on: `pip install --user X` goes
+# to ~/.local (the home volume) and is importable in the kernel.
+_CREATE_KERNEL = "python3 -m venv --system-site-packages {kernel}\n"
 
 _PROBE = r"""
 import importlib.metadata as md, json, platform, sys
@@ -93,20 +133,26 @@ print(json.dumps({
 }))
 """
 
-PIPFLAGS = "--no-index --no-cache-dir --disable-pip-version-check --no-warn-script-location --progress-bar off"
-
 # Salt for recipe hashes: changes to the build procedure rebuild everything.
 BUILDER_SALT = hashlib.sha256(
-    (_ROOT_SCRIPT + _EXTRA_VENV + _DERIVED_SCRIPT + PATH + MLFLOW_BIN + "v1").encode()
+    (_FUNCTIONS + _ROOT_SCRIPT + _EXTRA_VENV + _KERNEL_SCRIPT + _CREATE_KERNEL + PIPFLAGS
+     + Y.PROFILE + json.dumps(Y.IMAGE_ENV, sort_keys=True) + "v2").encode()
 ).hexdigest()[:12]
 
 
 class BuildError(RuntimeError):
-    """A build step failed; the message says which and what to do."""
+    """A build failed; the message names the recipe, the step and the reason,
+    and says what to do."""
 
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+    def __init__(self, reason: str, recipe: R.Recipe | None = None, step: str = ""):
+        self.reason, self.step = reason, step
+        self.recipe = recipe.name if recipe else ""
+        where = []
+        if recipe is not None:
+            where.append(f"recipe {recipe.name!r} ({recipe.path or 'no file'})")
+        if step:
+            where.append(f"step {step!r}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
 
 
 def docker_client():
@@ -131,6 +177,26 @@ def load_resolved(recipes_dir) -> dict[str, R.Recipe]:
     return {n: r.resolved(host_version) for n, r in recipes.items()}
 
 
+def plan(recipes_dir=None, extensions_dir=None) -> tuple[Path, Path | None, dict[str, R.Recipe], dict[str, str]]:
+    """Resolve the sources (``sources.py``), load the recipes and hash them:
+    ``(recipes_dir, extensions_dir or None, recipes, hashes)``. What ``build``
+    and ``recipes`` both use, so they agree on every hash."""
+    try:
+        rdir = sources.recipes_dir(recipes_dir)
+        recipes = load_resolved(rdir)
+        edir, digest = None, "absent"
+        if any(r.extensions for r in recipes.values()):
+            edir = sources.extensions_dir(extensions_dir)
+            if not R.is_installable(edir):
+                raise BuildError(f"{edir} is not a Python project (no pyproject.toml): the base recipe installs "
+                                 f"the session apps from it; pass --extensions DIR or set "
+                                 f"{sources.EXTENSIONS_ENV}")
+            digest = R.tree_digest(edir)
+    except sources.SourceError as e:
+        raise BuildError(str(e)) from None
+    return rdir, edir, recipes, R.recipe_hashes(recipes, salt=BUILDER_SALT, extensions_digest=digest)
+
+
 def manylinux_platforms(libc_version: str, machine: str) -> list[str]:
     """pip --platform values a glibc ``libc_version`` system on ``machine`` accepts."""
     try:
@@ -151,26 +217,56 @@ def manylinux_platforms(libc_version: str, machine: str) -> list[str]:
     return plats
 
 
+def unpacked_size(dirs: Iterable[Path]) -> int:
+    """Bytes the wheels in ``dirs`` unpack to (each file name counted once)."""
+    seen: dict[str, Path] = {}
+    for d in dirs:
+        for w in sorted(Path(d).glob("*.whl")):
+            seen.setdefault(w.name, w)
+    total = 0
+    for w in seen.values():
+        with zipfile.ZipFile(w) as z:
+            total += sum(i.file_size for i in z.infolist())
+    return total
+
+
+def _pip_has_raw_progress() -> bool:
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("pip").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (24, 1)
+
+
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "_.-" else "-" for c in s).strip("-.")
 
 
+def _tail(lines: Iterable[str], n: int) -> str:
+    # pip warns about every project missing from a local extra index; those
+    # lines would hide the error itself
+    useful = [ln for ln in lines if not ln.startswith("WARNING: Location ")]
+    return "\n".join(useful[-n:])
+
+
+def _print(p: Progress) -> None:
+    print(p, flush=True)
+
+
 class Builder:
-    def __init__(self, client=None, recipes_dir=DEFAULT_RECIPES, cache_dir=None, prefix=None,
-                 extensions_dir=None, mirror=None, verbose=False, out: Callable[[str], None] = log):
-        self.recipes_dir = Path(recipes_dir)
+    def __init__(self, client=None, recipes_dir=None, cache_dir=None, prefix=None, extensions_dir=None,
+                 mirror=None, verbose=False, on_progress: Callable[[Progress], None] = _print,
+                 progress_interval: float = 3.0):
         self.cache_dir = Path(cache_dir or os.environ.get("BAI_CACHE_DIR") or DEFAULT_CACHE)
         self.prefix = prefix if prefix is not None else os.environ.get("BAI_IMAGE_PREFIX", DEFAULT_PREFIX)
-        self.extensions_dir = Path(extensions_dir or os.environ.get("BAI_EXTENSIONS_DIR")
-                                   or DEFAULT_EXTENSIONS)
         self.mirror = mirror or os.environ.get("BAI_DEBIAN_MIRROR") or DEFAULT_MIRROR
         self.verbose = verbose
-        self.out = out
-        self.recipes = load_resolved(self.recipes_dir)
-        ext = R.tree_digest(self.extensions_dir) if R.is_installable(self.extensions_dir) else "absent"
-        self.ext_digest = ext
-        self.hashes = R.recipe_hashes(self.recipes, salt=BUILDER_SALT, extensions_digest=ext)
+        self.on_progress = on_progress
+        self.progress_interval = progress_interval
+        self.recipes_dir, self.extensions_dir, self.recipes, self.hashes = plan(recipes_dir, extensions_dir)
         self._client = client
+        self._where = (0, 0, "")        # (index, total, ref) of the image being built
+        self._last = ("", 0.0)          # (step, time) of the last event shown
 
     # ------------------------------------------------------------------ engine
     @property
@@ -198,6 +294,18 @@ class Builder:
         found = self.api.images(filters={"label": [f"{L.NAME}={name}", f"{L.RECIPE_HASH}={want}"]})
         return found[0] if found else None
 
+    # ------------------------------------------------------------------ progress
+    def report(self, step: str, detail: str = "", done: int | None = None, size: int | None = None,
+               unit: str = "", force: bool = True) -> None:
+        """Tell ``on_progress``; a ``force=False`` update of the same step is
+        shown at most every ``progress_interval`` seconds."""
+        now = time.monotonic()
+        if not force and self._last[0] == step and now - self._last[1] < self.progress_interval:
+            return
+        self._last = (step, now)
+        index, total, ref = self._where
+        self.on_progress(Progress(index, total, ref, step, detail, done, size, unit))
+
     # ------------------------------------------------------------------ build
     def build(self, names: list[str] | None = None) -> dict[str, str]:
         """Build ``names`` (default: recipes with default = true) and their
@@ -210,25 +318,27 @@ class Builder:
         order = R.build_order(self.recipes, names)
         self.client  # fail early when the engine is down
         ids: dict[str, str] = {}
-        for n in order:
+        for index, n in enumerate(order, 1):
             t0 = time.monotonic()
             r = self.recipes[n]
             ref = self.ref(n)
+            self._where = (index, len(order), ref)
             built = self.find_built(n)
             if built is not None:
                 iid = built.get("Id")
+                how = ""
                 if n in names and ref not in (built.get("RepoTags") or []):
                     self.api.tag(iid, *ref.rsplit(":", 1))
-                    self.out(f"{ref}: up to date (tagged existing image {iid[7:19]})")
-                else:
-                    self.out(f"{ref}: up to date")
+                    how = ", tagged"
+                self.report("up to date", f"image {iid[7:19]}{how}")
                 ids[n] = iid
                 continue
             parent = self.rootfs_image(r) if r.is_root else ids[r.base]
-            self.out(f"{ref}: building (recipe hash {self.hashes[n]}) on "
-                     f"{'debootstrap rootfs' if r.is_root else self.ref(r.base)}")
+            self.report("start", f"recipe {n} (hash {self.hashes[n]}) on "
+                                 f"{'a debootstrap rootfs' if r.is_root else self.ref(r.base)}")
             ids[n] = self.build_one(r, parent)
-            self.out(f"{ref}: built in {time.monotonic() - t0:.0f}s")
+            size = self.api.inspect_image(ids[n]).get("Size") or 0
+            self.report("done", f"built in {time.monotonic() - t0:.0f} s, {size / 1e9:.2f} GB")
         return ids
 
     # ------------------------------------------------------------------ rootfs
@@ -245,36 +355,45 @@ class Builder:
         if not tar.exists():
             self.debootstrap(r, tar)
         repo, tag = f"{self.prefix}rootfs", f"{r.suite}-{key}"
-        self.out(f"importing {tar} as {repo}:{tag}")
+        self.report("rootfs", f"importing {tar} as {repo}:{tag}")
         changes = [f"LABEL {json.dumps(L.NAME)}=\"rootfs\"", f"LABEL {json.dumps(L.RECIPE_HASH)}=\"{key}\"",
-                   f"ENV PATH={PATH}", "ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]']
+                   f"ENV PATH={Y.SYSTEM_PATH}", "ENV LANG=C.UTF-8", 'CMD ["/bin/bash"]']
         try:
             self.api.import_image_from_file(str(tar), repository=repo, tag=tag, changes=changes)
             return self.api.inspect_image(f"{repo}:{tag}")["Id"]
         except Exception as e:
-            raise BuildError(f"docker import of {tar} failed: {e}; delete the tarball to "
-                             f"re-run debootstrap") from None
+            raise BuildError(f"docker import of {tar} failed: {e}; delete the tarball to re-run debootstrap",
+                             r, "rootfs") from None
 
     def debootstrap(self, r: R.Recipe, tar: Path) -> None:
         if shutil.which("debootstrap") is None:
-            raise BuildError("debootstrap is not installed: apt-get install debootstrap")
+            raise BuildError("debootstrap is not installed: apt-get install debootstrap", r, "rootfs")
         if os.geteuid() != 0:
             raise BuildError("debootstrap needs root: run `bai-images build` as root "
-                             f"(once; the rootfs is cached in {self.cache_dir})")
+                             f"(once; the rootfs is cached in {self.cache_dir})", r, "rootfs")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.cache_dir))
         root = work / "root"
         try:
             cmd = ["debootstrap", f"--variant={ROOTFS_VARIANT}", f"--include={','.join(r.apt)}",
                    r.suite, str(root), self.mirror]
-            self.out(f"debootstrap: {' '.join(cmd)}")
+            self.report("rootfs", " ".join(cmd))
             t0 = time.monotonic()
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if p.returncode != 0:
-                tail = "\n".join(p.stdout.splitlines()[-15:])
-                raise BuildError(f"debootstrap failed (exit {p.returncode}); check the package names in "
-                                 f"{r.path} field 'apt' and the mirror {self.mirror} "
-                                 f"(BAI_DEBIAN_MIRROR):\n{tail}")
+            lines: deque[str] = deque(maxlen=15)
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+                try:
+                    for line in p.stdout:
+                        lines.append(line.rstrip())
+                        if line.startswith("I: "):
+                            self.report("rootfs", line[3:].strip(), force=False)
+                    rc = p.wait()
+                except BaseException:
+                    p.kill()
+                    raise
+            if rc != 0:
+                raise BuildError(f"debootstrap failed (exit {rc}); check the package names in field 'apt' "
+                                 f"and the mirror {self.mirror} (BAI_DEBIAN_MIRROR):\n" + "\n".join(lines),
+                                 r, "rootfs")
             for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for f in (root / junk).glob("*"):
                     if f.is_file():
@@ -284,9 +403,9 @@ class Builder:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if p.returncode != 0:
                 partial.unlink(missing_ok=True)
-                raise BuildError(f"packing the rootfs failed: {p.stdout[-2000:]}")
+                raise BuildError(f"packing the rootfs failed: {p.stdout[-2000:]}", r, "rootfs")
             partial.rename(tar)
-            self.out(f"debootstrap: rootfs cached at {tar} ({time.monotonic() - t0:.0f}s)")
+            self.report("rootfs", f"cached at {tar} ({time.monotonic() - t0:.0f} s)")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -307,10 +426,11 @@ class Builder:
         finally:
             self.api.remove_container(cid, force=True)
 
-    def probe(self, image: str, python: str) -> dict:
+    def probe(self, r: R.Recipe, image: str, python: str) -> dict:
         rc, out = self.run_in(image, [python, "-c", _PROBE])
         if rc != 0:
-            raise BuildError(f"cannot run {python} in image {image[:19]} (exit {rc}): {out[-1500:]}")
+            raise BuildError(f"cannot run {python} in the parent image {image[:19]} (exit {rc}): "
+                             f"{out[-1500:]}", r, "check")
         return json.loads(out.strip().splitlines()[-1])
 
     @staticmethod
@@ -321,11 +441,42 @@ class Builder:
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
                "--only-binary=:all:", "--python-version", py, "--implementation", "cp",
                "--abi", f"cp{py.replace('.', '')}", "-d", str(dest)]
+        if _pip_has_raw_progress():
+            cmd += ["--progress-bar", "raw"]
         for p in manylinux_platforms(info["libc_version"], info["machine"]):
             cmd += ["--platform", p]
         return cmd
 
-    def extension_deps(self, ext: list[str], info: dict, wheelhouse: Path, dest: Path,
+    def pip_download(self, r: R.Recipe, env: str, cmd: list[str], specs: list[str], info: dict) -> None:
+        """Run one ``pip download``, reporting packages and bytes as they come."""
+        meter = DownloadMeter()
+        lines: deque[str] = deque(maxlen=200)
+        t0 = time.monotonic()
+        self.report("download", f"{env} environment: {' '.join(specs)}")
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            try:
+                for line in p.stdout:
+                    lines.append(line.rstrip())
+                    if meter.feed(line):
+                        self.report("download", f"{env} environment: {meter.describe()}",
+                                    meter.fetched, None, "bytes", force=False)
+                rc = p.wait()
+            except BaseException:
+                p.kill()
+                raise
+        meter.close()
+        if rc != 0:
+            py = ".".join(info["python"].split(".")[:2])
+            raise BuildError(
+                f"pip download failed for {' '.join(specs)} (Python {py}, "
+                f"{manylinux_platforms(info['libc_version'], info['machine'])[0]}): check that these versions "
+                f"exist as wheels for this Python in the field 'packages' and that the host's pip index is "
+                f"reachable; pip said:\n{_tail(lines, 12)}", r, "download")
+        self.report("download", f"{env} environment: {meter.packages} packages, "
+                                f"{megabytes(meter.fetched)} fetched in {time.monotonic() - t0:.0f} s",
+                    meter.fetched, meter.fetched, "bytes")
+
+    def extension_deps(self, r: R.Recipe, ext: list[str], info: dict, wheelhouse: Path, dest: Path,
                        specs: list[str]) -> None:
         """The extensions wheel and any dependency the cached wheelhouse lacks,
         into ``dest`` (per build: the extensions change often, the rest rarely).
@@ -336,8 +487,8 @@ class Builder:
         if p.returncode != 0:
             p = subprocess.run(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if p.returncode != 0:
-            raise BuildError(f"the dependencies of {self.extensions_dir} cannot be downloaded as "
-                             f"wheels; fix its pyproject.toml:\n{p.stdout[-2000:]}")
+            raise BuildError(f"the dependencies of {self.extensions_dir} cannot be downloaded as wheels; fix "
+                             f"its pyproject.toml:\n{_tail(p.stdout.splitlines(), 12)}", r, "download")
 
     def wheelhouse(self, r: R.Recipe, envs: dict[str, list[str]], info: dict,
                    constraints: list[str]) -> Path:
@@ -349,7 +500,7 @@ class Builder:
         root = self.cache_dir / "wheels"
         final = root / f"{r.name}-{key}"
         if (final / ".complete").exists():
-            self.out(f"  wheelhouse {final} (cached)")
+            self.report("download", f"cached wheelhouse {final}")
             return final
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{r.name}-", dir=root))
@@ -360,18 +511,7 @@ class Builder:
                 cmd = self.pip_download_cmd(info, work / env)
                 if constraints:
                     cmd += ["-c", str(work / "constraints.txt")]
-                cmd += specs
-                self.out(f"  pip download ({env}): {' '.join(specs)}")
-                t0 = time.monotonic()
-                p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                if p.returncode != 0:
-                    tail = "\n".join(p.stdout.splitlines()[-12:])
-                    raise BuildError(
-                        f"{r.name}: pip download failed for {' '.join(specs)} (Python {py}, "
-                        f"{plats[0]}); check the versions in {r.path} field 'packages' exist as "
-                        f"wheels for this Python and the host pip index is reachable:\n{tail}")
-                n = len(list((work / env).glob("*.whl")))
-                self.out(f"  pip download ({env}): {n} wheels in {time.monotonic() - t0:.0f}s")
+                self.pip_download(r, env, cmd + specs, specs, info)
             (work / ".complete").write_text(json.dumps(envs))
             for old in root.glob(f"{r.name}-*"):
                 if old.is_dir() and old.name != final.name and not old.name.startswith("."):
@@ -383,11 +523,11 @@ class Builder:
             shutil.rmtree(work, ignore_errors=True)
 
     def extension_wheels(self, r: R.Recipe, scratch: Path) -> list[str]:
-        if not (r.extensions and R.is_installable(self.extensions_dir)):
+        if not r.extensions:
             return []
         out = scratch / "ext"
         out.mkdir()
-        # Copy first so the build leaves no build/ or egg-info in the repository.
+        # Copy first so the build leaves no build/ or egg-info in the source folder.
         src = scratch / "ext-src"
         shutil.copytree(self.extensions_dir, src, ignore=shutil.ignore_patterns(
             "build", "dist", "*.egg-info", "__pycache__", ".*"))
@@ -397,17 +537,19 @@ class Builder:
         wheels = sorted(str(w) for w in out.glob("*.whl"))
         if p.returncode != 0 or not wheels:
             raise BuildError(f"building a wheel of {self.extensions_dir} failed; fix the package "
-                             f"there:\n{p.stdout[-2000:]}")
-        self.out(f"  extensions: {Path(wheels[0]).name}")
+                             f"there:\n{p.stdout[-2000:]}", r, "download")
+        self.report("download", f"session apps: {Path(wheels[0]).name}")
         return wheels
 
     # ------------------------------------------------------------------ one recipe
     def build_one(self, r: R.Recipe, parent: str) -> str:
         api = self.api
-        info = self.probe(parent, "python3" if r.is_root else f"{VENV}/bin/python")
+        extends = not r.is_root and self.recipes[r.base].kind == R.KIND_KERNEL
+        self.report("check", "Python, glibc and architecture of the parent image")
+        info = self.probe(r, parent, f"{Y.KERNEL_ENV}/bin/python" if extends else "python3")
         msg = R.python_mismatch(r, info["python"])
         if msg:
-            raise BuildError(msg)
+            raise BuildError(msg, r, "check")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         (self.cache_dir / "tmp").mkdir(exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f"{r.name}-", dir=self.cache_dir / "tmp"))
@@ -416,30 +558,42 @@ class Builder:
         cid = image_id = None
         tagged = False
         try:
-            pins = {n.lower().replace("_", "-") for n in r.requirement_names()}
-            constraints = [] if r.is_root else [
-                c for c in info["freeze"] if c.split("==")[0].lower().replace("_", "-") not in pins]
-            envs = {"venv": list(r.packages)}
-            envs.update({n: list(specs) for n, specs in r.venvs})
-            ext = self.extension_wheels(r, scratch)
-            wheels = self.wheelhouse(r, envs, info, constraints)
-            if ext:
-                self.extension_deps(ext, info, wheels / "venv", scratch / "ext-wheels", list(r.packages))
-            q = lambda specs: " ".join(shlex.quote(s) for s in specs)
+            q = lambda specs: " ".join(shlex.quote(s) for s in specs)  # noqa: E731
+            functions = _FUNCTIONS.format(pipflags=PIPFLAGS)
             if r.is_root:
+                envs = {"server": list(r.packages), **{n: list(specs) for n, specs in r.venvs}}
+                ext = self.extension_wheels(r, scratch)
+                wheels = self.wheelhouse(r, envs, info, [])
+                if ext:
+                    self.extension_deps(r, ext, info, wheels / "server", scratch / "ext-wheels",
+                                        list(r.packages))
                 ext_specs = [f"{BUILD_MNT}/script/ext-wheels/{Path(w).name}" for w in ext]
-                extra = "".join(_EXTRA_VENV.format(path=f"{EXTRA_VENVS_DIR}/{n}", name=n, mnt=BUILD_MNT,
-                                                   pipflags=PIPFLAGS, specs=q(specs))
-                                for n, specs in r.venvs)
-                script = _ROOT_SCRIPT.format(user=NB_USER, uid=NB_UID, gid=NB_GID, home=NB_HOME, venv=VENV,
-                                             mnt=BUILD_MNT, pipflags=PIPFLAGS,
-                                             venv_specs=q(list(r.packages) + ext_specs), extra_venvs=extra)
+                extra = "".join(_EXTRA_VENV.format(path=f"{Y.ENVS_DIR}/{n}", name=n, mnt=BUILD_MNT,
+                                                   specs=q(specs)) for n, specs in r.venvs)
+                compile_ = "\n".join(f"compile_env {p}" for p in
+                                     [Y.SERVER_ENV] + [f"{Y.ENVS_DIR}/{n}" for n, _ in r.venvs])
+                script = _ROOT_SCRIPT.format(
+                    functions=functions, user=Y.NB_USER, uid=Y.NB_UID, gid=Y.NB_GID, home=Y.NB_HOME,
+                    shell=Y.SHELL, envs_dir=Y.ENVS_DIR, server=Y.SERVER_ENV, kernel=Y.KERNEL_ENV,
+                    mnt=BUILD_MNT, server_specs=q(list(r.packages) + ext_specs), extra_venvs=extra,
+                    compile=compile_, profile_script=Y.PROFILE_SCRIPT, profile=Y.PROFILE)
+                sizes = {"server": unpacked_size([wheels / "server", scratch / "ext-wheels"]),
+                         **{n: unpacked_size([wheels / n]) for n, _ in r.venvs}}
                 user = "0:0"
             else:
-                script = _DERIVED_SCRIPT.format(venv=VENV, pipflags=PIPFLAGS, mnt=BUILD_MNT,
-                                                constraints=f"-c {BUILD_MNT}/wheels/constraints.txt"
-                                                if constraints else "", specs=q(list(r.packages)))
-                user = f"{NB_UID}:{NB_GID}"
+                constraints = []
+                if extends:
+                    pins = {R.dist_name(p) for p in r.packages}
+                    constraints = [c for c in info["freeze"] if R.dist_name(c) not in pins]
+                specs = R.kernel_requirements(self.recipes, r.name)
+                wheels = self.wheelhouse(r, {"kernel": specs}, info, constraints)
+                script = _KERNEL_SCRIPT.format(
+                    functions=functions, kernel=Y.KERNEL_ENV, mnt=BUILD_MNT, specs=q(specs),
+                    create="" if extends else _CREATE_KERNEL.format(kernel=Y.KERNEL_ENV),
+                    constraints=f"-c {BUILD_MNT}/wheels/constraints.txt" if constraints else "",
+                    kernel_name=Y.KERNEL_NAME, display=shlex.quote(f"Python 3 ({r.display_name})"))
+                sizes = {"kernel": unpacked_size([wheels / "kernel"])}
+                user = f"{Y.NB_UID}:{Y.NB_GID}"
             (scratch / "build.sh").write_text(script)
             host_config = api.create_host_config(
                 network_mode="none",
@@ -447,38 +601,26 @@ class Builder:
                        str(scratch): {"bind": f"{BUILD_MNT}/script", "mode": "ro"}})
             name = f"{_safe(self.prefix)}-build-{r.name}-{uuid.uuid4().hex[:6]}"
             cid = api.create_container(parent, command=["/bin/sh", f"{BUILD_MNT}/script/build.sh"],
-                                       user=user, name=name,
-                                       host_config=host_config)["Id"]
-            t0 = time.monotonic()
+                                       user=user, name=name, host_config=host_config)["Id"]
             api.start(cid)
-            lines: list[str] = []
-            buf = b""
-            for chunk in api.logs(cid, stream=True, follow=True):
-                buf += chunk
-                *done, buf = buf.split(b"\n")
-                for raw in done:
-                    line = raw.decode(errors="replace")
-                    lines.append(line)
-                    if self.verbose or line.startswith(("[bai]", "Successfully installed")):
-                        self.out(f"  | {line[:300]}")
-            if buf:
-                lines.append(buf.decode(errors="replace"))
+            step, lines = self.follow_build(cid, sizes)
             rc = api.wait(cid)["StatusCode"]
             if rc != 0:
-                raise BuildError(f"{r.name}: installing packages in the build container failed "
-                                 f"(exit {rc}); see the pip output below and fix {r.path}:\n"
-                                 + "\n".join(lines[-25:]))
-            self.out(f"  installed in {time.monotonic() - t0:.0f}s")
+                raise BuildError(f"the build container failed (exit {rc}); pip said:\n{_tail(lines, 25)}",
+                                 r, step)
+            self.report("commit", "writing the image")
             python = ".".join(info["python"].split(".")[:2])
             image_id = api.commit(cid, changes=self.commit_changes(r, python))["Id"]
             api.remove_container(cid, force=True)
             cid = None
             if r.test:
+                self.report("test", r.test.strip().splitlines()[0][:120])
                 rc, out = self.run_in(image_id, ["/bin/sh", "-c", r.test])
                 if rc != 0:
-                    raise BuildError(f"{r.name}: the recipe's test failed (exit {rc}) in the new image: "
-                                     f"{r.test}\n{out[-2000:]}")
-                self.out(f"  test ok: {r.test}")
+                    raise BuildError(f"the recipe's test failed (exit {rc}) in the new image: {r.test}\n"
+                                     f"{out[-2000:]}", r, "test")
+                last = out.strip().splitlines()[-1:] or [""]
+                self.report("test", f"ok {last[0][:160]}".rstrip())
             ref = self.ref(r.name)
             old = None
             try:
@@ -509,97 +651,48 @@ class Builder:
                     pass
             shutil.rmtree(scratch, ignore_errors=True)
 
+    def follow_build(self, cid: str, sizes: dict[str, int]) -> tuple[str, list[str]]:
+        """Stream the build container's output as progress; returns the last
+        step it reached and its output."""
+        step, lines, buf = "install", [], b""
+
+        def take(raw: bytes) -> None:
+            nonlocal step
+            line = raw.decode(errors="replace").rstrip("\r")
+            lines.append(line)
+            event = script_event(line)
+            if event is None:
+                if self.verbose:
+                    self.report(step.split()[0], f"| {line[:300]}")
+            elif event[0] == "step":
+                step = event[1]
+                what = step.split()
+                if what[0] == "install":
+                    self.report("install", install_detail(what[1], 0, sizes.get(what[1], 0)), 0,
+                                sizes.get(what[1]), "bytes")
+                else:
+                    self.report(what[0])
+            else:
+                _, env, done = event
+                self.report("install", install_detail(env, done, sizes.get(env, 0)), done,
+                            sizes.get(env), "bytes", force=False)
+
+        for chunk in self.api.logs(cid, stream=True, follow=True):
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            for raw in done:
+                take(raw)
+        if buf:
+            take(buf)
+        return step, lines
+
     def commit_changes(self, r: R.Recipe, python: str) -> list[str]:
         labels = {
             L.KIND: r.kind, L.NAME: r.name, L.FRAMEWORK: r.framework, L.VERSION: r.version,
             L.DISPLAY_NAME: r.display_name, L.PYTHON: python, L.RECIPE_HASH: self.hashes[r.name],
         }
         changes = [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in labels.items()]
-        changes += [
-            f"ENV PATH={PATH}", "ENV LANG=C.UTF-8", f"ENV BAI_MLFLOW_BIN={MLFLOW_BIN}",
-            f"ENV HOME={NB_HOME}", f"USER {NB_USER}", f"WORKDIR {NB_HOME}",
-            'ENTRYPOINT ["tini", "-g", "--"]', 'CMD ["jupyterhub-singleuser"]',
-        ]
+        changes += [f"ENV {k}={v}" for k, v in Y.IMAGE_ENV.items()]
+        changes += [f"USER {Y.NB_USER}", f"WORKDIR {Y.NB_HOME}",
+                    'ENTRYPOINT ["tini", "-g", "--"]', 'CMD ["jupyterhub-singleuser"]']
         return changes
-
-
-# ---------------------------------------------------------------------- listing
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def list_table(client, show_all: bool = False) -> str:
-    from ..catalog import build_catalog, list_images_blocking
-    images = list_images_blocking(client)
-    rows = [("DISPLAY NAME", "IMAGE", "FRAMEWORK", "VERSION", "PYTHON", "KIND", "SIZE")]
-    for c in build_catalog(images):
-        rows.append((c.display_name, c.ref, c.framework, c.version, c.python,
-                     c.kind + (f" ({c.owner})" if c.owner else ""), _gib(c.size)))
-    if show_all:
-        for i in images:
-            lab = i.get("Labels") or {}
-            if lab.get(L.KIND) == R.KIND_BASE:
-                tags = [t for t in i.get("RepoTags") or [] if t != "<none>:<none>"]
-                rows.append((lab.get(L.DISPLAY_NAME, ""), tags[0] if tags else i["Id"][:19],
-                             lab.get(L.FRAMEWORK, ""), lab.get(L.VERSION, ""), lab.get(L.PYTHON, ""),
-                             "base", _gib(int(i.get("Size") or 0))))
-    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def recipes_table(recipes: dict[str, R.Recipe], hashes: dict[str, str], prefix: str) -> str:
-    rows = [("NAME", "IMAGE", "FRAMEWORK", "VERSION", "BASE", "DEFAULT", "HASH")]
-    for n, r in sorted(recipes.items()):
-        rows.append((n, r.image_ref(prefix), r.framework, r.version, r.base,
-                     "yes" if r.default else "no", hashes[n]))
-    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bai-images", description="Build and list BAI Hub kernel images.")
-    ap.add_argument("--recipes", default=os.environ.get("BAI_RECIPES_DIR", str(DEFAULT_RECIPES)),
-                    help="recipes directory (env BAI_RECIPES_DIR; default %(default)s)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build images (default: every recipe with default = true)")
-    b.add_argument("names", nargs="*", metavar="NAME", help="recipe names; their bases are built too")
-    b.add_argument("--prefix", default=None,
-                   help=f"image name prefix (env BAI_IMAGE_PREFIX; default {DEFAULT_PREFIX!r})")
-    b.add_argument("--cache-dir", default=None,
-                   help=f"rootfs tarballs and wheelhouses (env BAI_CACHE_DIR; default {DEFAULT_CACHE})")
-    b.add_argument("--extensions", default=None,
-                   help=f"extensions package installed in the base (env BAI_EXTENSIONS_DIR; "
-                        f"default {DEFAULT_EXTENSIONS})")
-    b.add_argument("--mirror", default=None, help=f"Debian mirror (env BAI_DEBIAN_MIRROR; default {DEFAULT_MIRROR})")
-    b.add_argument("-v", "--verbose", action="store_true", help="show all pip output")
-    ls = sub.add_parser("list", help="catalog images on the Docker engine")
-    ls.add_argument("--all", action="store_true", help="also show base images")
-    rp = sub.add_parser("recipes", help="recipes and their hashes")
-    rp.add_argument("--prefix", default=None)
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "build":
-            t0 = time.monotonic()
-            builder = Builder(recipes_dir=args.recipes, cache_dir=args.cache_dir, prefix=args.prefix,
-                              extensions_dir=args.extensions, mirror=args.mirror, verbose=args.verbose)
-            builder.build(args.names)
-            log(f"done in {time.monotonic() - t0:.0f}s")
-        elif args.cmd == "list":
-            print(list_table(docker_client(), show_all=args.all))
-        elif args.cmd == "recipes":
-            recipes = load_resolved(args.recipes)
-            ext = R.tree_digest(DEFAULT_EXTENSIONS) if R.is_installable(DEFAULT_EXTENSIONS) else "absent"
-            hashes = R.recipe_hashes(recipes, salt=BUILDER_SALT, extensions_digest=ext)
-            prefix = args.prefix if args.prefix is not None else os.environ.get("BAI_IMAGE_PREFIX", DEFAULT_PREFIX)
-            print(recipes_table(recipes, hashes, prefix))
-    except (BuildError, R.RecipeError) as e:
-        print(f"bai-images: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bai-images: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
