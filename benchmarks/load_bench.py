@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from hubtools import Hub, docker  # noqa: E402
 
 from bai_spawner import labels as L  # noqa: E402
 
-IMAGE = "bai/sklearn:1.6.1"
+IMAGE = os.environ.get("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1"  # as bai-images names it
 PER_USER = 10  # JupyterHub's named_server_limit_per_user is 16 in hub_config
 
 

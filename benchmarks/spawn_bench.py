@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from hubtools import Hub  # noqa: E402
 
-IMAGE = "bai/sklearn:1.6.1"
+IMAGE = os.environ.get("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1"  # as bai-images names it
 CPU, MEMORY_GIB = "0.5", "1"
 BAI_OPTIONS = {"image": IMAGE, "fgpu": "1", "cpu": CPU, "memory": MEMORY_GIB}
 USER = "spawnbench"

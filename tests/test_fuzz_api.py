@@ -38,6 +38,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import KERNEL_IMAGE
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 PREFIX = "/services/bai-scheduler/"
@@ -588,7 +590,6 @@ def test_users_see_only_their_own_requests_on_the_service(svc):
 
 # -- the hub's spawn paths (real hub, proxy, service, engine) -------------------------------------
 
-KERNEL_IMAGE = "bai/sklearn:1.6.1"
 GOOD = {"image": KERNEL_IMAGE, "fgpu": "1", "cpu": "0.5", "memory": "1"}
 
 # Values that are wrong for sure (the shared hub has 1 GPU = 2 fGPU, CPU ≤ 4, memory ≤ 16 GiB).

@@ -44,8 +44,21 @@ def test_download_meter_counts_packages_and_bytes_as_they_come():
     assert [f for _, f in seen] == sorted(f for _, f in seen), "never goes backwards"
     text = m.describe()
     assert text.startswith("5 packages, 124.4 MB fetched") and "big-1.0-py3-none-any.whl 120.0 of 554.6 MB" in text
+    m.feed("Progress 554581699 of 554581699\n")  # pip always reports the end of a file
     m.close()
     assert m.fetched == 18_000 + 4_110_991 + 244_000 + 554_581_699 and "of" not in m.describe()
+
+
+def test_download_meter_counts_a_retried_file_once():
+    m = DownloadMeter()
+    lines = ["Collecting a==1", "  Downloading a-1-py3-none-any.whl (3.0 MB)", "Progress 1500000 of 3000000",
+             "  WARNING: Attempting to resume incomplete download (1.5 MB/3.0 MB, attempt 1)",
+             "  Downloading a-1-py3-none-any.whl (3.0 MB)", "Progress 262144 of 3000000"]
+    for line in lines:
+        m.feed(line)
+    assert (m.packages, m.fetched) == (1, 262144)
+    m.close()
+    assert m.fetched == 262144  # it stopped there
 
 
 def test_download_meter_without_raw_progress_counts_whole_files():

@@ -63,6 +63,7 @@ class DownloadMeter:
         self.current = ""            # file being fetched
         self.current_size = 0
         self.current_done = 0
+        self.raw = False             # pip reports bytes within the current file
 
     @property
     def fetched(self) -> int:
@@ -76,8 +77,10 @@ class DownloadMeter:
             return True
         m = _DOWNLOAD.match(line)
         if m:
-            self._finish()
-            self.current, self.current_size = m.group(1), size_of(m.group(2))
+            if m.group(1) != self.current:     # the same file again is pip retrying it
+                self._finish()
+            self.current, self.current_size, self.current_done = m.group(1), size_of(m.group(2)), 0
+            self.raw = False
             return True
         m = _CACHED.match(line)
         if m:
@@ -86,6 +89,7 @@ class DownloadMeter:
             return True
         m = _RAW.match(line.strip())
         if m and self.current:
+            self.raw = True
             self.current_done = int(m.group(1))
             self.current_size = int(m.group(2)) or self.current_size
             return True
@@ -97,8 +101,9 @@ class DownloadMeter:
 
     def _finish(self) -> None:
         if self.current:
-            self.finished_bytes += max(self.current_done, self.current_size)
-        self.current, self.current_size, self.current_done = "", 0, 0
+            # without raw progress pip only says a file started: count it whole
+            self.finished_bytes += self.current_done if self.raw else self.current_size
+        self.current, self.current_size, self.current_done, self.raw = "", 0, 0, False
 
     def describe(self) -> str:
         text = f"{self.packages} packages, {megabytes(self.fetched)} fetched"
