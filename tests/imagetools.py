@@ -51,8 +51,8 @@ def catalog_recipes() -> list[CatalogRecipe]:
 def recipe_params() -> list:
     """``catalog_recipes()`` as pytest params; images not built by default are
     marked ``extra_images`` (run with ``scripts/run-tests -m extra_images``)."""
-    return [pytest.param(c, id=c.name, marks=() if c.default else (getattr(pytest.mark, EXTRA_IMAGES),))
-            for c in catalog_recipes()]
+    extra = (pytest.mark.slow, getattr(pytest.mark, EXTRA_IMAGES))
+    return [pytest.param(c, id=c.name, marks=() if c.default else extra) for c in catalog_recipes()]
 
 
 def make_wheel(directory: Path, name: str, version: str = "1.0", payload_size: int = 0) -> Path:

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from conftest import EXTRA_IMAGES
 from hubtools import docker
 from imagetools import CatalogRecipe, catalog_recipes, make_wheel, recipe_params
 from sessiontools import run_in_kernel, run_in_lab_terminal, run_in_web_terminal
@@ -23,6 +22,7 @@ from bai_spawner.images import layout as Y
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
 SITE = f"{Y.KERNEL_ENV}/lib/python3.11/site-packages"
+PIP_IMAGE = next(c for c in catalog_recipes() if c.default)
 
 
 @dataclass
@@ -40,11 +40,22 @@ class Session:
         return self.hub.session_container(self.user, self.server, running_only=True)
 
 
+def _wanted(items) -> set[str]:
+    """The catalog images the selected tests of this module use."""
+    names = set()
+    for item in items:
+        if item.module.__name__ != __name__ or item.get_closest_marker("skip"):
+            continue
+        image = getattr(item, "callspec", None) and item.callspec.params.get("image")
+        names.add(image.name if image else PIP_IMAGE.name)
+    return names
+
+
 @pytest.fixture(scope="module")
 def sessions(hub, kernel_images, request) -> dict[str, Session]:
-    """A session of every catalog image under test, started at once."""
-    extra = EXTRA_IMAGES in (request.config.option.markexpr or "")
-    images = [c for c in catalog_recipes() if c.default or extra]
+    """A session of every catalog image the selected tests use, started at once."""
+    wanted = _wanted(request.session.items)
+    images = [c for c in catalog_recipes() if c.name in wanted]
     user = f"frameworks{uuid.uuid4().hex[:4]}"
     token = hub.add_user(user)
     made = {c.name: Session(hub, user, token, c.name.replace(".", "-")) for c in images}
@@ -89,8 +100,7 @@ def test_pip_install_in_a_terminal_lands_in_the_kernel_environment(sessions, tmp
     Sessions do not reach a package index yet (the site's pip configuration
     and CA are not mounted into them), so the wheel is copied in and
     installed with ``--no-index``."""
-    image = next(c for c in catalog_recipes() if c.default)
-    session = sessions[image.name]
+    session = sessions[PIP_IMAGE.name]
     wheel = make_wheel(tmp_path, f"bai-test-pip-{uuid.uuid4().hex[:6]}", "1.0")
     module = wheel.name.split("-", 1)[0]
     container = session.container()["Id"]

@@ -1,6 +1,7 @@
 """Recipe parsing, validation and hashing as plain functions (no Docker)."""
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,46 @@ def test_manylinux_platforms():
     assert "manylinux_2_37_x86_64" not in p
     a = manylinux_platforms("2.36", "aarch64")
     assert "manylinux2014_aarch64" in a and "manylinux1_aarch64" not in a
+
+
+def _hash_column(table: str, name: str) -> str:
+    row = next(line for line in table.splitlines() if line.split()[0] == name)
+    return row.split()[-1]
+
+
+def test_recipes_command_uses_the_same_extensions_folder_as_build(tmp_path, capsys, monkeypatch):
+    """`bai-images recipes` shows the hashes `build` looks for, with the
+    extensions folder given the same way (option or environment)."""
+    from bai_spawner.images.builder import Builder, plan
+    from bai_spawner.images.cli import main
+
+    ext = tmp_path / "ext"
+    shutil.copytree(sources.extensions_dir(), ext, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (ext / "bai_session_apps" / "local.py").write_text("SITE = 'changed'\n")
+    shipped = plan()[3]
+    changed = plan(extensions_dir=ext)[3]
+    assert changed["base"] != shipped["base"] and changed["sklearn-1.6"] != shipped["sklearn-1.6"]
+    assert Builder(client=object(), extensions_dir=ext).hashes == changed  # no engine needed to plan
+
+    assert main(["recipes", "--extensions", str(ext)]) == 0
+    assert _hash_column(capsys.readouterr().out, "base") == changed["base"]
+    monkeypatch.setenv(sources.EXTENSIONS_ENV, str(ext))
+    assert main(["recipes"]) == 0
+    assert _hash_column(capsys.readouterr().out, "base") == changed["base"]
+    assert Builder(client=object()).hashes == changed
+
+
+def test_sources_come_from_config_then_from_what_is_installed(tmp_path, monkeypatch):
+    monkeypatch.delenv(sources.RECIPES_ENV, raising=False)
+    monkeypatch.delenv(sources.EXTENSIONS_ENV, raising=False)
+    import hub_config
+    assert sources.recipes_dir() == Path(hub_config.__file__).parent / "images"
+    assert (sources.extensions_dir() / "pyproject.toml").is_file()  # where `pip install -e` took it from
+    assert sources.recipes_dir(tmp_path) == tmp_path
+    monkeypatch.setenv(sources.RECIPES_ENV, str(tmp_path / "r"))
+    monkeypatch.setenv(sources.EXTENSIONS_ENV, str(tmp_path / "e"))
+    assert (sources.recipes_dir(), sources.extensions_dir()) == (tmp_path / "r", tmp_path / "e")
+    monkeypatch.delenv(sources.EXTENSIONS_ENV)
+    monkeypatch.setattr(sources, "EXTENSIONS_DIST", "no-such-distribution")
+    with pytest.raises(sources.SourceError, match="pip install -e ./extensions.*--extensions DIR"):
+        sources.extensions_dir()
