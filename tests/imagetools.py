@@ -28,8 +28,13 @@ class CatalogRecipe:
     name: str
     ref: str
     module: str
-    version: str     # what ``module.__version__`` says (the pin, e.g. 2.13.0+cpu)
+    version: str     # the pinned version, e.g. 2.13.0+cpu
     default: bool
+
+    def says(self, printed: str) -> bool:
+        """``module.__version__`` is the pin, or the pin with the build's local
+        label (PyPI's torch 2.14.1 says 2.14.1+cu130)."""
+        return printed == self.version or printed.startswith(self.version + "+")
 
     def seed_check(self) -> str:
         """The seed's check, as typed in a terminal."""
@@ -55,12 +60,13 @@ def recipe_params() -> list:
     return [pytest.param(c, id=c.name, marks=() if c.default else extra) for c in catalog_recipes()]
 
 
-def make_wheel(directory: Path, name: str, version: str = "1.0", payload_size: int = 0) -> Path:
-    """A pure-Python wheel of package ``name`` (importable as ``name`` with
-    dashes as underscores), with ``payload_size`` random bytes to make it large."""
+def make_wheel(directory: Path, name: str, version: str = "1.0", init: str = "", payload_size: int = 0) -> Path:
+    """A pure-Python wheel made on the host (no network, no build tools) of
+    package ``name`` (importable with dashes as underscores; ``init`` is its
+    ``__init__.py``), with ``payload_size`` random bytes to make it large."""
     dist = name.replace("-", "_")
     files = {
-        f"{dist}/__init__.py": f"__version__ = {version!r}\n".encode(),
+        f"{dist}/__init__.py": (init or f"__version__ = {version!r}\n").encode(),
         f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist}-{version}.dist-info/WHEEL":
             b"Wheel-Version: 1.0\nGenerator: bai-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
