@@ -190,6 +190,25 @@ def test_failing_test_step_names_recipe_and_step_and_leaves_nothing(client, reci
     assert catalog(client) == before
 
 
+def test_engine_failing_mid_build_names_the_step_and_leaves_nothing(client, recipes_dir, monkeypatch):
+    """An engine call that times out (seen on a busy engine) is reported like
+    any failed step, and cleaned up like one."""
+    import requests
+
+    def timed_out(*args, **kwargs):
+        raise requests.exceptions.ReadTimeout("UnixHTTPConnectionPool: Read timed out. (read timeout=60)")
+
+    monkeypatch.setattr(client.api, "commit", timed_out)
+    before = catalog(client)
+    with pytest.raises(BuildError) as e:
+        builder(client, recipes_dir, []).build(["bai-test-broken"])
+    assert e.value.step == "commit" and "recipe 'bai-test-broken'" in str(e.value)
+    assert "ReadTimeout" in str(e.value) and "run the build again" in str(e.value)
+    containers, images, tags, _ = leftovers(client, "bai-test-broken")
+    assert containers == [] and images == [] and not any("bai-test-broken" in t for t in tags)
+    assert catalog(client) == before
+
+
 def test_no_wheel_for_the_base_python_fails_at_download_and_leaves_nothing(client, recipes_dir):
     before = catalog(client)
     with pytest.raises(BuildError) as e:

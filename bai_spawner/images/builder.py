@@ -56,6 +56,9 @@ DEFAULT_PREFIX = "bai/"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BUILD_MNT = "/tmp/.bai-build"   # wheelhouse and script are mounted below this, read-only
 ROOTFS_VARIANT = "minbase"
+# Seconds one engine call may take: committing or removing a container with a
+# multi-GB layer takes minutes on a busy engine (docker-py's default is 60).
+ENGINE_TIMEOUT = 900
 
 # pip compiles nothing while installing (the install step's byte count then
 # matches the wheels' unpacked size); compile_env does it on every core.
@@ -160,7 +163,7 @@ def docker_client():
     import docker
     url = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        client = docker.from_env()
+        client = docker.from_env(timeout=ENGINE_TIMEOUT)
         client.ping()
         return client
     except Exception as e:
@@ -336,7 +339,13 @@ class Builder:
             parent = self.rootfs_image(r) if r.is_root else ids[r.base]
             self.report("start", f"recipe {n} (hash {self.hashes[n]}) on "
                                  f"{'a debootstrap rootfs' if r.is_root else self.ref(r.base)}")
-            ids[n] = self.build_one(r, parent)
+            try:
+                ids[n] = self.build_one(r, parent)
+            except BuildError:
+                raise
+            except Exception as e:  # the engine or the host failed us: say where
+                raise BuildError(f"{type(e).__name__}: {e}; nothing was tagged, run the build again "
+                                 f"(a busy Docker engine can time out)", r, self._last[0]) from e
             size = self.api.inspect_image(ids[n]).get("Size") or 0
             self.report("done", f"built in {time.monotonic() - t0:.0f} s, {size / 1e9:.2f} GB")
         return ids
@@ -617,8 +626,8 @@ class Builder:
                 self.report("test", r.test.strip().splitlines()[0][:120])
                 rc, out = self.run_in(image_id, ["/bin/sh", "-c", r.test])
                 if rc != 0:
-                    raise BuildError(f"the recipe's test failed (exit {rc}) in the new image: {r.test}\n"
-                                     f"{out[-2000:]}", r, "test")
+                    raise BuildError(f"the recipe's test failed (exit {rc}) in the new image; fix the field "
+                                     f"'test' or 'packages'. It said:\n{out[-2000:]}", r, "test")
                 last = out.strip().splitlines()[-1:] or [""]
                 self.report("test", f"ok {last[0][:160]}".rstrip())
             ref = self.ref(r.name)
