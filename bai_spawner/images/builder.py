@@ -252,6 +252,10 @@ def _tail(lines: Iterable[str], n: int) -> str:
     return "\n".join(useful[-n:])
 
 
+def _quoted(specs: Iterable[str]) -> str:
+    return " ".join(shlex.quote(s) for s in specs)
+
+
 def _print(p: Progress) -> None:
     print(p, flush=True)
 
@@ -567,42 +571,10 @@ class Builder:
         cid = image_id = None
         tagged = False
         try:
-            q = lambda specs: " ".join(shlex.quote(s) for s in specs)  # noqa: E731
-            functions = _FUNCTIONS.format(pipflags=PIPFLAGS)
             if r.is_root:
-                envs = {"server": list(r.packages), **{n: list(specs) for n, specs in r.venvs}}
-                ext = self.extension_wheels(r, scratch)
-                wheels = self.wheelhouse(r, envs, info, [])
-                if ext:
-                    self.extension_deps(r, ext, info, wheels / "server", scratch / "ext-wheels",
-                                        list(r.packages))
-                ext_specs = [f"{BUILD_MNT}/script/ext-wheels/{Path(w).name}" for w in ext]
-                extra = "".join(_EXTRA_VENV.format(path=f"{Y.ENVS_DIR}/{n}", name=n, mnt=BUILD_MNT,
-                                                   specs=q(specs)) for n, specs in r.venvs)
-                compile_ = "\n".join(f"compile_env {p}" for p in
-                                     [Y.SERVER_ENV] + [f"{Y.ENVS_DIR}/{n}" for n, _ in r.venvs])
-                script = _ROOT_SCRIPT.format(
-                    functions=functions, user=Y.NB_USER, uid=Y.NB_UID, gid=Y.NB_GID, home=Y.NB_HOME,
-                    shell=Y.SHELL, envs_dir=Y.ENVS_DIR, server=Y.SERVER_ENV, kernel=Y.KERNEL_ENV,
-                    mnt=BUILD_MNT, server_specs=q(list(r.packages) + ext_specs), extra_venvs=extra,
-                    compile=compile_, profile_script=Y.PROFILE_SCRIPT, profile=Y.PROFILE)
-                sizes = {"server": unpacked_size([wheels / "server", scratch / "ext-wheels"]),
-                         **{n: unpacked_size([wheels / n]) for n, _ in r.venvs}}
-                user = "0:0"
+                script, wheels, sizes, user = self.server_plan(r, info, scratch)
             else:
-                constraints = []
-                if extends:
-                    pins = {R.dist_name(p) for p in r.packages}
-                    constraints = [c for c in info["freeze"] if R.dist_name(c) not in pins]
-                specs = R.kernel_requirements(self.recipes, r.name)
-                wheels = self.wheelhouse(r, {"kernel": specs}, info, constraints)
-                script = _KERNEL_SCRIPT.format(
-                    functions=functions, kernel=Y.KERNEL_ENV, mnt=BUILD_MNT, specs=q(specs),
-                    create="" if extends else _CREATE_KERNEL.format(kernel=Y.KERNEL_ENV),
-                    constraints=f"-c {BUILD_MNT}/wheels/constraints.txt" if constraints else "",
-                    kernel_name=Y.KERNEL_NAME, display=shlex.quote(f"Python 3 ({r.display_name})"))
-                sizes = {"kernel": unpacked_size([wheels / "kernel"])}
-                user = f"{Y.NB_UID}:{Y.NB_GID}"
+                script, wheels, sizes, user = self.kernel_plan(r, info, extends)
             (scratch / "build.sh").write_text(script)
             host_config = api.create_host_config(
                 network_mode="none",
@@ -659,6 +631,45 @@ class Builder:
                 except Exception:
                     pass
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def server_plan(self, r: R.Recipe, info: dict, scratch: Path) -> tuple[str, Path, dict[str, int], str]:
+        """A recipe on "rootfs": the server environment, its ``venvs``, the
+        empty kernel environment and the login-shell PATH, as root.
+        Returns ``(script, wheelhouse, {env: unpacked bytes}, user)``."""
+        envs = {"server": list(r.packages), **{n: list(specs) for n, specs in r.venvs}}
+        ext = self.extension_wheels(r, scratch)
+        wheels = self.wheelhouse(r, envs, info, [])
+        if ext:
+            self.extension_deps(r, ext, info, wheels / "server", scratch / "ext-wheels", list(r.packages))
+        ext_specs = [f"{BUILD_MNT}/script/ext-wheels/{Path(w).name}" for w in ext]
+        extra = "".join(_EXTRA_VENV.format(path=f"{Y.ENVS_DIR}/{n}", name=n, mnt=BUILD_MNT, specs=_quoted(specs))
+                        for n, specs in r.venvs)
+        compile_ = "\n".join(f"compile_env {p}" for p in [Y.SERVER_ENV] + [f"{Y.ENVS_DIR}/{n}" for n, _ in r.venvs])
+        script = _ROOT_SCRIPT.format(
+            functions=_FUNCTIONS.format(pipflags=PIPFLAGS), user=Y.NB_USER, uid=Y.NB_UID, gid=Y.NB_GID,
+            home=Y.NB_HOME, shell=Y.SHELL, envs_dir=Y.ENVS_DIR, server=Y.SERVER_ENV, kernel=Y.KERNEL_ENV,
+            mnt=BUILD_MNT, server_specs=_quoted(list(r.packages) + ext_specs), extra_venvs=extra,
+            compile=compile_, profile_script=Y.PROFILE_SCRIPT, profile=Y.PROFILE)
+        sizes = {"server": unpacked_size([wheels / "server", scratch / "ext-wheels"]),
+                 **{n: unpacked_size([wheels / n]) for n, _ in r.venvs}}
+        return script, wheels, sizes, "0:0"
+
+    def kernel_plan(self, r: R.Recipe, info: dict, extends: bool) -> tuple[str, Path, dict[str, int], str]:
+        """A kernel recipe: make the kernel environment (or, on another kernel
+        recipe, add to it without changing what is there) and register it as
+        the default kernel, as the user. Same return as ``server_plan``."""
+        constraints = []
+        if extends:
+            pins = {R.dist_name(p) for p in r.packages}
+            constraints = [c for c in info["freeze"] if R.dist_name(c) not in pins]
+        specs = R.kernel_requirements(self.recipes, r.name)
+        wheels = self.wheelhouse(r, {"kernel": specs}, info, constraints)
+        script = _KERNEL_SCRIPT.format(
+            functions=_FUNCTIONS.format(pipflags=PIPFLAGS), kernel=Y.KERNEL_ENV, mnt=BUILD_MNT,
+            specs=_quoted(specs), create="" if extends else _CREATE_KERNEL.format(kernel=Y.KERNEL_ENV),
+            constraints=f"-c {BUILD_MNT}/wheels/constraints.txt" if constraints else "",
+            kernel_name=Y.KERNEL_NAME, display=shlex.quote(f"Python 3 ({r.display_name})"))
+        return script, wheels, {"kernel": unpacked_size([wheels / "kernel"])}, f"{Y.NB_UID}:{Y.NB_GID}"
 
     def follow_build(self, cid: str, sizes: dict[str, int]) -> tuple[str, list[str]]:
         """Stream the build container's output as progress; returns the last
