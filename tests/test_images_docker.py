@@ -13,7 +13,9 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -35,7 +37,8 @@ pytestmark = pytest.mark.docker
 RUN = uuid.uuid4().hex[:8]
 PREFIX = f"{L.TEST_PREFIX}{RUN}/"
 CACHE = Path(os.environ.get("BAI_CACHE_DIR") or DEFAULT_CACHE)
-NAMES = ("bai-test-tiny", "bai-test-broken", "bai-test-nowheel", "bai-test-py37", "bai-test-halfway")
+NAMES = ("bai-test-tiny", "bai-test-broken", "bai-test-nowheel", "bai-test-py37", "bai-test-halfway",
+         "bai-test-stopped")
 
 TINY = """
 name = "{name}"
@@ -88,6 +91,7 @@ def recipes_dir(tmp_path_factory, client):
     recipe("bai-test-nowheel", package="numpy==1.21.6")
     recipe("bai-test-py37", extra='python = "3.7"')
     recipe("bai-test-halfway", package="bai-test-halfway==1.0")
+    recipe("bai-test-stopped", extra='test = "echo testing; sleep 120"')
     yield d
     _cleanup(client)
 
@@ -107,7 +111,10 @@ def leftovers(client, name):
 
 
 def catalog(client) -> list[tuple[str, str]]:
-    return sorted((c.ref, c.id) for c in build_catalog(client.api.images(filters={"label": L.KIND})))
+    """The catalog entries these builds could change (other work may build
+    its own images on a shared engine meanwhile)."""
+    return sorted((c.ref, c.id) for c in build_catalog(client.api.images(filters={"label": L.KIND}))
+                  if c.ref.startswith(PREFIX))
 
 
 def run(client, image, *cmd):
@@ -278,6 +285,34 @@ def test_download_stopping_half_way_names_recipe_and_step_and_leaves_nothing(cli
     assert any(p.step == "download" and "bai_test_halfway-1.0-py3-none-any.whl" in p.detail for p in out), out
     containers, images, tags, debris = leftovers(client, "bai-test-halfway")
     assert (containers, images, debris) == ([], [], []) and not any("halfway" in t for t in tags)
+    assert catalog(client) == before
+
+
+def test_build_stopped_with_sigterm_during_its_test_leaves_nothing(client, recipes_dir):
+    """`bai-images build` terminated while the new (committed, untested) image
+    runs its test: the test container and that image are removed."""
+    before = catalog(client)
+    env = dict(os.environ, BAI_RECIPES_DIR=str(recipes_dir), BAI_CACHE_DIR=str(CACHE), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bai_spawner.images.cli", "build", "--prefix", PREFIX,
+                             "bai-test-stopped"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if ": test: echo testing" in line:
+                break
+        assert seen and ": test: echo testing" in seen[-1], "".join(seen)
+        time.sleep(2)  # the test container is running
+        assert any(c.name.startswith(f"{L.TEST_PREFIX}{RUN}-run-") for c in client.containers.list())
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130 and "interrupted; nothing half-built was kept" in proc.stderr.read()
+    containers, images, tags, debris = leftovers(client, "bai-test-stopped")
+    assert containers == [] and images == [] and not any("stopped" in t for t in tags)
+    assert [d for d in debris if not d.startswith("wheels/bai-test-stopped-")] == []
     assert catalog(client) == before
 
 
