@@ -46,9 +46,6 @@ class HubAPI:
     async def get_user(self, user: str):
         return await self.request("GET", f"/users/{quote(user, safe='')}")
 
-    async def list_users(self):
-        return await self.request("GET", "/users?state=")
-
 
 class HubAPIError(Exception):
     def __init__(self, code: int, text: str):

@@ -1,6 +1,6 @@
 """The scheduler service's state machine, without HTTP.
 
-Wraps the pure ``Scheduler`` with durability (``Store``), wake-ups for the
+Wraps the pure ``AdmissionQueue`` with durability (``Store``), wake-ups for the
 spawners waiting on their request, and repair from the Docker engine's labels.
 Every method runs on the event loop; nothing here blocks on Docker.
 """
@@ -13,11 +13,11 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable
 
-from .model import Placement, Request, RequestKey, Share
-from .placement import Capacity
-from .queue import DuplicateRequest, QueuePolicy, Scheduler, UserLimits
+from .core.model import Placement, Request, RequestKey, Share
+from .core.placement import Capacity
+from .core.queue import AdmissionQueue, DuplicateRequest, QueuePolicy, UserLimits
+from .core.units import FgpuUnits
 from .store import Record, Store, StoreUnavailable
-from .units import FgpuUnits
 
 log = logging.getLogger("bai_scheduler")
 
@@ -44,7 +44,7 @@ class ContainerFacts:
     running: bool
 
 
-class SchedulerService:
+class Service:
     # A spawner long-poll that returned this recently still counts as attached.
     WAITER_GRACE_S = 5.0
 
@@ -75,19 +75,24 @@ class SchedulerService:
         self.on_orphan_admitted: Callable[[Record], Awaitable[None]] | None = None
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
+        # Nodes whose GPUs get no new share: real GPUs start here until their backend is
+        # checked (bai_scheduler.readiness); CPU-only requests still go there.
+        self.gpu_not_ready: set[str] = {n.name for n in self.nodes if n.devices and not n.simulated}
         self.reload()
 
     # -- building state ----------------------------------------------------
 
-    def _new_scheduler(self) -> Scheduler:
+    def _new_queue(self) -> AdmissionQueue:
         capacity = Capacity(
             self.nodes, self.units.quanta_per_gpu, span=self.span, strategy=self.strategy, units=self.units
         )
-        return Scheduler(capacity, self.policy, self.limits)
+        for name in self.gpu_not_ready:
+            capacity.set_gpu_ready(name, False)
+        return AdmissionQueue(capacity, self.policy, self.limits)
 
     def _rebuild(self, records: Iterable[Record]) -> None:
         """Make the in-memory scheduler match ``records`` exactly (no pass is run)."""
-        self.scheduler = self._new_scheduler()
+        self.queue = self._new_queue()
         self.records = {}
         known_nodes = {n.name for n in self.nodes}
         for rec in sorted(records, key=lambda r: r.request.seq):
@@ -96,15 +101,20 @@ class SchedulerService:
                     log.warning("Dropping %s: node %s is no longer configured", rec.key, rec.placement.node)
                     continue
                 try:
-                    self.scheduler.restore_admitted(rec.request, rec.placement)
+                    self.queue.restore_admitted(rec.request, rec.placement)
                 except ValueError as e:
                     log.error("Cannot restore %s on %s: %s", rec.key, rec.placement.node, e)
                     continue
             else:
                 rec.state = "PENDING"
                 rec.placement = None
-                self.scheduler.restore_pending(rec.request)
+                self.queue.restore_pending(rec.request)
             self.records[rec.key] = rec
+
+    def set_gpu_ready(self, node: str, ready: bool) -> None:
+        """Let placement use ``node``'s GPUs or not; run ``schedule()`` after a node became ready."""
+        (self.gpu_not_ready.discard if ready else self.gpu_not_ready.add)(node)
+        self.queue.capacity.set_gpu_ready(node, ready)
 
     def reload(self) -> None:
         """Throw away memory and rebuild from the database."""
@@ -134,9 +144,6 @@ class SchedulerService:
     def get(self, key: RequestKey) -> Record | None:
         return self.records.get(key)
 
-    def position(self, key: RequestKey) -> int | None:
-        return self.scheduler.position(key)
-
     def status(self, rec: Record) -> dict:
         """The public view of one request."""
         out = {
@@ -154,8 +161,10 @@ class SchedulerService:
             "epoch": self.epoch,
         }
         if rec.state == "PENDING":
-            out["position"] = self.scheduler.position(rec.key)
-            out["reason"] = self.scheduler.wait_reason(rec.key)
+            out["position"] = self.queue.position(rec.key)
+            out["reason"] = self.queue.wait_reason(rec.key)
+            if rec.request.quanta and self.gpu_not_ready:
+                out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
         if rec.placement is not None:
             out["placement"] = self.placement_details(rec.placement)
         return out
@@ -170,6 +179,7 @@ class SchedulerService:
         out["docker_url"] = node.docker_url
         out["tls"] = dict(node.tls)
         out["simulated"] = node.simulated
+        out["gpu"] = node.gpu.to_json()
         out["quanta_per_gpu"] = self.units.quanta_per_gpu
         for share in out["shares"]:
             d = devices.get(share["device"])
@@ -180,7 +190,7 @@ class SchedulerService:
         return out
 
     def pending(self) -> list[Record]:
-        return [self.records[r.key] for r in self.scheduler.pending() if r.key in self.records]
+        return [self.records[r.key] for r in self.queue.pending() if r.key in self.records]
 
     def running(self) -> list[Record]:
         return [r for r in self.records.values() if r.state == "RUNNING"]
@@ -220,7 +230,7 @@ class SchedulerService:
                 raise Refused(f"{key} already has a {existing.state.lower()} request", 409)
         request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image)
         try:
-            decision = self.scheduler.submit(request)
+            decision = self.queue.submit(request)
         except DuplicateRequest:
             raise Refused(f"{key} already has a request", 409) from None
         if decision.state == "REFUSED":
@@ -254,7 +264,7 @@ class SchedulerService:
         if rec is None or (request_id is not None and rec.id != request_id):
             return []
         t0 = time.perf_counter()
-        admitted_pairs = self.scheduler.release(key)
+        admitted_pairs = self.queue.release(key)
         del self.records[key]
         self._attached.pop(key, None)
         admitted = self._mark_admitted(admitted_pairs)
@@ -267,7 +277,7 @@ class SchedulerService:
         return admitted
 
     async def schedule(self) -> list[Record]:
-        admitted = self._mark_admitted(self.scheduler.schedule())
+        admitted = self._mark_admitted(self.queue.schedule())
         if admitted:
             self._persist(upserts=admitted)
             await self._notify()
@@ -386,7 +396,7 @@ class SchedulerService:
     # -- views -------------------------------------------------------------------
 
     def capacity(self) -> list[dict]:
-        return self.scheduler.capacity.snapshot()
+        return self.queue.capacity.usage()
 
 
 def placement_to_json(p: Placement) -> dict:

@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hubtools import Hub, docker  # noqa: E402
+from helpers.hub import Hub, docker  # noqa: E402
 
-from bai_spawner import labels as L  # noqa: E402
+from bai_scheduler.contract import labels as L  # noqa: E402
 
 IMAGE = os.environ.get("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1"  # as bai-images names it
 PER_USER = 10  # JupyterHub's named_server_limit_per_user is 16 in hub_config

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hubtools import Hub  # noqa: E402
+from helpers.hub import Hub  # noqa: E402
 
 IMAGE = os.environ.get("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1"  # as bai-images names it
 CPU, MEMORY_GIB = "0.5", "1"

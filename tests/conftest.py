@@ -1,19 +1,11 @@
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hubtools import CHROMIUM, CHROMIUM_ARGS, Hub, docker
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-# The kernel images `bai-images build` makes, under the same prefix (a worktree
-# may build its own with BAI_IMAGE_PREFIX=...; the test hub's default follows it).
-IMAGE_PREFIX = os.environ.get("BAI_IMAGE_PREFIX", "bai/")
-KERNEL_IMAGE = f"{IMAGE_PREFIX}sklearn:1.6.1"
-OLD_IMAGE = f"{IMAGE_PREFIX}sklearn:1.5.2"
-EXTRA_IMAGES = "extra_images"
+from helpers import ARTIFACTS, EXTRA_IMAGES, IMAGE_PREFIX, KERNEL_IMAGE
+from helpers.hub import CHROMIUM, CHROMIUM_ARGS, Hub, docker
 
 
 def pytest_configure(config):

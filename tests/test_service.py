@@ -3,11 +3,11 @@ import asyncio
 
 import pytest
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import RequestKey, Share
-from bai_scheduler.service import ContainerFacts, Refused, SchedulerService
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import RequestKey, Share
+from bai_scheduler.service import ContainerFacts, Refused, Service
 from bai_scheduler.store import Store
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.units import FgpuUnits
 
 UNITS = FgpuUnits(2, "0.5")  # the seed: 1 GPU = 2 fGPU, steps of 0.5
 ONE_FGPU = 2  # quanta
@@ -15,7 +15,7 @@ ONE_FGPU = 2  # quanta
 
 def make(db_url, gpus=1):
     nodes = simulated_nodes([{"name": "local", "docker_url": "", "gpus": gpus, "gpu_memory": "8GiB"}], UNITS)
-    return SchedulerService(nodes, UNITS, Store(db_url))
+    return Service(nodes, UNITS, Store(db_url))
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bai_scheduler import snapshots as S
-from bai_scheduler.model import Node, Placement, Request, RequestKey
+from bai_scheduler.core.model import Node, Placement, Request, RequestKey
 from bai_scheduler.store import Record
-from bai_scheduler.units import FgpuUnits
-from bai_spawner import catalog
-from bai_spawner import labels as L
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.contract import catalog
+from bai_scheduler.contract import labels as L
 
 # Docker's reference grammar for one path component and for a tag.
 COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")

@@ -45,7 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import labels as L
+from bai_scheduler.contract import labels as L
 from . import layout as Y
 from . import recipes as R
 from . import sources

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from .. import labels as L
+from bai_scheduler.contract import labels as L
 from . import recipes as R
 from . import sources
 from .builder import DEFAULT_CACHE, DEFAULT_MIRROR, DEFAULT_PREFIX, BuildError, Builder, docker_client, plan
@@ -33,7 +33,7 @@ def _table(rows: list[tuple]) -> str:
 
 
 def list_table(client, show_all: bool = False) -> str:
-    from ..catalog import build_catalog, list_images_blocking
+    from bai_scheduler.contract.catalog import build_catalog, list_images_blocking
     images = list_images_blocking(client)
     rows = [("DISPLAY NAME", "IMAGE", "FRAMEWORK", "VERSION", "PYTHON", "KIND", "SIZE")]
     for c in build_catalog(images):

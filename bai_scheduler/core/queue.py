@@ -1,0 +1,645 @@
+"""The pending queue and its admission policy, on top of ``Capacity``.  Pure: no I/O.
+
+Order (``QueuePolicy.order``)
+  * ``fifo``: submission order (``Request.seq``).
+  * ``drf``: dominant-resource fairness.  Users take turns by their dominant share (the largest
+    of fGPU, CPU and memory fractions of the cluster they hold); within a user, submission
+    order.  Shares grow as a pass admits, so a pass interleaves users by progressive filling.
+
+Head rule (``QueuePolicy.head``): what happens when a request in that order does not fit.
+  * ``strict``: nothing passes it; the pass stops.
+  * ``skip``: it blocks the queue like ``strict`` for ``skip_after`` passes; from then on later
+    requests may be admitted ahead of it (it stays in the queue and is tried first each pass).
+  * ``backfill``: the first ``reservations`` requests that do not fit each get a reservation
+    (``Capacity.reserve``: the device, or for multi-GPU requests the node and devices, closest
+    to fitting, plus the CPU/memory they need on that node).  Later requests may start only on
+    resources outside every reservation.  Backfilled sessions therefore never take anything a
+    reserved request is waiting for: its reservation only ever frees up.  This is
+    EASY-backfill without run-time estimates (sessions have none), i.e. the conservative rule.
+
+User limits (``UserLimits``, 0 = unlimited) never block other users: a request held back by its
+own user's limit is passed over (its wait reason says which limit) without reserving anything.
+A request that exceeds a limit on its own, or a user already at ``max_pending`` waiting
+requests, is refused at submit.
+"""
+from __future__ import annotations
+
+import gc
+import heapq
+from bisect import bisect_left, insort
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from .model import Placement, Request, RequestKey
+from .placement import Capacity, Reservations
+from .units import format_bytes
+
+ORDERS = ("fifo", "drf")
+HEADS = ("strict", "skip", "backfill")
+
+
+class DuplicateRequest(ValueError):
+    """A request with this key is already pending or running."""
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    order: str = "fifo"
+    head: str = "backfill"
+    skip_after: int = 3
+    reservations: int = 1  # backfill: how many blocked requests get a reservation per pass
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if self.skip_after < 0:
+            raise ValueError("skip_after must be >= 0")
+        if self.reservations < 0:
+            raise ValueError("reservations must be >= 0")
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    max_running: int = 0
+    max_pending: int = 0
+    max_quanta: int = 0
+    max_cpu_millis: int = 0
+    max_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: str  # "RUNNING" | "PENDING" | "REFUSED"
+    placement: Placement | None = None
+    position: int | None = None
+    reason: str = ""
+    request: Request | None = None
+    # Other requests the same scheduling pass admitted (act on them like release()'s result).
+    also_admitted: tuple = ()
+
+
+def ordinal(n: int) -> str:
+    if 10 <= n % 100 <= 20:
+        suffix = "th"
+    else:
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+@dataclass
+class _Usage:
+    running: int = 0
+    quanta: int = 0
+    cpu: int = 0
+    mem: int = 0
+    pending: int = 0
+
+    def add(self, r: Request, sign: int = 1):
+        self.running += sign
+        self.quanta += sign * r.quanta
+        self.cpu += sign * r.cpu_millis
+        self.mem += sign * r.memory_bytes
+
+
+class AdmissionQueue:
+    """Queue + admission on top of a ``Capacity``.  Never admits a request twice, never loses one."""
+
+    def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None):
+        self.capacity = capacity
+        self.policy = policy or QueuePolicy()
+        self.limits = limits or UserLimits()
+        self._seq = 0
+        self._pending: dict[RequestKey, Request] = {}
+        self._order: list[int] = []  # pending seqs, ascending
+        self._by_seq: dict[int, RequestKey] = {}
+        self._req_by_seq: dict[int, Request] = {}
+        self._admitted: dict[RequestKey, tuple[Request, Placement]] = {}
+        self._usage: dict[str, _Usage] = {}
+        self._fails: dict[int, int] = {}  # seq -> passes it blocked the queue (skip policy)
+        self._pending_q: Counter = Counter()  # quanta of pending requests
+        # pending seqs by (quanta, cpu, memory): a pass skips a whole shape once one such fails
+        self._by_shape: dict[tuple[int, int, int], list[int]] = {}
+        self._drf_cache: list[Request] | None = None
+        # (stopped, reservations, count) left by the last full FIFO pass; None when capacity was
+        # given back or restored since, so the next pass must be a full one.
+        self._settled = None
+        self._done: set[int] = set()
+        lim = self.limits
+        self._has_limits = bool(
+            lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _user(self, user: str) -> _Usage:
+        u = self._usage.get(user)
+        if u is None:
+            u = self._usage[user] = _Usage()
+        return u
+
+    def _check_duplicate(self, key: RequestKey):
+        if key in self._pending or key in self._admitted:
+            raise DuplicateRequest(f"{key} already has a pending or running session")
+
+    @staticmethod
+    def _shape(req: Request) -> tuple[int, int, int]:
+        return (req.quanta, req.cpu_millis, req.memory_bytes)
+
+    @staticmethod
+    def _insert(lst: list[int], seq: int):
+        if not lst or seq > lst[-1]:
+            lst.append(seq)
+        else:
+            insort(lst, seq)
+
+    def _add_pending(self, req: Request):
+        self._pending[req.key] = req
+        self._by_seq[req.seq] = req.key
+        self._req_by_seq[req.seq] = req
+        self._insert(self._order, req.seq)
+        shape = self._shape(req)
+        lst = self._by_shape.get(shape)
+        if lst is None:
+            lst = self._by_shape[shape] = []
+        self._insert(lst, req.seq)
+        self._user(req.key.user).pending += 1
+        self._pending_q[req.quanta] += 1
+        self._drf_cache = None
+
+    def _remove_pending(self, req: Request, deferred: set | None = None):
+        """Forget a pending request.  With ``deferred`` (inside a pass) its seq stays in the
+        ordered lists until ``_compact`` drops all of the pass's seqs at once (deleting from the
+        front of a long list one by one would make a big pass quadratic)."""
+        del self._pending[req.key]
+        del self._by_seq[req.seq]
+        del self._req_by_seq[req.seq]
+        if deferred is not None:
+            deferred.add(req.seq)
+        else:
+            del self._order[bisect_left(self._order, req.seq)]
+            shape = self._shape(req)
+            lst = self._by_shape[shape]
+            del lst[bisect_left(lst, req.seq)]
+            if not lst:
+                del self._by_shape[shape]
+        self._fails.pop(req.seq, None)
+        self._user(req.key.user).pending -= 1
+        c = self._pending_q[req.quanta] - 1
+        if c:
+            self._pending_q[req.quanta] = c
+        else:
+            del self._pending_q[req.quanta]
+        self._drf_cache = None
+
+    def _admit(self, req: Request, placement: Placement):
+        self._admitted[req.key] = (req, placement)
+        self._user(req.key.user).add(req)
+        self._drf_cache = None
+
+    def _never_reason(self, req: Request) -> str | None:
+        lim = self.limits
+        cap = self.capacity
+        if lim.max_quanta and req.quanta > lim.max_quanta:
+            return f"asks for {cap.fmt(req.quanta)} but the per-user limit is {cap.fmt(lim.max_quanta)}"
+        if lim.max_cpu_millis and req.cpu_millis > lim.max_cpu_millis:
+            return (
+                f"asks for {req.cpu_millis / 1000:g} CPU but the per-user limit is "
+                f"{lim.max_cpu_millis / 1000:g} CPU"
+            )
+        if lim.max_memory_bytes and req.memory_bytes > lim.max_memory_bytes:
+            return (
+                f"asks for {format_bytes(req.memory_bytes)} memory but the per-user limit is "
+                f"{format_bytes(lim.max_memory_bytes)}"
+            )
+        return cap.can_ever_fit(req)
+
+    def _limit_reason(self, req: Request) -> str | None:
+        """Why the user's own limits hold ``req`` back right now, or None."""
+        lim = self.limits
+        u = self._usage.get(req.key.user)
+        if u is None:
+            return None
+        if lim.max_running and u.running >= lim.max_running:
+            n = lim.max_running
+            return f"Waiting: user limit of {n} running session{'s' if n != 1 else ''}"
+        if lim.max_quanta and u.quanta + req.quanta > lim.max_quanta:
+            return f"Waiting: user limit of {self.capacity.fmt(lim.max_quanta)} in use"
+        if lim.max_cpu_millis and u.cpu + req.cpu_millis > lim.max_cpu_millis:
+            return f"Waiting: user limit of {lim.max_cpu_millis / 1000:g} CPU in use"
+        if lim.max_memory_bytes and u.mem + req.memory_bytes > lim.max_memory_bytes:
+            return f"Waiting: user limit of {format_bytes(lim.max_memory_bytes)} memory in use"
+        return None
+
+    def _dominant(self, u: _Usage | None, extra: Request | None = None) -> float:
+        cap = self.capacity
+        q = (u.quanta if u else 0) + (extra.quanta if extra else 0)
+        c = (u.cpu if u else 0) + (extra.cpu_millis if extra else 0)
+        m = (u.mem if u else 0) + (extra.memory_bytes if extra else 0)
+        share = q / cap.total_quanta if cap.total_quanta else 0.0
+        if cap.total_cpu_millis:
+            share = max(share, c / cap.total_cpu_millis)
+        if cap.total_memory_bytes:
+            share = max(share, m / cap.total_memory_bytes)
+        return share
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, request: Request) -> Decision:
+        """Queue ``request`` (assigning its ``seq``) and run a pass.
+
+        RUNNING: admitted now.  PENDING: queued.  REFUSED: can never fit, exceeds a per-user
+        limit on its own, or the user already has ``max_pending`` waiting requests.
+        Raises ``DuplicateRequest`` if the key is already pending or running.
+        """
+        self._check_duplicate(request.key)
+        reason = self._never_reason(request)
+        if reason:
+            return Decision("REFUSED", reason=reason, request=request)
+        lim = self.limits
+        if lim.max_pending and self._user(request.key.user).pending >= lim.max_pending:
+            n = lim.max_pending
+            return Decision(
+                "REFUSED",
+                reason=f"user limit of {n} waiting session{'s' if n != 1 else ''} reached",
+                request=request,
+            )
+        self._seq += 1
+        req = replace(request, seq=self._seq)
+        self._add_pending(req)
+        if self._settled is not None and self.policy.order == "fifo":
+            placement = self._submit_settled(req)
+            if placement is not None:
+                return Decision("RUNNING", placement, None, "", req)
+            return Decision("PENDING", None, self.position(req.key), self.wait_reason(req.key), req)
+        admitted = self.schedule()
+        others = tuple(a for a in admitted if a[0].key != req.key)
+        if req.key in self._admitted:
+            _, placement = self._admitted[req.key]
+            return Decision("RUNNING", placement, None, "", req, others)
+        return Decision("PENDING", None, self.position(req.key), self.wait_reason(req.key), req, others)
+
+    def release(self, key: RequestKey) -> list[tuple[Request, Placement]]:
+        """Drop a pending request or free an admitted one, then run a pass; returns the newly admitted.
+
+        Unknown keys are ignored (release is idempotent).
+        """
+        if key in self._pending:
+            self._settled = None
+            self._remove_pending(self._pending[key])
+        elif key in self._admitted:
+            req, placement = self._admitted.pop(key)
+            self.capacity.give_back(placement)
+            self._settled = None
+            self._user(key.user).add(req, -1)
+            self._drf_cache = None
+        else:
+            return []
+        return self.schedule()
+
+    def restore_admitted(self, request: Request, placement: Placement) -> None:
+        """After a restart: a running session; takes its capacity (ValueError if it cannot)."""
+        self._check_duplicate(request.key)
+        self.capacity.take(placement)
+        self._settled = None
+        self._admit(request, placement)
+        self._seq = max(self._seq, request.seq)
+
+    def restore_pending(self, request: Request) -> Request:
+        """After a restart: a queued request, keeping its ``seq`` (a new one if it has none)."""
+        self._check_duplicate(request.key)
+        if request.seq <= 0 or request.seq in self._by_seq:
+            self._seq += 1
+            request = replace(request, seq=self._seq)
+        self._seq = max(self._seq, request.seq)
+        self._settled = None
+        self._add_pending(request)
+        return request
+
+    def get(self, key: RequestKey) -> Decision | None:
+        """The current state of ``key`` (RUNNING or PENDING), or None if unknown."""
+        if key in self._admitted:
+            req, placement = self._admitted[key]
+            return Decision("RUNNING", placement, None, "", req)
+        req = self._pending.get(key)
+        if req is None:
+            return None
+        return Decision("PENDING", None, self.position(key), self.wait_reason(key), req)
+
+    def pending(self) -> list[Request]:
+        """Pending requests in queue order."""
+        if self.policy.order == "drf":
+            return list(self._drf_order())
+        return [self._req_by_seq[s] for s in self._order]
+
+    def admitted(self) -> dict[RequestKey, tuple[Request, Placement]]:
+        return dict(self._admitted)
+
+    def position(self, key: RequestKey) -> int | None:
+        """1-based place in the queue, or None if not pending."""
+        req = self._pending.get(key)
+        if req is None:
+            return None
+        if self.policy.order == "drf":
+            for i, r in enumerate(self._drf_order()):
+                if r.key == key:
+                    return i + 1
+            return None  # pragma: no cover
+        return bisect_left(self._order, req.seq) + 1
+
+    def wait_reason(self, key: RequestKey) -> str | None:
+        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending."""
+        req = self._pending.get(key)
+        if req is None:
+            return None
+        limit = self._limit_reason(req)
+        if limit:
+            return limit
+        what = self.capacity.fmt(req.quanta) if req.quanta else "CPU/memory"
+        return f"Waiting for {what}: {ordinal(self.position(key))} in queue"
+
+    def __len__(self):
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ order
+    def _drf_order(self) -> list[Request]:
+        if self._drf_cache is not None:
+            return self._drf_cache
+        per_user: dict[str, list[Request]] = {}
+        for s in self._order:
+            r = self._req_by_seq[s]
+            per_user.setdefault(r.key.user, []).append(r)
+        usage = {
+            user: _Usage(u.running, u.quanta, u.cpu, u.mem) for user, u in self._usage.items()
+        }
+        heap = [(self._dominant(usage.get(user)), reqs[0].seq, user, 0) for user, reqs in per_user.items()]
+        heapq.heapify(heap)
+        out = []
+        while heap:
+            _, _, user, i = heapq.heappop(heap)
+            r = per_user[user][i]
+            out.append(r)
+            u = usage.get(user)
+            if u is None:
+                u = usage[user] = _Usage()
+            u.add(r)
+            if i + 1 < len(per_user[user]):
+                nxt = per_user[user][i + 1]
+                heapq.heappush(heap, (self._dominant(u), nxt.seq, user, i + 1))
+        self._drf_cache = out
+        return out
+
+    # ------------------------------------------------------------------ the pass
+    def schedule(self) -> list[tuple[Request, Placement]]:
+        """One scheduling pass; returns the requests it admitted, with their placements."""
+        if not self._pending:
+            return []
+        # A pass allocates many short-lived objects; CPython's cyclic collector
+        # would rescan the whole (large, long-lived) queue and index again and
+        # again, making big passes super-linear. Nothing here forms cycles.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            if self.policy.order == "drf":
+                return self._pass_drf()
+            return self._pass_fifo()
+        finally:
+            self._compact()  # no-op when the pass already compacted
+            if gc_was_enabled:
+                gc.enable()
+
+    def _pass_setup(self):
+        self._settled = None
+        self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
+        self._res = Reservations()
+        self._failed: dict[tuple[int, int], int] = {}  # (cpu, mem) -> least quanta that failed
+        self._reserved_count = 0
+        self._maxfree_dirty = True
+        self._maxfree = 0
+
+    def _exhausted(self) -> bool:
+        """True when no pending request can fit any more in this pass."""
+        pq = self._pending_q
+        if 0 in pq:
+            return False
+        smallest = min(pq)
+        # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
+        # so once a request of that size without CPU/memory failed, all the rest fail too
+        f = self._failed.get((0, 0))
+        if f is not None and f <= smallest:
+            return True
+        if self._maxfree_dirty:
+            self._maxfree = self.capacity.max_free(self._res)
+            self._maxfree_dirty = False
+        return self._maxfree < min(smallest, self.capacity.quanta_per_gpu)
+
+    def _try(self, req: Request) -> Placement | None:
+        """Place and take ``req`` if it fits outside the reservations; None otherwise."""
+        q, cpu, mem = req.quanta, req.cpu_millis, req.memory_bytes
+        failed = self._failed
+        if failed:
+            f = failed.get((cpu, mem))
+            if f is not None and q >= f:
+                return None
+            for (c, m), fq in failed.items():
+                if q >= fq and cpu >= c and mem >= m:
+                    return None
+        placement = self.capacity.place(req, self._res)
+        if placement is None:
+            key = (cpu, mem)
+            if q < failed.get(key, q + 1):
+                failed[key] = q
+            return None
+        self.capacity.take(placement)  # raises on a bug rather than over-allocating
+        self._maxfree_dirty = True
+        return placement
+
+    def _blocked(self, req: Request) -> str:
+        """A request that fits nowhere: returns "stop", or "pass" (later requests may go)."""
+        head = self.policy.head
+        if head == "strict":
+            return "stop"
+        if head == "skip":
+            n = self._fails.get(req.seq, 0) + 1
+            self._fails[req.seq] = n
+            return "pass" if n > self.policy.skip_after else "stop"
+        if self._reserved_count < self.policy.reservations:
+            self._reserved_count += 1
+            # Reserving only removes resources for the rest of the pass, so earlier failures
+            # stay failures and the failure cache remains valid.
+            if self.capacity.reserve(req, self._res) is not None:
+                self._maxfree_dirty = True
+        return "pass"
+
+    def _dominated(self, shape) -> bool:
+        """True if a request of ``shape`` cannot fit: one no bigger in every way failed."""
+        q, cpu, mem = shape
+        for (c, m), fq in self._failed.items():
+            if q >= fq and cpu >= c and mem >= m:
+                return True
+        return False
+
+    def _pass_fifo(self):
+        """FIFO pass.  Strict/backfill merge the per-shape lists in seq order and drop a shape
+        (and every shape it dominates) as soon as one of its requests fails: the same requests
+        are admitted as by walking the whole queue, in far fewer steps.  Skip walks the queue,
+        since each failing request there may stop the pass."""
+        self._pass_setup()
+        if self.policy.head == "skip":
+            out, stopped = self._walk_fifo()
+        else:
+            out, stopped = self._merge_fifo()
+        self._compact()
+        # Nothing more can start until capacity is given back: a later submit only has to try
+        # the new request against the same reservations (see _submit_settled).
+        self._settled = (stopped, self._res, self._reserved_count)
+        return out
+
+    def _admit_pending(self, req, placement, out):
+        out.append((req, placement))
+        self._admit(req, placement)
+        self._remove_pending(req, self._done)
+
+    def _compact(self):
+        done = self._done
+        if not done:
+            return
+        if len(done) <= 16:  # a few: delete each (cheap memmove); many: filter once
+            for seq in done:
+                del self._order[bisect_left(self._order, seq)]
+            for shape in list(self._by_shape):
+                lst = self._by_shape[shape]
+                for seq in done:
+                    i = bisect_left(lst, seq)
+                    if i < len(lst) and lst[i] == seq:
+                        del lst[i]
+                if not lst:
+                    del self._by_shape[shape]
+            done.clear()
+            return
+        self._order = [s for s in self._order if s not in done]
+        for shape in list(self._by_shape):
+            lst = self._by_shape[shape]
+            kept = [s for s in lst if s not in done]
+            if len(kept) != len(lst):
+                if kept:
+                    self._by_shape[shape] = kept
+                else:
+                    del self._by_shape[shape]
+        done.clear()
+
+    def _walk_fifo(self):
+        out = []
+        reqs = self._req_by_seq
+        limited = self._has_limits
+        for s in list(self._order):
+            req = reqs[s]
+            if limited and self._limit_reason(req):
+                continue
+            placement = self._try(req)
+            if placement is not None:
+                self._admit_pending(req, placement, out)
+                if not self._pending_q:
+                    break
+                continue
+            if self._blocked(req) == "stop":
+                return out, True
+            if self._exhausted():
+                break
+        return out, False
+
+    def _merge_fifo(self):
+        out = []
+        reqs = self._req_by_seq
+        limited = self._has_limits
+        by_shape = self._by_shape
+        heap = [(lst[0], shape, 0) for shape, lst in by_shape.items()]
+        heapq.heapify(heap)
+        reservations = self.policy.reservations
+        while heap:
+            s, shape, i = heap[0]
+            if self._failed and self._reserved_count >= reservations and self._dominated(shape):
+                heapq.heappop(heap)
+                continue
+            req = reqs[s]
+            if limited and self._limit_reason(req):
+                placement = None
+                i += 1
+            else:
+                placement = self._try(req)
+                if placement is not None:
+                    self._admit_pending(req, placement, out)
+                    if not self._pending_q:
+                        break
+                    i += 1
+                else:
+                    if self._blocked(req) == "stop":
+                        return out, True
+                    if self._exhausted():
+                        break
+                    if self._reserved_count >= reservations:
+                        heapq.heappop(heap)  # the rest of this shape fails too (now dominated)
+                        continue
+                    i += 1
+            lst = by_shape[shape]
+            if i < len(lst):
+                heapq.heapreplace(heap, (lst[i], shape, i))
+            else:
+                heapq.heappop(heap)
+        return out, False
+
+    def _submit_settled(self, req: Request) -> Placement | None:
+        """Admit ``req`` if a full pass would, given that the queue before it is settled.
+
+        The previous full pass left every earlier request unable to start, and capacity has only
+        shrunk since, so they still cannot start; only the new (last in FIFO order) request can.
+        """
+        stopped, res, nres = self._settled
+        if stopped or (self._has_limits and self._limit_reason(req)):
+            return None
+        placement = self.capacity.place(req, res)
+        if placement is not None:
+            self.capacity.take(placement)
+            self._admit(req, placement)
+            self._remove_pending(req)
+            return placement
+        head = self.policy.head
+        if head == "strict":
+            stopped = True
+        elif head == "skip":
+            n = self._fails.get(req.seq, 0) + 1
+            self._fails[req.seq] = n
+            stopped = n <= self.policy.skip_after
+        elif nres < self.policy.reservations:
+            nres += 1
+            self.capacity.reserve(req, res)
+        self._settled = (stopped, res, nres)
+        return None
+
+    def _pass_drf(self):
+        self._pass_setup()
+        out = []
+        per_user: dict[str, list[Request]] = {}
+        for s in self._order:
+            r = self._req_by_seq[s]
+            per_user.setdefault(r.key.user, []).append(r)
+        heap = [
+            (self._dominant(self._usage.get(user)), reqs[0].seq, user, 0)
+            for user, reqs in per_user.items()
+        ]
+        heapq.heapify(heap)
+        while heap:
+            _, _, user, i = heapq.heappop(heap)
+            req = per_user[user][i]
+            if self._limit_reason(req):
+                if self.limits.max_running and self._user(user).running >= self.limits.max_running:
+                    continue  # none of this user's requests can start this pass
+            else:
+                placement = self._try(req)
+                if placement is not None:
+                    self._admit_pending(req, placement, out)
+                elif self._blocked(req) == "stop" or self._exhausted():
+                    break
+            if i + 1 < len(per_user[user]):
+                nxt = per_user[user][i + 1]
+                heapq.heappush(heap, (self._dominant(self._usage.get(user)), nxt.seq, user, i + 1))
+        return out
