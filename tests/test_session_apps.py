@@ -122,10 +122,10 @@ def test_mlflow_server_env():
 
 
 def test_mlflow_proxy_config():
-    cfg = config.mlflow_proxy_config("/opt/bai/venv/bin/python", "/icons/mlflow.svg", {})
+    cfg = config.mlflow_proxy_config("/opt/bai/server/bin/python", "/icons/mlflow.svg", {})
     assert cfg == {
         "command": [
-            "/opt/bai/venv/bin/python", "-m", "bai_session_apps.mlflow_launcher",
+            "/opt/bai/server/bin/python", "-m", "bai_session_apps.mlflow_launcher",
             "--port", "{port}", "--base-url", "{base_url}", "--start-timeout", "180",
         ],
         "timeout": 180,
