@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -33,9 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import KERNEL_IMAGE  # noqa: E402
 from helpers.hub import Hub  # noqa: E402
 
-IMAGE = os.environ.get("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1"  # as bai-images names it
+IMAGE = KERNEL_IMAGE  # follows BAI_IMAGE_PREFIX, as bai-images names it
 CPU, MEMORY_GIB = "0.5", "1"
 BAI_OPTIONS = {"image": IMAGE, "fgpu": "1", "cpu": CPU, "memory": MEMORY_GIB}
 USER = "spawnbench"
