@@ -1,7 +1,7 @@
 """Session snapshots: turn a running session into a private image its owner can launch.
 
 The workflow: a user prepares a session (``pip install X`` into the image's
-environment ``/opt/bai/venv``), asks an admin, and the admin snapshots it from
+kernel environment ``/opt/bai/kernel``), asks an admin, and the admin snapshots it from
 the panel (``{prefix}admin/snapshots``) or the REST API.  The result is a
 ``docker commit`` of the session's container on the node it runs on, named
 ``<private_image_repo>/<user>:<tag>`` and labelled ``kind=private`` with its

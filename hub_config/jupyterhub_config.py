@@ -131,7 +131,8 @@ c.JupyterHub.spawner_class = "bai"
 scheduler_token = secret_file("scheduler-token")
 c.BaiSpawner.scheduler_url = f"http://127.0.0.1:{scheduler_port}"
 c.BaiSpawner.scheduler_token = scheduler_token
-c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", "bai/sklearn:1.6.1")
+# BAI_IMAGE_PREFIX is the prefix `bai-images build` names its images with
+c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", env("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1")
 c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}

@@ -105,6 +105,13 @@ if [ $WITH_TEST = 1 ]; then
   fi
 fi
 
-# Kernel images (cached: unchanged recipes are not rebuilt).
-say "building kernel images (cached)"
+# Kernel images (cached: unchanged recipes are not rebuilt). bai-images prints a line per
+# image and step as it goes ("[2/3] bai/tensorflow:2.21.0: download: ..."); a first build
+# takes a quarter of an hour. pip >= 24.1 reports the download's bytes (--progress-bar raw).
+if ! .venv/bin/python -c 'import importlib.metadata as m, sys
+sys.exit(tuple(int(x) for x in m.version("pip").split(".")[:2]) < (24, 1))' 2>/dev/null; then
+  quietly .venv/bin/pip install -q --disable-pip-version-check "pip>=24.1"
+fi
+say "Kernel images: building what is missing (cached by recipe)"
 .venv/bin/bai-images build
+done_step "Kernel images" "ready (bai-images list shows them)"

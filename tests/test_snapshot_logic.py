@@ -155,7 +155,7 @@ def test_snapshot_of_a_snapshot_names_the_original_image_not_a_chain():
 def test_commit_config_keeps_the_image_config_and_blanks_everything_of_the_session():
     image_cfg = {
         "Labels": dict(KERNEL_LABELS, **{"org.opencontainers.image.title": "x"}),
-        "Env": ["PATH=/opt/bai/venv/bin:/usr/bin", "LANG=C.UTF-8"],
+        "Env": ["PATH=/opt/bai/kernel/bin:/usr/bin:/opt/bai/server/bin", "LANG=C.UTF-8"],
         "Cmd": ["jupyterhub-singleuser"], "Entrypoint": ["tini", "--"], "WorkingDir": "/home/jovyan",
         "User": "1000:100",
     }
@@ -173,7 +173,7 @@ def test_commit_config_keeps_the_image_config_and_blanks_everything_of_the_sessi
     assert lab["org.opencontainers.image.title"] == "x"
     for k, v in new.items():
         assert lab[k] == v
-    assert conf["Env"] == ["PATH=/opt/bai/venv/bin:/usr/bin", "LANG=C.UTF-8", "JUPYTERHUB_API_TOKEN=",
+    assert conf["Env"] == ["PATH=/opt/bai/kernel/bin:/usr/bin:/opt/bai/server/bin", "LANG=C.UTF-8", "JUPYTERHUB_API_TOKEN=",
                            "CUDA_DEVICE_MEMORY_LIMIT_0="]
     assert not any("secret" in e for e in conf["Env"])
     assert conf["Cmd"] == ["jupyterhub-singleuser"] and conf["Entrypoint"] == ["tini", "--"]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import ARTIFACTS, KERNEL_IMAGE
+from helpers import ARTIFACTS, KERNEL_IMAGE, OLD_IMAGE
 from helpers.images import assert_runs, chosen, choice_images, stop
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
@@ -114,7 +114,7 @@ def test_form_launch_three_then_stop_one_and_the_queued_one_runs(hub, browser):
         assert "scikit-learn" in groups
         versions = page.eval_on_selector_all("#bai-image optgroup[label='scikit-learn'] option",
                                              "os => os.map(o => o.value)")
-        assert versions.index(KERNEL_IMAGE) < versions.index("bai/sklearn:1.5.2")  # newest first
+        assert versions.index(KERNEL_IMAGE) < versions.index(OLD_IMAGE)  # newest first
         assert "0.5 fGPU = 2 GiB GPU memory, 25% of SMs" in page.inner_text("#bai-fgpu")
         page.select_option("#bai-image", KERNEL_IMAGE)
         page.select_option("#bai-fgpu", "1")

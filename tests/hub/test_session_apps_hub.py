@@ -23,6 +23,7 @@ import requests
 
 from helpers import ARTIFACTS, KERNEL_IMAGE
 from helpers.hub import docker
+from helpers.session import run_in_kernel
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -261,48 +262,6 @@ print("RESULT" + json.dumps([
     assert out.returncode == 0, out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
-
-
-def run_in_kernel(session: Session, code: str, timeout=120) -> str:
-    """Run code in a real kernel of the session (as a notebook cell would) and
-    return its stdout; the kernel inherits the server's environment."""
-    import websocket
-
-    r = requests.post(session.url + "api/kernels", json={"name": "python3"},
-                      headers={"Authorization": f"token {session.token}"}, timeout=60)
-    assert r.status_code == 201, r.text
-    kid = r.json()["id"]
-    ws_url = session.url.replace("http://", "ws://") + f"api/kernels/{kid}/channels"
-    ws = websocket.create_connection(ws_url, header=[f"Authorization: token {session.token}"], timeout=timeout)
-    try:
-        msg_id = uuid.uuid4().hex
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": session.user,
-                       "session": uuid.uuid4().hex, "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
-        out, error, deadline = [], None, time.time() + timeout
-        while time.time() < deadline:
-            msg = json.loads(ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["msg_type"]
-            if kind == "stream":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                error = "\n".join(msg["content"]["traceback"])
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        else:
-            raise AssertionError(f"kernel did not finish in {timeout}s: {''.join(out)[-2000:]}")
-    finally:
-        ws.close()
-        requests.delete(session.url + f"api/kernels/{kid}", headers={"Authorization": f"token {session.token}"},
-                        timeout=30)
-    assert error is None, re.sub(r"\x1b\[[0-9;]*m", "", error)[-3000:]
-    return "".join(out)
 
 
 SEED_CELL = """

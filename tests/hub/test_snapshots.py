@@ -11,22 +11,20 @@ All of it runs on a hub of its own whose private repository is
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import secrets
 import shutil
 import time
-import zipfile
-from pathlib import Path
 
 import pytest
 import requests
 
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
+from bai_spawner.images.layout import KERNEL_ENV
 from helpers import ARTIFACTS, KERNEL_IMAGE
 from helpers.hub import ROOT, Hub, docker
+from helpers.images import make_wheel
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -38,28 +36,6 @@ ADMIN = "snapadmin"
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def make_wheel(directory: Path) -> Path:
-    """A pure-Python wheel made on the host (no network, no build tools)."""
-    dist = f"{PKG}-0.1"
-    files = {
-        f"{PKG}/__init__.py": f"VALUE = {PKG_VALUE!r}\n".encode(),
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PKG}\nVersion: 0.1\n".encode(),
-        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: bai-tests\nRoot-Is-Purelib: true\n"
-                                   b"Tag: py3-none-any\n",
-    }
-    record = []
-    for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{dist}.dist-info/RECORD,,")
-    files[f"{dist}.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
-    path = directory / f"{PKG}-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return path
 
 
 def run_in(container_id, *cmd, user=None) -> str:
@@ -144,13 +120,13 @@ def prepared(snap_hub, people, tmp_path_factory):
     assert r.status_code in (201, 202), r.text
     hub.wait_ready(alice, "work")
     c = hub.session_container(alice, "work")
-    wheel = make_wheel(tmp_path_factory.mktemp("wheel"))
+    wheel = make_wheel(tmp_path_factory.mktemp("wheel"), PKG, "0.1", init=f"VALUE = {PKG_VALUE!r}\n")
     assert docker("cp", str(wheel), f"{c['Id']}:/tmp/{wheel.name}").returncode == 0
     # As the notebook user, like `pip install` in a terminal of the session: the
-    # venv is jovyan's, so the package lands in the image layer.
+    # kernel environment is jovyan's, so the package lands in the image layer.
     run_in(c["Id"], "python", "-m", "pip", "install", "--no-index", "--no-deps", "--no-cache-dir",
            f"/tmp/{wheel.name}", user="jovyan")
-    assert run_in(c["Id"], "python", "-c", f"import {PKG}; print({PKG}.__file__)").startswith("/opt/bai/venv/")
+    assert run_in(c["Id"], "python", "-c", f"import {PKG}; print({PKG}.__file__)").startswith(f"{KERNEL_ENV}/")
     run_in(c["Id"], "sh", "-c", "echo only-in-home > /home/jovyan/home-marker.txt")
     yield c
     stop(hub, alice, "work")

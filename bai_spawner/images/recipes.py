@@ -1,11 +1,11 @@
 """Kernel image recipes: parsing, validation and hashing (no Docker, no network).
 
-A recipe is one small TOML file in ``hub_config/images/``::
+A recipe is one small TOML file in the recipes folder (``hub_config/images/``)::
 
     name = "sklearn-1.6"              # recipe name = file name without .toml
     image = "sklearn"                 # optional; the image is <prefix><image>:<version>
                                       # (default: the recipe name)
-    framework = "scikit-learn"
+    framework = "scikit-learn"        # the spawn form groups images by it
     version = "1.6.1"                 # also the image tag
     display_name = "scikit-learn 1.6"
     base = "base"                     # another recipe's name, or "rootfs"
@@ -13,18 +13,27 @@ A recipe is one small TOML file in ``hub_config/images/``::
     description = "..."               # optional
     default = true                    # optional; false = built only on request
     python = "3.11"                   # optional; the Python the packages need
-    test = "python -c 'import sklearn'"  # optional smoke test run in the image
+    test = "python -c 'import sklearn'"  # optional check run in the new image
+
+Every image has two Python environments (paths in ``layout.py``): the *server
+environment* (JupyterLab, jupyterhub-singleuser, jupyter-server-proxy, the
+session apps) made by the recipe with ``base = "rootfs"`` from its
+``packages``, and the *kernel environment*, made by a kernel recipe built on
+it from the base's ``kernel_packages`` (ipykernel, the MLflow client) plus the
+recipe's ``packages``. The two are resolved apart, so a framework's pins never
+meet the server's. A kernel recipe built on another kernel recipe adds its
+packages to that recipe's kernel environment, which it may not downgrade.
 
 Only a recipe whose base is "rootfs" may also set ``kind = "base"``, ``apt``
-(extra Debian packages for debootstrap), ``suite``, ``venvs`` (extra isolated
-virtual environments, ``{name = [requirements]}``) and ``extensions`` (install
-the repository's ``extensions/`` package). A requirement may pin a version to
-whatever the host has installed with ``{host:DIST}``, e.g.
-``"jupyterhub=={host:jupyterhub}"``.
+(extra Debian packages for debootstrap), ``suite``, ``venvs`` (more isolated
+environments, ``{name = [requirements]}``, e.g. the MLflow UI server),
+``kernel_packages`` and ``extensions`` (install the ``bai-session-apps``
+package). A requirement may pin a version to whatever the host has installed
+with ``{host:DIST}``, e.g. ``"jupyterhub=={host:jupyterhub}"``.
 
 The recipe hash covers everything that changes the image: the recipe's
 effective content, its base chain's hashes, the builder's own script version
-(``salt``) and, for a recipe that installs it, the ``extensions/`` source tree.
+(``salt``) and, for a recipe that installs it, the extensions source tree.
 A changed recipe therefore rebuilds itself and what is built on it, nothing else.
 """
 
@@ -54,7 +63,9 @@ _DEB_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]+$")
 
 _REQUIRED = ("name", "framework", "version", "display_name", "base", "packages")
 _OPTIONAL = ("image", "description", "default", "python", "test", "kind")
-_BASE_ONLY = ("apt", "suite", "venvs", "extensions")
+_BASE_ONLY = ("apt", "suite", "venvs", "kernel_packages", "extensions")
+# Environment names the builder uses itself (layout.py).
+_RESERVED_ENVS = {"server", "kernel"}
 
 # Directories never part of the extensions/ source digest.
 _SKIP_DIRS = {"__pycache__", "build", "dist", "node_modules", ".git", ".ipynb_checkpoints",
@@ -82,6 +93,7 @@ class Recipe:
     apt: tuple[str, ...] = ()
     suite: str = "bookworm"
     venvs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    kernel_packages: tuple[str, ...] = ()
     extensions: bool = False
     image: str = ""
     path: str = ""
@@ -103,9 +115,6 @@ class Recipe:
     def image_ref(self, prefix: str = "bai/") -> str:
         return f"{prefix}{self.repository}:{self.version}"
 
-    def requirement_names(self) -> list[str]:
-        return [Requirement(p).name for p in self.packages]
-
     def resolved(self, host_version: Callable[[str], str]) -> "Recipe":
         """Substitute ``{host:DIST}`` placeholders with ``host_version(DIST)``."""
         def sub(spec: str) -> str:
@@ -121,11 +130,13 @@ class Recipe:
             return _HOST_RE.sub(repl, spec)
 
         packages = tuple(sub(p) for p in self.packages)
+        kernel_packages = tuple(sub(p) for p in self.kernel_packages)
         venvs = tuple((n, tuple(sub(p) for p in reqs)) for n, reqs in self.venvs)
-        for field, specs in [("packages", packages)] + [(f"venvs.{n}", r) for n, r in venvs]:
+        fields = [("packages", packages), ("kernel_packages", kernel_packages)]
+        for field, specs in fields + [(f"venvs.{n}", r) for n, r in venvs]:
             for spec in specs:
                 _check_pinned(spec, self.path or self.name, field)
-        return dataclasses.replace(self, packages=packages, venvs=venvs)
+        return dataclasses.replace(self, packages=packages, kernel_packages=kernel_packages, venvs=venvs)
 
     def content(self) -> dict:
         """What goes into the hash: everything that changes the built image."""
@@ -135,6 +146,7 @@ class Recipe:
             "packages": list(self.packages), "python": self.python, "test": self.test,
             "apt": sorted(self.apt), "suite": self.suite,
             "venvs": {n: list(r) for n, r in self.venvs}, "extensions": self.extensions,
+            "kernel_packages": list(self.kernel_packages),
             "image": self.repository,
         }
 
@@ -221,6 +233,10 @@ def parse_recipe(data: Mapping, path: str = "<recipe>") -> Recipe:
     kind = _str(data, "kind", path, required=False,
                 pattern=re.compile(rf"^({KIND_KERNEL}|{KIND_BASE})$"), hint='"kernel" or "base"')
     kind = kind or KIND_KERNEL
+    if (kind == KIND_BASE) != (base == ROOTFS):
+        raise _err(path, "kind", f'is "{kind}" with base = "{base}"',
+                   f'a recipe on "{ROOTFS}" makes the server environment and must say kind = "{KIND_BASE}"; '
+                   f'a kernel recipe names a base recipe, e.g. base = "base"')
     if base != ROOTFS:
         present = [k for k in _BASE_ONLY if k in data]
         if present:
@@ -238,13 +254,16 @@ def parse_recipe(data: Mapping, path: str = "<recipe>") -> Recipe:
                    'write e.g. venvs = { mlflow = ["mlflow==3.17.2"] }')
     venvs = []
     for vname in sorted(venvs_raw):
-        if not _NAME_RE.match(vname) or vname == "venv":
+        if not _NAME_RE.match(vname) or vname in _RESERVED_ENVS:
             raise _err(path, f"venvs.{vname}", "is not a usable directory name",
-                       'use a lower-case name other than "venv", e.g. mlflow')
+                       f'use a lower-case name other than {" or ".join(sorted(_RESERVED_ENVS))}, e.g. mlflow')
         reqs = _str_list(venvs_raw, vname, path, required=True)
         for spec in reqs:
             _check_pinned(spec, path, f"venvs.{vname}")
         venvs.append((vname, reqs))
+    kernel_packages = _str_list(data, "kernel_packages", path, required=False)
+    for spec in kernel_packages:
+        _check_pinned(spec, path, "kernel_packages")
     extensions = data.get("extensions", False)
     if not isinstance(extensions, bool):
         raise _err(path, "extensions", f"must be true or false (got {extensions!r})",
@@ -252,7 +271,8 @@ def parse_recipe(data: Mapping, path: str = "<recipe>") -> Recipe:
     return Recipe(name=name, framework=framework, version=version, display_name=display_name,
                   base=base, packages=packages, description=description, default=default,
                   python=python, test=test, kind=kind, apt=apt, suite=suite,
-                  venvs=tuple(venvs), extensions=extensions, image=image, path=path)
+                  venvs=tuple(venvs), kernel_packages=kernel_packages, extensions=extensions,
+                  image=image, path=path)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -320,6 +340,24 @@ def build_order(recipes: Mapping[str, Recipe], names: Iterable[str]) -> list[str
             if n not in order:
                 order.append(n)
     return order
+
+
+def dist_name(spec: str) -> str:
+    """Normalised distribution name of a requirement or a ``name==version`` pin."""
+    return Requirement(spec).name.lower().replace("_", "-").replace(".", "-")
+
+
+def kernel_requirements(recipes: Mapping[str, Recipe], name: str) -> list[str]:
+    """What a kernel recipe installs into its kernel environment: built on the
+    base, the base's ``kernel_packages`` with the recipe's own pins winning
+    (a recipe may pin another ipykernel or MLflow client), then its packages;
+    built on another kernel recipe, only its packages."""
+    r = recipes[name]
+    parent = recipes.get(r.base)
+    if parent is None or parent.kind != KIND_BASE:
+        return list(r.packages)
+    own = {dist_name(p) for p in r.packages}
+    return [p for p in parent.kernel_packages if dist_name(p) not in own] + list(r.packages)
 
 
 def default_names(recipes: Mapping[str, Recipe]) -> list[str]:
