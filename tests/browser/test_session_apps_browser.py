@@ -33,11 +33,9 @@ SERVER = "lab"
 @pytest.fixture(scope="module")
 def session(hub):
     """A user with a NativeAuthenticator login and a running session."""
-    from hub_config.bootstrap_admin import ensure_account
-
     name = f"appsbr{uuid.uuid4().hex[:4]}"
     token = hub.add_user(name)
-    assert ensure_account(f"sqlite:///{hub.workdir}/var/jupyterhub.sqlite", name, PASSWORD)
+    hub.set_password(name, PASSWORD)
     r = hub.start_server(name, SERVER, OPTIONS)
     assert r.status_code in (201, 202), r.text
     try:

@@ -89,6 +89,7 @@ class Hub:
         self.prefix = prefix or f"bai-test-{secrets.token_hex(3)}-"
         self.port = free_port()
         self.admin_token = secrets.token_hex(16)
+        self.passwords: dict[str, str] = {}  # the logins set_password made: name -> password
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ)
         self.env.update({
@@ -185,21 +186,27 @@ class Hub:
         return r.json()["token"]
 
     def set_password(self, name: str, password: str) -> None:
-        """An approved NativeAuthenticator login for ``name`` with ``password`` (made, or changed)."""
-        import bcrypt
-        from nativeauthenticator.orm import UserInfo
-        from sqlalchemy import create_engine
-        from sqlalchemy.orm import Session
+        """An approved NativeAuthenticator login for ``name`` with ``password``: made in the
+        database if new, else changed on the hub's change-password page as its user does.
 
+        Never changed in the database behind the hub: the hub's database session keeps the rows it
+        has read (JupyterHub's expire_on_commit=False), so it went on checking the old password
+        until its copy happened to be garbage-collected, and logins failed now and then."""
         from hub_config.bootstrap_admin import ensure_account
 
-        db_url = f"sqlite:///{self.workdir}/var/jupyterhub.sqlite"
-        if not ensure_account(db_url, name, password):
-            engine = create_engine(db_url)
-            with Session(engine) as db:
-                UserInfo.find(db, name).password = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
-                db.commit()
-            engine.dispose()
+        if ensure_account(f"sqlite:///{self.workdir}/var/jupyterhub.sqlite", name, password):
+            self.passwords[name] = password
+            return
+        old = self.passwords.get(name)
+        assert old is not None, f"{name} has a login these tests did not make here: its password is unknown"
+        if old == password:
+            return
+        s = login(self.url, name, old)
+        r = s.post(f"{self.url}/hub/change-password", data={
+            "old_password": old, "new_password": password, "new_password_confirmation": password,
+            "_xsrf": self.form_xsrf(s, "/hub/change-password")}, timeout=30)
+        assert r.status_code == 200 and "changed successfully" in r.text, r.text[:1000]
+        self.passwords[name] = password
 
     def login(self, name: str, password: str) -> requests.Session:
         """A browser-like session logged in through the hub's login form (the account is made

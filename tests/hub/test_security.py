@@ -409,3 +409,16 @@ def test_approving_or_discarding_a_sign_up_needs_the_admins_post_not_a_link(hub)
     r = admin.post(f"{hub.url}/hub/discard/{mallory}", data={"_xsrf": xsrf}, allow_redirects=False, timeout=30)
     assert r.status_code == 302
     assert f'id="{mallory}"' not in admin.get(f"{hub.url}/hub/authorize", timeout=30).text
+
+
+def test_after_each_password_change_only_the_new_password_logs_in(hub):
+    """The test helper changes a password the way a user does, so the hub sees each change. (It once
+    wrote the database behind the hub's back: the hub kept the rows its authorization page had read,
+    and the admin's login of the next test failed now and then with its new password.)"""
+    name = hub.env.get("BAI_ADMIN_USER", "admin")  # an admin by the hub's config
+    passwords = ["Changed-" + secrets.token_hex(8) for _ in range(6)]
+    for old, new in zip([None, *passwords], passwords):
+        admin = hub.login(name, new)
+        assert admin.get(f"{hub.url}/hub/authorize", timeout=30).status_code == 200
+        if old:
+            assert not can_log_in(hub, name, old)

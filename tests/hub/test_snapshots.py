@@ -377,15 +377,12 @@ def login(page, hub, name, password):
 def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people, prepared, snapshot, browser):
     from playwright.sync_api import expect
 
-    from hub_config.bootstrap_admin import ensure_account
-
     hub = snap_hub
     admin, _ = people["admin"]
     alice, _ = people["alice"]
-    db = f"sqlite:///{hub.workdir}/var/jupyterhub.sqlite"
     passwords = {admin: secrets.token_urlsafe(12), alice: secrets.token_urlsafe(12)}
     for name, pw in passwords.items():
-        ensure_account(db, name, pw)
+        hub.set_password(name, pw)
     panel = f"{hub.url}/services/bai-scheduler/admin/snapshots"
     ref = f"{hub.repo}/{alice}:frompanel"
     try:
