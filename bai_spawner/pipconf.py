@@ -13,6 +13,9 @@ asked only through ``exists``):
 * local folders and files those options name (``file://`` indexes, find-links folders,
   constraint files) stay at their paths: ``local_paths`` lists them and the spawner mounts
   them read-only at the same place in every session; ones missing on the host are dropped.
+  A local index in PEP 503's layout, ``<root>/simple/``, is mounted from ``<root>``: its pages
+  link to the packages' files outside ``simple/`` (``../../files/x.whl``, as pip2pi and this
+  machine's indexes do).
 
 ``python -m bai_spawner.pipconf FILE`` writes FILE from this host's configuration and prints the
 two settings as ``BAI_SESSION_PIP_CONFIG=…`` and ``BAI_SESSION_CA_BUNDLE=…`` lines, which
@@ -42,6 +45,7 @@ KEPT = {"index-url", "extra-index-url", "find-links", "trusted-host", "constrain
         "default-timeout", "retries", "no-index", "prefer-binary", "only-binary", "no-binary", "pre",
         "disable-pip-version-check", "progress-bar"}
 PATH_OPTIONS = {"index-url", "extra-index-url", "find-links", "constraint"}
+INDEX_OPTIONS = {"index-url", "extra-index-url"}
 
 
 @dataclass(frozen=True)
@@ -127,11 +131,18 @@ def local_paths(text: str) -> list[str]:
     out: list[str] = []
     for section in parser.sections():
         for option, value in parser[section].items():
-            if option.replace("_", "-") in PATH_OPTIONS:
+            option = option.replace("_", "-")
+            if option in PATH_OPTIONS:
                 for entry in value.split():
                     path = _local(entry)
-                    if path and path not in out:
-                        out.append(path.rstrip("/") or "/")
+                    if not path:
+                        continue
+                    path = path.rstrip("/") or "/"
+                    root, name = os.path.split(path)
+                    if option in INDEX_OPTIONS and name == "simple" and root != "/":
+                        path = root  # the pages link to files beside simple/
+                    if path not in out:
+                        out.append(path)
     return out
 
 

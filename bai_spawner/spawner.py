@@ -176,7 +176,7 @@ class BaiSpawner(DockerSpawner):
         help="A pip configuration file for sessions (a pip.conf on the engine's host): mounted read-only at "
         "/etc/pip.conf in every session, so that `pip install X` there uses the site's package index or mirror. "
         "Local folders and files it names (file:// indexes, find-links folders, constraint files) are mounted "
-        "read-only at the same paths. scripts/run-hub writes one from the host's own pip configuration "
+        "read-only at the same paths (a file:// index <root>/simple/ from <root>, where its pages link). scripts/run-hub writes one from the host's own pip configuration "
         "(python -m bai_spawner.pipconf). Empty: the image's own settings (PyPI).",
     )
     ca_bundle = Unicode(

@@ -39,7 +39,7 @@ def test_the_hosts_settings_become_the_sessions_pip_conf_and_ca():
     assert "cert" not in made.text  # in a session that path is the image's own bundle
     assert any("file:///opt/pypi-more/simple does not exist" in d for d in made.dropped)
     assert any("cache-dir" in d for d in made.dropped)
-    assert sorted(pipconf.local_paths(made.text)) == ["/etc/xdg/pip/constraints.txt", "/opt/pypi/simple", "/opt/wheels"]
+    assert sorted(pipconf.local_paths(made.text)) == ["/etc/xdg/pip/constraints.txt", "/opt/pypi", "/opt/wheels"]
 
 
 def test_local_paths_of_an_admins_pip_conf():
@@ -47,6 +47,9 @@ def test_local_paths_of_an_admins_pip_conf():
             "  https://other/simple\nfind_links = /srv/wheels/\n[install]\nconstraint = /etc/c.txt\n"
             "trusted-host = pypi.example\n")
     assert pipconf.local_paths(text) == ["/srv/py index", "/srv/wheels", "/etc/c.txt"]
+    # PEP 503's layout: the pages under <root>/simple/ link to files beside it (../../files/x.whl).
+    text = ("[global]\nextra-index-url = file:///opt/pypi/simple/ file:///simple\nfind-links = /srv/simple\n")
+    assert pipconf.local_paths(text) == ["/opt/pypi", "/simple", "/srv/simple"]
     with pytest.raises(ValueError, match="not a pip configuration"):
         pipconf.local_paths("index-url = x")  # no section
 
