@@ -211,7 +211,7 @@ def test_a_new_user_walks_the_seeds_path(hub, browser):
         ml.wait_for_url(re.compile(r"/mlflow/#/experiments/\d+"), timeout=180_000)
         ml.get_by_text("logreg-C1", exact=True).first.wait_for(timeout=120_000)
         ml.wait_for_timeout(1500)
-        shot(ml, "mlflow-launcher", "mlflow-in-session.png")
+        shot(ml, "mlflow-launcher")  # (the README's is test_session_apps_browser's, with three runs)
         ml.close()
 
         # -- the sessions page: three 1-fGPU sessions on the two free fGPU -------------------------
