@@ -3,7 +3,10 @@
 ``Capacity`` holds, for every device, how many fGPU quanta are free, and for every node how
 much CPU and memory is left (0 capacity = not limited).  ``place`` answers where a request
 would go without changing anything; ``take`` and ``give_back`` apply and undo a placement and
-refuse anything that would over-allocate or return more than was taken.
+refuse anything that would over-allocate or return more than was taken.  The one exception is
+``take(force=True)``: a session the engine shows running is counted even when its device is
+already full (an over-commit found by reconcile); the excess is kept as that device's *debt*,
+reported by ``overcommitted()`` and ``snapshot()``, and paid off first when shares come back.
 
 Placement rules
 ---------------
@@ -100,6 +103,7 @@ class Capacity:
         self._dev_uuid: list[str] = []
         self._cap: list[int] = []
         self._free: list[int] = []
+        self._debt: list[int] = []  # quanta in use beyond capacity (forced takes), per device
         self._dev_node: list[int] = []
         self._node_devs: list[list[int]] = []
         for ni, node in enumerate(self.nodes):
@@ -119,6 +123,7 @@ class Capacity:
                 self._dev_uuid.append(dev.uuid)
                 self._cap.append(dev.quanta)
                 self._free.append(dev.quanta)
+                self._debt.append(0)
                 self._dev_node.append(ni)
                 devs.append(di)
             self._node_devs.append(devs)
@@ -142,18 +147,17 @@ class Capacity:
         self.total_cpu_millis = 0 if any(c == 0 for c in self._cpu_cap) else sum(self._cpu_cap)
         self.total_memory_bytes = 0 if any(m == 0 for m in self._mem_cap) else sum(self._mem_cap)
         self._rebuild()
-        # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem)
-        self._shapes = sorted(
-            {
-                (
-                    sum(1 for d in devs if self._cap[d] == Q),
-                    max((self._cap[d] for d in devs), default=0),
-                    self._cpu_cap[ni],
-                    self._mem_cap[ni],
-                )
-                for ni, devs in enumerate(self._node_devs)
-            }
-        )
+        # node shapes for can_ever_fit and hosts: (whole-capable devices, biggest device, cpu, mem)
+        self._node_shape = [
+            (
+                sum(1 for d in devs if self._cap[d] == Q),
+                max((self._cap[d] for d in devs), default=0),
+                self._cpu_cap[ni],
+                self._mem_cap[ni],
+            )
+            for ni, devs in enumerate(self._node_devs)
+        ]
+        self._shapes = sorted(set(self._node_shape))
 
     # ------------------------------------------------------------------ indexes
     def _dkey(self, ni: int) -> int:
@@ -358,30 +362,39 @@ class Capacity:
                 return f
         return 0
 
-    def reserve(self, request: Request, reserved: Reservations | None = None) -> Reservation | None:
+    def reserve(
+        self, request: Request, reserved: Reservations | None = None, only_nodes=None, only_devices=None
+    ) -> Reservation | None:
         """Hold back the resources ``request`` is closest to getting, so backfill avoids them.
 
         For up to one GPU: the device (not yet reserved) with the most free quanta.  Above one
-        GPU: the node with the most free quanta and its freest devices.  The node's CPU and
-        memory the request needs are held too.  The reservation is added to ``reserved`` when
-        given.  None when nothing could ever host the request.
+        GPU: the node with the most free quanta and its freest devices.  Without GPU: the first
+        node that could host it.  The node's CPU and memory the request needs are held too.
+        ``only_nodes`` and ``only_devices`` (internal indexes) limit the choice.  The reservation
+        is added to ``reserved`` when given.  None when nothing could host the request.
+
+        The choice never changes when capacity outside the chosen devices is taken (a device
+        that is freest stays freest when others fill up), so a reservation made in one pass
+        is the one a later pass would make, as long as nothing was given back.
         """
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
         Q = self.quanta_per_gpu
-        excl = reserved.devices if reserved else set()
+        excl = set(reserved.devices) if reserved else set()
+        if only_devices is not None:
+            excl.update(d for d in range(len(self._cap)) if d not in only_devices)
 
         def could_host(ni):
-            return (not cpu or not self._cpu_cap[ni] or self._cpu_cap[ni] >= cpu) and (
+            return (only_nodes is None or ni in only_nodes) and (
+                not cpu or not self._cpu_cap[ni] or self._cpu_cap[ni] >= cpu) and (
                 not mem or not self._mem_cap[ni] or self._mem_cap[ni] >= mem
             )
 
         best = None
         if q == 0:
-            for ni in range(len(self.nodes)):
-                if could_host(ni):
-                    key = (self._cpu_used[ni], self._mem_used[ni])
-                    if best is None or key < best[0]:
-                        best = (key, ni, ())
+            # Not by current use: that changes as backfill fills the node (see above).
+            ni = next((ni for ni in range(len(self.nodes)) if could_host(ni)), None)
+            if ni is not None:
+                best = (0, ni, ())
         elif q <= Q:
             for di, f in enumerate(self._free):
                 if di in excl or self._cap[di] < q:
@@ -420,8 +433,45 @@ class Capacity:
                 reserved.node_mem[ni] = reserved.node_mem.get(ni, 0) + mem
         return res
 
+    def hold(self, reservation: Reservation, reserved: Reservations) -> None:
+        """Add a reservation made earlier (by ``reserve``) to ``reserved``."""
+        ni = self._node_idx[reservation.node]
+        reserved.items.append(reservation)
+        reserved.devices.update(self._dev_idx[u] for u in reservation.devices)
+        if reservation.cpu_millis:
+            reserved.node_cpu[ni] = reserved.node_cpu.get(ni, 0) + reservation.cpu_millis
+        if reservation.memory_bytes:
+            reserved.node_mem[ni] = reserved.node_mem.get(ni, 0) + reservation.memory_bytes
+
+    def node_index(self, name: str) -> int:
+        return self._node_idx[name]
+
+    def device_index(self, uuid: str) -> int:
+        return self._dev_idx[uuid]
+
+    def node_devices(self, ni: int) -> list[int]:
+        """Internal indexes of node ``ni``'s devices."""
+        return self._node_devs[ni]
+
+    def device_capacity(self, di: int) -> int:
+        return self._cap[di]
+
     def fmt(self, quanta: int) -> str:
         return f"{self.units.to_fgpu(quanta)} fGPU"
+
+    def hosts(self, ni: int, request: Request) -> bool:
+        """True if node ``ni`` could run ``request`` when nothing else runs there."""
+        whole, biggest, c, m = self._node_shape[ni]
+        q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
+        if (cpu and c and c < cpu) or (mem and m and m < mem):
+            return False
+        Q = self.quanta_per_gpu
+        if q <= Q:
+            return q == 0 or biggest >= q
+        k, r = divmod(q, Q)
+        if r and self.span == "whole-only":
+            return False
+        return whole >= k + (1 if r else 0)
 
     def can_ever_fit(self, request: Request) -> str | None:
         """None if ``request`` fits on some node when that node is empty, else why not."""
@@ -510,26 +560,33 @@ class Capacity:
             elif new == Q and old != Q:
                 self._whole[ni] += 1
 
-    def take(self, placement: Placement) -> None:
-        """Allocate ``placement``; ValueError (and no change) if anything would over-allocate."""
+    def take(self, placement: Placement, force: bool = False) -> None:
+        """Allocate ``placement``; ValueError (and no change) if anything would over-allocate.
+
+        ``force``: count it even so (a session that runs on the engine); quanta beyond a
+        device's capacity become its debt (see ``overcommitted``).
+        """
         ni, per_dev = self._resolve(placement)
-        for di, q in per_dev.items():
-            if q > self._free[di]:
-                raise ValueError(
-                    f"device {self._dev_uuid[di]!r} has {self._free[di]} quanta free, "
-                    f"placement asks for {q}"
-                )
         cpu, mem = placement.cpu_millis, placement.memory_bytes
-        if self._cpu_cap[ni] and self._cpu_used[ni] + cpu > self._cpu_cap[ni]:
-            raise ValueError(f"node {placement.node!r} has not {cpu} CPU millicores free")
-        if self._mem_cap[ni] and self._mem_used[ni] + mem > self._mem_cap[ni]:
-            raise ValueError(f"node {placement.node!r} has not {mem} bytes of memory free")
+        if not force:
+            for di, q in per_dev.items():
+                if q > self._free[di]:
+                    raise ValueError(
+                        f"device {self._dev_uuid[di]!r} has {self._free[di]} quanta free, "
+                        f"placement asks for {q}"
+                    )
+            if self._cpu_cap[ni] and self._cpu_used[ni] + cpu > self._cpu_cap[ni]:
+                raise ValueError(f"node {placement.node!r} has not {cpu} CPU millicores free")
+            if self._mem_cap[ni] and self._mem_used[ni] + mem > self._mem_cap[ni]:
+                raise ValueError(f"node {placement.node!r} has not {mem} bytes of memory free")
         total = 0
         for di, q in per_dev.items():
-            self._set_free(di, self._free[di] - q)
-            total += q
+            taken = min(q, self._free[di])
+            self._debt[di] += q - taken
+            self._set_free(di, self._free[di] - taken)
+            total += taken
         self._node_free[ni] -= total
-        self.used_quanta += total
+        self.used_quanta += placement.quanta
         self._cpu_used[ni] += cpu
         self._mem_used[ni] += mem
         if total:
@@ -539,7 +596,7 @@ class Capacity:
         """Exact inverse of ``take``; ValueError (and no change) if it returns more than is in use."""
         ni, per_dev = self._resolve(placement)
         for di, q in per_dev.items():
-            used = self._cap[di] - self._free[di]
+            used = self._cap[di] - self._free[di] + self._debt[di]
             if q > used:
                 raise ValueError(
                     f"device {self._dev_uuid[di]!r} has {used} quanta in use, "
@@ -550,10 +607,12 @@ class Capacity:
             raise ValueError(f"node {placement.node!r}: giving back more CPU or memory than in use")
         total = 0
         for di, q in per_dev.items():
-            self._set_free(di, self._free[di] + q)
-            total += q
+            paid = min(q, self._debt[di])  # an over-committed device is paid off first
+            self._debt[di] -= paid
+            self._set_free(di, self._free[di] + q - paid)
+            total += q - paid
         self._node_free[ni] += total
-        self.used_quanta -= total
+        self.used_quanta -= placement.quanta
         self._cpu_used[ni] -= cpu
         self._mem_used[ni] -= mem
         if total:
@@ -572,7 +631,11 @@ class Capacity:
 
     def device_used(self, uuid: str) -> int:
         di = self._dev_idx[uuid]
-        return self._cap[di] - self._free[di]
+        return self._cap[di] - self._free[di] + self._debt[di]
+
+    def overcommitted(self) -> dict[str, int]:
+        """Quanta in use beyond capacity, by device uuid (only devices that have any)."""
+        return {self._dev_uuid[di]: d for di, d in enumerate(self._debt) if d}
 
     def node_used(self, name: str) -> tuple[int, int]:
         """(CPU millicores, memory bytes) in use on node ``name``."""
@@ -595,7 +658,8 @@ class Capacity:
                         "mig_parent": dev.mig_parent,
                         "mig_profile": dev.mig_profile,
                         "capacity_quanta": self._cap[di],
-                        "used_quanta": self._cap[di] - self._free[di],
+                        "used_quanta": self._cap[di] - self._free[di] + self._debt[di],
+                        "overcommitted_quanta": self._debt[di],
                     }
                 )
             out.append(
@@ -608,7 +672,9 @@ class Capacity:
                     "memory_bytes_total": self._mem_cap[ni],
                     "memory_bytes_used": self._mem_used[ni],
                     "capacity_quanta": sum(self._cap[d] for d in self._node_devs[ni]),
-                    "used_quanta": sum(self._cap[d] - self._free[d] for d in self._node_devs[ni]),
+                    "used_quanta": sum(self._cap[d] - self._free[d] + self._debt[d]
+                                       for d in self._node_devs[ni]),
+                    "overcommitted_quanta": sum(self._debt[d] for d in self._node_devs[ni]),
                     "devices": devices,
                 }
             )

@@ -8,14 +8,29 @@ Order (``QueuePolicy.order``)
 
 Head rule (``QueuePolicy.head``): what happens when a request in that order does not fit.
   * ``strict``: nothing passes it; the pass stops.
-  * ``skip``: it blocks the queue like ``strict`` for ``skip_after`` passes; from then on later
-    requests may be admitted ahead of it (it stays in the queue and is tried first each pass).
+  * ``skip``: it blocks the queue like ``strict`` for ``skip_after`` rounds; from then on later
+    requests may be admitted ahead of it.  A round is its first try, then each time capacity is
+    given back while it still does not fit (so a pass run only because someone else submitted
+    does not count: the submit fast path and a full pass agree).
   * ``backfill``: the first ``reservations`` requests that do not fit each get a reservation
     (``Capacity.reserve``: the device, or for multi-GPU requests the node and devices, closest
     to fitting, plus the CPU/memory they need on that node).  Later requests may start only on
-    resources outside every reservation.  Backfilled sessions therefore never take anything a
-    reserved request is waiting for: its reservation only ever frees up.  This is
-    EASY-backfill without run-time estimates (sessions have none), i.e. the conservative rule.
+    resources outside every reservation.  This is EASY-backfill without run-time estimates
+    (sessions have none), i.e. the conservative rule.
+
+Starvation guard (every order and head rule)
+  The *senior* request is the oldest waiting one (lowest ``seq``) that its own user's limits do
+  not hold back.  It becomes *due* once some node that could host it (when empty) has seen every
+  session that was running there when it was submitted end.  From then on each pass tries it
+  first, before the queue order, and if it does not fit it keeps a *pin*: a reservation that,
+  unlike the per-pass ones above, stays on the same devices (and CPU/memory of that node) until
+  it starts, and that nothing else may use.  The pinned devices only ever free up.
+
+  Bound: with L the longest a session runs, the senior starts at most L after it is due and
+  pinned, and it is due at most L after it was submitted; so a request starts at most 2·L after
+  it became the oldest waiting one (sooner when it fits earlier).  A queue order that keeps
+  putting other requests first (DRF) or a head rule that lets others pass (skip, backfill) can
+  delay it only until then.  ``tests/test_starvation.py`` checks this on adversarial traces.
 
 User limits (``UserLimits``, 0 = unlimited) never block other users: a request held back by its
 own user's limit is passed over (its wait reason says which limit) without reserving anything.
@@ -27,11 +42,11 @@ from __future__ import annotations
 import gc
 import heapq
 from bisect import bisect_left, insort
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 
 from .model import Placement, Request, RequestKey
-from .placement import Capacity, Reservations
+from .placement import Capacity, Reservation, Reservations
 from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
@@ -88,6 +103,37 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+NEVER = float("inf")
+
+
+class _Ages:
+    """For each of n slots (nodes or devices), its sessions in admission order, so the oldest
+    one still running is found at once; sessions that ended are dropped lazily."""
+
+    def __init__(self, n: int, born: dict):
+        self._born = born  # key -> admission number of the sessions running now
+        self._queues = [deque() for _ in range(n)]
+        self._live = [0] * n
+
+    def add(self, i: int, number: int, key):
+        self._queues[i].append((number, key))
+        self._live[i] += 1
+
+    def remove(self, i: int):
+        """One session on slot ``i`` ended (already gone from ``born``)."""
+        self._live[i] -= 1
+        q = self._queues[i]
+        if len(q) > 2 * self._live[i] + 64:  # ended sessions pile up behind a long one
+            self._queues[i] = deque(e for e in q if self._born.get(e[1]) == e[0])
+
+    def oldest(self, i: int) -> float:
+        """Admission number of the oldest session running on slot ``i`` (NEVER if none)."""
+        q = self._queues[i]
+        while q and self._born.get(q[0][1]) != q[0][0]:
+            q.popleft()
+        return q[0][0] if q else NEVER
+
+
 @dataclass
 class _Usage:
     running: int = 0
@@ -117,11 +163,24 @@ class Scheduler:
         self._req_by_seq: dict[int, Request] = {}
         self._admitted: dict[RequestKey, tuple[Request, Placement]] = {}
         self._usage: dict[str, _Usage] = {}
-        self._fails: dict[int, int] = {}  # seq -> passes it blocked the queue (skip policy)
+        # skip head: seq -> rounds it failed (capped at skip_after + 1), and the round last counted
+        self._fails: dict[int, int] = {}
+        self._fail_round: dict[int, int] = {}
+        self._round = 0  # +1 each time capacity is given back
         self._pending_q: Counter = Counter()  # quanta of pending requests
         # pending seqs by (quanta, cpu, memory): a pass skips a whole shape once one such fails
         self._by_shape: dict[tuple[int, int, int], list[int]] = {}
         self._drf_cache: list[Request] | None = None
+        self._drf_pos: dict[RequestKey, int] | None = None
+        # Starvation guard: sessions are numbered as admitted (``_clock``); a pending request
+        # remembers the number when it arrived (``_mark``), each node its sessions in admission
+        # order (``_node_born``, stale entries dropped lazily).
+        self._clock = 0
+        self._mark: dict[int, int] = {}
+        self._born: dict[RequestKey, int] = {}
+        self._node_born = _Ages(len(capacity.nodes), self._born)
+        self._dev_born = _Ages(sum(len(n.devices) for n in capacity.nodes), self._born)
+        self._pin: tuple[RequestKey, Reservation] | None = None
         # (stopped, reservations, count) left by the last full FIFO pass; None when capacity was
         # given back or restored since, so the next pass must be a full one.
         self._settled = None
@@ -153,10 +212,15 @@ class Scheduler:
         else:
             insort(lst, seq)
 
+    def _changed_order(self):
+        self._drf_cache = None
+        self._drf_pos = None
+
     def _add_pending(self, req: Request):
         self._pending[req.key] = req
         self._by_seq[req.seq] = req.key
         self._req_by_seq[req.seq] = req
+        self._mark[req.seq] = self._clock
         self._insert(self._order, req.seq)
         shape = self._shape(req)
         lst = self._by_shape.get(shape)
@@ -165,7 +229,7 @@ class Scheduler:
         self._insert(lst, req.seq)
         self._user(req.key.user).pending += 1
         self._pending_q[req.quanta] += 1
-        self._drf_cache = None
+        self._changed_order()
 
     def _remove_pending(self, req: Request, deferred: set | None = None):
         """Forget a pending request.  With ``deferred`` (inside a pass) its seq stays in the
@@ -174,6 +238,7 @@ class Scheduler:
         del self._pending[req.key]
         del self._by_seq[req.seq]
         del self._req_by_seq[req.seq]
+        del self._mark[req.seq]
         if deferred is not None:
             deferred.add(req.seq)
         else:
@@ -184,18 +249,85 @@ class Scheduler:
             if not lst:
                 del self._by_shape[shape]
         self._fails.pop(req.seq, None)
+        self._fail_round.pop(req.seq, None)
         self._user(req.key.user).pending -= 1
         c = self._pending_q[req.quanta] - 1
         if c:
             self._pending_q[req.quanta] = c
         else:
             del self._pending_q[req.quanta]
-        self._drf_cache = None
+        self._changed_order()
 
     def _admit(self, req: Request, placement: Placement):
         self._admitted[req.key] = (req, placement)
         self._user(req.key.user).add(req)
-        self._drf_cache = None
+        self._clock += 1
+        self._born[req.key] = self._clock
+        self._node_born.add(self.capacity.node_index(placement.node), self._clock, req.key)
+        for share in placement.shares:
+            self._dev_born.add(self.capacity.device_index(share.device_uuid), self._clock, req.key)
+        self._changed_order()
+
+    def _unadmit(self, key: RequestKey) -> tuple[Request, Placement]:
+        req, placement = self._admitted.pop(key)
+        self._user(key.user).add(req, -1)
+        del self._born[key]
+        self._node_born.remove(self.capacity.node_index(placement.node))
+        for share in placement.shares:
+            self._dev_born.remove(self.capacity.device_index(share.device_uuid))
+        self._changed_order()
+        return req, placement
+
+    def _fresh(self, req: Request) -> tuple[set[int], set[int]]:
+        """Where ``req`` was passed over, so it may be pinned there: (nodes, devices) that could
+        host it, run no session it would wait for that is older than it, and run at least one
+        younger session.  The sessions it would wait for are those on the devices, and those on
+        the whole node when it asks for CPU or memory the node limits.  (An empty device is not
+        enough: ``req`` may simply take it, unless the queue order serves someone else first.)"""
+        mark = self._mark[req.seq]
+        cap = self.capacity
+        nodes, devices = set(), set()
+        q, Q = req.quanta, cap.quanta_per_gpu
+        for ni in range(len(cap.nodes)):
+            if not cap.hosts(ni, req):
+                continue
+            limited = (req.cpu_millis and cap.nodes[ni].cpu_millis) or (
+                req.memory_bytes and cap.nodes[ni].memory_bytes)
+            node_oldest = self._node_born.oldest(ni)
+            if limited and node_oldest <= mark:
+                continue
+            if q == 0:
+                if node_oldest < NEVER:
+                    nodes.add(ni)
+                continue
+            clean = [di for di in cap.node_devices(ni) if self._dev_born.oldest(di) > mark
+                     and (cap.device_capacity(di) >= q if q <= Q else cap.device_capacity(di) == Q)]
+            if q <= Q:
+                clean = [di for di in clean if self._dev_born.oldest(di) < NEVER]
+                if clean:
+                    nodes.add(ni)
+                    devices.update(clean)
+                continue
+            k, r = divmod(q, Q)
+            if len(clean) >= k + (1 if r else 0) and any(self._dev_born.oldest(di) < NEVER for di in clean):
+                nodes.add(ni)
+                devices.update(clean)
+        return nodes, devices
+
+    def _senior(self) -> Request | None:
+        """The oldest pending request its own user's limits do not hold back."""
+        for s in self._order:
+            req = self._req_by_seq.get(s)
+            if req is not None and not (self._has_limits and self._limit_reason(req)):
+                return req
+        return None
+
+    def _senior_stable(self) -> bool:
+        """True if the next pass would start with the same senior and pin as now."""
+        senior = self._senior()
+        if self._pin is not None:
+            return senior is not None and self._pin[0] == senior.key
+        return senior is None or not self._fresh(senior)[0]
 
     def _never_reason(self, req: Request) -> str | None:
         lim = self.limits
@@ -213,6 +345,11 @@ class Scheduler:
                 f"{format_bytes(lim.max_memory_bytes)}"
             )
         return cap.can_ever_fit(req)
+
+    def never_reason(self, request: Request) -> str | None:
+        """Why ``request`` could never start here (too big for every node, or a per-user limit
+        on its own), or None."""
+        return self._never_reason(request)
 
     def _limit_reason(self, req: Request) -> str | None:
         """Why the user's own limits hold ``req`` back right now, or None."""
@@ -287,19 +424,21 @@ class Scheduler:
             self._settled = None
             self._remove_pending(self._pending[key])
         elif key in self._admitted:
-            req, placement = self._admitted.pop(key)
+            _, placement = self._unadmit(key)
             self.capacity.give_back(placement)
             self._settled = None
-            self._user(key.user).add(req, -1)
-            self._drf_cache = None
+            self._round += 1
         else:
             return []
         return self.schedule()
 
-    def restore_admitted(self, request: Request, placement: Placement) -> None:
-        """After a restart: a running session; takes its capacity (ValueError if it cannot)."""
+    def restore_admitted(self, request: Request, placement: Placement, force: bool = False) -> None:
+        """After a restart: a running session; takes its capacity (ValueError if it cannot).
+
+        ``force``: count it even on a full device (the engine runs it; see ``Capacity.take``).
+        """
         self._check_duplicate(request.key)
-        self.capacity.take(placement)
+        self.capacity.take(placement, force=force)
         self._settled = None
         self._admit(request, placement)
         self._seq = max(self._seq, request.seq)
@@ -334,16 +473,19 @@ class Scheduler:
     def admitted(self) -> dict[RequestKey, tuple[Request, Placement]]:
         return dict(self._admitted)
 
+    @property
+    def pin(self) -> tuple[RequestKey, Reservation] | None:
+        """The senior request's pinned reservation (see the module docstring), or None."""
+        return self._pin
+
     def position(self, key: RequestKey) -> int | None:
         """1-based place in the queue, or None if not pending."""
         req = self._pending.get(key)
         if req is None:
             return None
         if self.policy.order == "drf":
-            for i, r in enumerate(self._drf_order()):
-                if r.key == key:
-                    return i + 1
-            return None  # pragma: no cover
+            self._drf_order()
+            return self._drf_pos[key]
         return bisect_left(self._order, req.seq) + 1
 
     def wait_reason(self, key: RequestKey) -> str | None:
@@ -355,25 +497,31 @@ class Scheduler:
         if limit:
             return limit
         what = self.capacity.fmt(req.quanta) if req.quanta else "CPU/memory"
-        return f"Waiting for {what}: {ordinal(self.position(key))} in queue"
+        held = ""
+        if self._pin is not None and self._pin[0] == key:
+            held = f"; node {self._pin[1].node} is kept free for it"
+        return f"Waiting for {what}: {ordinal(self.position(key))} in queue{held}"
 
     def __len__(self):
         return len(self._pending)
 
     # ------------------------------------------------------------------ order
     def _drf_order(self) -> list[Request]:
+        """Pending requests in DRF order (the pinned senior first), cached with positions."""
         if self._drf_cache is not None:
             return self._drf_cache
+        first = self._pending.get(self._pin[0]) if self._pin is not None else None
         per_user: dict[str, list[Request]] = {}
         for s in self._order:
             r = self._req_by_seq[s]
-            per_user.setdefault(r.key.user, []).append(r)
+            if r is not first:
+                per_user.setdefault(r.key.user, []).append(r)
         usage = {
             user: _Usage(u.running, u.quanta, u.cpu, u.mem) for user, u in self._usage.items()
         }
         heap = [(self._dominant(usage.get(user)), reqs[0].seq, user, 0) for user, reqs in per_user.items()]
         heapq.heapify(heap)
-        out = []
+        out = [first] if first is not None else []
         while heap:
             _, _, user, i = heapq.heappop(heap)
             r = per_user[user][i]
@@ -386,12 +534,14 @@ class Scheduler:
                 nxt = per_user[user][i + 1]
                 heapq.heappush(heap, (self._dominant(u), nxt.seq, user, i + 1))
         self._drf_cache = out
+        self._drf_pos = {r.key: i + 1 for i, r in enumerate(out)}
         return out
 
     # ------------------------------------------------------------------ the pass
     def schedule(self) -> list[tuple[Request, Placement]]:
         """One scheduling pass; returns the requests it admitted, with their placements."""
         if not self._pending:
+            self._pin = None
             return []
         # A pass allocates many short-lived objects; CPython's cyclic collector
         # would rescan the whole (large, long-lived) queue and index again and
@@ -415,10 +565,43 @@ class Scheduler:
         self._reserved_count = 0
         self._maxfree_dirty = True
         self._maxfree = 0
+        # Set once nothing more can fit in this pass: the rest is only walked while a head
+        # rule still has something to record (a skip round, a backfill reservation).
+        self._all_fail = False
+
+    def _senior_first(self, out) -> tuple[Request | None, bool]:
+        """The starvation guard's step at the start of a pass.
+
+        Returns the senior if it was tried here (it is then left out of the queue walk), and
+        whether the pass stops."""
+        senior = self._senior()
+        if self._pin is not None and (senior is None or self._pin[0] != senior.key):
+            self._pin = None
+        if senior is None:
+            return None, False
+        fresh = None
+        if self._pin is None:
+            fresh = self._fresh(senior)
+            if not fresh[0]:
+                return None, False
+        placement = self._try(senior)  # nothing is reserved yet: its own pin is free for it
+        if placement is not None:
+            self._pin = None
+            self._admit_pending(senior, placement, out)
+            return senior, False
+        if self._pin is None:
+            nodes, devices = fresh
+            self._pin = (senior.key, self.capacity.reserve(senior, only_nodes=nodes, only_devices=devices))
+        self.capacity.hold(self._pin[1], self._res)
+        self._maxfree_dirty = True
+        self._reserved_count = 1  # the pin is the first reservation
+        return senior, self._blocked(senior, reserve=False) == "stop"
 
     def _exhausted(self) -> bool:
         """True when no pending request can fit any more in this pass."""
         pq = self._pending_q
+        if not pq:
+            return True
         if 0 in pq:
             return False
         smallest = min(pq)
@@ -432,8 +615,16 @@ class Scheduler:
             self._maxfree_dirty = False
         return self._maxfree < min(smallest, self.capacity.quanta_per_gpu)
 
+    def _records_more(self) -> bool:
+        """Once nothing fits, is walking on still needed (see ``_all_fail``)?"""
+        if self.policy.head == "skip":
+            return True  # the next request that has not used up its skips stops the pass
+        return self.policy.head == "backfill" and self._reserved_count < self.policy.reservations
+
     def _try(self, req: Request) -> Placement | None:
         """Place and take ``req`` if it fits outside the reservations; None otherwise."""
+        if self._all_fail:
+            return None
         q, cpu, mem = req.quanta, req.cpu_millis, req.memory_bytes
         failed = self._failed
         if failed:
@@ -453,21 +644,32 @@ class Scheduler:
         self._maxfree_dirty = True
         return placement
 
-    def _blocked(self, req: Request) -> str:
+    def _blocked(self, req: Request, reserve: bool = True) -> str:
         """A request that fits nowhere: returns "stop", or "pass" (later requests may go)."""
         head = self.policy.head
         if head == "strict":
             return "stop"
         if head == "skip":
-            n = self._fails.get(req.seq, 0) + 1
-            self._fails[req.seq] = n
-            return "pass" if n > self.policy.skip_after else "stop"
-        if self._reserved_count < self.policy.reservations:
+            if self._fail_round.get(req.seq) != self._round:  # one count per round
+                self._fail_round[req.seq] = self._round
+                self._fails[req.seq] = min(self._fails.get(req.seq, 0) + 1, self.policy.skip_after + 1)
+            return "pass" if self._fails[req.seq] > self.policy.skip_after else "stop"
+        if reserve and self._reserved_count < self.policy.reservations:
             self._reserved_count += 1
             # Reserving only removes resources for the rest of the pass, so earlier failures
             # stay failures and the failure cache remains valid.
             if self.capacity.reserve(req, self._res) is not None:
                 self._maxfree_dirty = True
+        return "pass"
+
+    def _failed_here(self, req: Request) -> str:
+        """``_blocked``, then notes when nothing more can fit: "stop", "pass" or "end"."""
+        if self._blocked(req) == "stop":
+            return "stop"
+        if not self._all_fail and self._exhausted():
+            self._all_fail = True
+        if self._all_fail and not self._records_more():
+            return "end"
         return "pass"
 
     def _dominated(self, shape) -> bool:
@@ -484,14 +686,20 @@ class Scheduler:
         are admitted as by walking the whole queue, in far fewer steps.  Skip walks the queue,
         since each failing request there may stop the pass."""
         self._pass_setup()
-        if self.policy.head == "skip":
-            out, stopped = self._walk_fifo()
-        else:
-            out, stopped = self._merge_fifo()
+        out = []
+        senior, stopped = self._senior_first(out)
+        if not stopped:
+            skip = senior.seq if senior is not None else None
+            if self.policy.head == "skip":
+                stopped = self._walk_fifo(out, skip)
+            else:
+                stopped = self._merge_fifo(out, skip)
         self._compact()
         # Nothing more can start until capacity is given back: a later submit only has to try
-        # the new request against the same reservations (see _submit_settled).
-        self._settled = (stopped, self._res, self._reserved_count)
+        # the new request against the same reservations (see _submit_settled), unless the
+        # next pass would begin differently (a new senior to try first, or a pin to drop).
+        if self._senior_stable():
+            self._settled = (stopped, self._res, self._reserved_count)
         return out
 
     def _admit_pending(self, req, placement, out):
@@ -527,28 +735,27 @@ class Scheduler:
                     del self._by_shape[shape]
         done.clear()
 
-    def _walk_fifo(self):
-        out = []
+    def _walk_fifo(self, out, skip_seq) -> bool:
+        """Skip head: walk the queue in order; returns True if a request stopped the pass."""
         reqs = self._req_by_seq
         limited = self._has_limits
         for s in list(self._order):
-            req = reqs[s]
+            req = reqs.get(s)
+            if req is None or s == skip_seq:  # admitted this pass, or the senior (tried first)
+                continue
             if limited and self._limit_reason(req):
                 continue
             placement = self._try(req)
             if placement is not None:
                 self._admit_pending(req, placement, out)
-                if not self._pending_q:
-                    break
                 continue
-            if self._blocked(req) == "stop":
-                return out, True
-            if self._exhausted():
-                break
-        return out, False
+            verdict = self._failed_here(req)
+            if verdict != "pass":
+                return verdict == "stop"
+        return False
 
-    def _merge_fifo(self):
-        out = []
+    def _merge_fifo(self, out, skip_seq) -> bool:
+        """Strict and backfill heads; returns True if a request stopped the pass."""
         reqs = self._req_by_seq
         limited = self._has_limits
         by_shape = self._by_shape
@@ -560,22 +767,18 @@ class Scheduler:
             if self._failed and self._reserved_count >= reservations and self._dominated(shape):
                 heapq.heappop(heap)
                 continue
-            req = reqs[s]
-            if limited and self._limit_reason(req):
-                placement = None
-                i += 1
+            req = reqs.get(s)
+            if req is None or s == skip_seq or (limited and self._limit_reason(req)):
+                i += 1  # admitted this pass, the senior (tried first), or held by its user's limits
             else:
                 placement = self._try(req)
                 if placement is not None:
                     self._admit_pending(req, placement, out)
-                    if not self._pending_q:
-                        break
                     i += 1
                 else:
-                    if self._blocked(req) == "stop":
-                        return out, True
-                    if self._exhausted():
-                        break
+                    verdict = self._failed_here(req)
+                    if verdict != "pass":
+                        return verdict == "stop"
                     if self._reserved_count >= reservations:
                         heapq.heappop(heap)  # the rest of this shape fails too (now dominated)
                         continue
@@ -585,13 +788,14 @@ class Scheduler:
                 heapq.heapreplace(heap, (lst[i], shape, i))
             else:
                 heapq.heappop(heap)
-        return out, False
+        return False
 
     def _submit_settled(self, req: Request) -> Placement | None:
         """Admit ``req`` if a full pass would, given that the queue before it is settled.
 
         The previous full pass left every earlier request unable to start, and capacity has only
-        shrunk since, so they still cannot start; only the new (last in FIFO order) request can.
+        shrunk since (outside the reservations, which a full pass would therefore choose again),
+        so they still cannot start; only the new (last in FIFO order) request can.
         """
         stopped, res, nres = self._settled
         if stopped or (self._has_limits and self._limit_reason(req)):
@@ -601,14 +805,16 @@ class Scheduler:
             self.capacity.take(placement)
             self._admit(req, placement)
             self._remove_pending(req)
+            if self._has_limits and self._user(req.key.user).pending:
+                # The user's other waiting requests may now be held by a limit: a full pass
+                # would then skip them (no reservation, no senior) where the last one did not.
+                self._settled = None
             return placement
         head = self.policy.head
         if head == "strict":
             stopped = True
         elif head == "skip":
-            n = self._fails.get(req.seq, 0) + 1
-            self._fails[req.seq] = n
-            stopped = n <= self.policy.skip_after
+            stopped = self._blocked(req) == "stop"
         elif nres < self.policy.reservations:
             nres += 1
             self.capacity.reserve(req, res)
@@ -618,10 +824,14 @@ class Scheduler:
     def _pass_drf(self):
         self._pass_setup()
         out = []
+        senior, stopped = self._senior_first(out)
+        if stopped:
+            return out
         per_user: dict[str, list[Request]] = {}
         for s in self._order:
-            r = self._req_by_seq[s]
-            per_user.setdefault(r.key.user, []).append(r)
+            r = self._req_by_seq.get(s)
+            if r is not None and r is not senior:
+                per_user.setdefault(r.key.user, []).append(r)
         heap = [
             (self._dominant(self._usage.get(user)), reqs[0].seq, user, 0)
             for user, reqs in per_user.items()
@@ -637,7 +847,7 @@ class Scheduler:
                 placement = self._try(req)
                 if placement is not None:
                     self._admit_pending(req, placement, out)
-                elif self._blocked(req) == "stop" or self._exhausted():
+                elif self._failed_here(req) != "pass":
                     break
             if i + 1 < len(per_user[user]):
                 nxt = per_user[user][i + 1]
