@@ -20,17 +20,19 @@ Head rule (``QueuePolicy.head``): what happens when a request in that order does
 
 Starvation guard (every order and head rule)
   The *senior* request is the oldest waiting one (lowest ``seq``) that its own user's limits do
-  not hold back.  It becomes *due* once some node that could host it (when empty) has seen every
-  session that was running there when it was submitted end.  From then on each pass tries it
-  first, before the queue order, and if it does not fit it keeps a *pin*: a reservation that,
-  unlike the per-pass ones above, stays on the same devices (and CPU/memory of that node) until
-  it starts, and that nothing else may use.  The pinned devices only ever free up.
+  not hold back.  It becomes *due* once it has been passed over: somewhere it could run (a
+  device, or enough whole devices of one node), every session that was there when it arrived
+  has ended and a younger one has started.  (When it asks for CPU or memory that node limits,
+  the sessions on the whole node count.)  From then on each pass tries it first, before the
+  queue order, and if it does not fit it keeps a *pin* there: a reservation that, unlike the
+  per-pass ones above, stays on the same devices (and CPU/memory of that node) until it starts,
+  and that nothing else may use.  The pinned devices only ever free up.
 
-  Bound: with L the longest a session runs, the senior starts at most L after it is due and
-  pinned, and it is due at most L after it was submitted; so a request starts at most 2·L after
-  it became the oldest waiting one (sooner when it fits earlier).  A queue order that keeps
-  putting other requests first (DRF) or a head rule that lets others pass (skip, backfill) can
-  delay it only until then.  ``tests/test_starvation.py`` checks this on adversarial traces.
+  Bound: with L the longest a session runs, a request that became the oldest waiting one at
+  t_oldest after arriving at t_arrived starts by max(t_oldest, t_arrived + L) + L, so at most
+  2·L after it became the oldest (sooner when it fits earlier).  A queue order that keeps putting
+  other requests first (DRF) or a head rule that lets others pass (skip, backfill) can delay it
+  only until then.  ``tests/test_starvation.py`` checks this on adversarial and random traces.
 
 User limits (``UserLimits``, 0 = unlimited) never block other users: a request held back by its
 own user's limit is passed over (its wait reason says which limit) without reserving anything.
