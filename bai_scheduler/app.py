@@ -105,6 +105,23 @@ class BaiScheduler(Application):
     max_cpu_per_user = Float(0, config=True, help="CPUs a user may hold at once (0 = no limit).")
     max_memory_per_user = Unicode("0", config=True, help="Memory a user may hold at once, e.g. '32GiB' (0 = no limit).")
     wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
+    db_timeout = Float(
+        5, config=True,
+        help="Seconds the database may take to connect, or to run one statement (including waiting "
+        "for another writer's lock), before a change fails with 'database unavailable'.",
+    )
+    admission_grace = Float(
+        300, config=True,
+        help="Seconds after an admission during which its container may still be being made: a "
+        "reconcile that finds no container frees the share only after this (or at once when no "
+        "spawner ever got the admission). Keep it above c.BaiSpawner.container_start_timeout.",
+    )
+    orphan_grace = Float(
+        120, config=True,
+        help="Seconds a session container may run while the hub does not know its server (e.g. the "
+        "hub restarted while the container was starting, so it never saved that spawn). After that "
+        "the service removes the container and frees its share.",
+    )
     max_launch = Integer(8, config=True, help="Most sessions a user may launch in one action.")
 
     # -- snapshots (bai_scheduler/snapshots.py) --
@@ -185,12 +202,15 @@ class BaiScheduler(Application):
         logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s bai-scheduler] %(message)s")
         self.log = logging.getLogger("bai_scheduler")
         self.node_list = self.build_nodes()
-        self.store = Store(self.db_url)
+        self.store = Store(self.db_url, timeout=self.db_timeout)
+        self.engines = engines.DockerEngines(self.node_list, self.hub_id)
         self.service = SchedulerService(
             self.node_list, self.units, self.store,
             policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
             limits=self.limits(), span=self.span, strategy=self.strategy,
+            engines=self.engines, admission_grace=self.admission_grace, orphan_grace=self.orphan_grace,
         )
+        self._reconciling = asyncio.Lock()
         self.hub = HubAPI()
         self.internal_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
         self.service.on_orphan_admitted = self.start_orphan
@@ -201,7 +221,7 @@ class BaiScheduler(Application):
     async def start_orphan(self, rec, attempts: int = 60):
         """Ask the hub to start a server admitted while nobody waited for it."""
         for _ in range(attempts):
-            if self.service.get(rec.key) is not rec or self.service.is_attached(rec.key):
+            if self.service.get(rec.key) is not rec or self.service.is_attached(rec):
                 return
             try:
                 await self.hub.start_server(rec.key.user, rec.key.server, rec.user_options)
@@ -226,41 +246,56 @@ class BaiScheduler(Application):
             await self.reconcile_all()
 
     async def reconcile_all(self, *_):
-        facts = []
-        for node in self.node_list:
+        async with self._reconciling:
+            since = self.service.begin_listing()
+            names = [n.name for n in self.node_list]
+            listed = await asyncio.gather(*(self.engines.list(n) for n in names), return_exceptions=True)
+            listing = {}
+            for name, facts in zip(names, listed):
+                if isinstance(facts, BaseException):
+                    self.log.error("Cannot list containers on node %s (%s): its sessions are left as they are",
+                                   name, facts)
+                    facts = None
+                listing[name] = facts
             try:
-                # make_client negotiates the API version over the socket: in the thread too.
-                facts += await asyncio.to_thread(
-                    lambda n=node: engines.session_containers(engines.make_client(n), n.name, self.hub_id))
-            except Exception as e:
-                self.log.error("Cannot list containers on node %s (%s): skipping reconcile", node.name, e)
+                hub_servers = {RequestKey(u, s) for u, s in await self.hub.active_servers()}
+            except (HubAPIError, OSError, KeyError, TypeError) as e:
+                self.log.warning("The hub's servers are unknown (%s): no container is removed as unknown to it", e)
+                hub_servers = None
+            try:
+                result = await self.service.reconcile(listing, since, hub_servers)
+            except StoreUnavailable as e:
+                self.log.error("Reconcile postponed: %s", e)
                 return
-        try:
-            result = await self.service.reconcile(facts)
-        except StoreUnavailable as e:
-            self.log.error("Reconcile postponed: %s", e)
-            return
-        if any(result.values()):
-            self.log.warning("Reconciled with the engines: %s", result)
+            if any(result.values()):
+                self.log.warning("Reconciled with the engines: %s", {k: v for k, v in result.items() if v})
 
-    async def container_gone(self, facts):
+    async def container_event(self, facts, what: str):
+        """An engine event about a session container: "removed" frees its share; "exited" has
+        the service remove the container first."""
         try:
-            freed = await self.service.release(facts.key, facts.request_id)
+            if what == "removed":
+                freed = await self.service.container_gone(facts.request_id)
+                self.log.info("Container of %s removed; admitted %s", facts.key, [str(r.key) for r in freed])
+            else:
+                await self.service.container_exited(facts.request_id)
         except StoreUnavailable as e:
-            self.log.error("Could not record that %s ended: %s", facts.key, e)
-            return
-        self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
+            self.log.error("Could not record that the container of %s ended: %s", facts.key, e)
 
     def make_app(self) -> web.Application:
         from . import pages, snapshots
 
         p = self.prefix
         name = r"([^/]+)"
+        attempt = r"([0-9a-f]{32})"
         handlers = [
             (p + r"api/health", HealthHandler),
             (p + r"api/capacity", CapacityHandler),
             (p + r"api/requests", RequestsHandler),
-            (p + rf"api/requests/{name}/?([^/]*)/wait", WaitHandler),
+            # Per attempt, apart from the servers' paths: no server name can collide with them.
+            (p + rf"api/attempts/{attempt}", AttemptHandler),
+            (p + rf"api/attempts/{attempt}/wait", WaitHandler),
+            (p + rf"api/attempts/{attempt}/stop-failed", StopFailedHandler),
             (p + rf"api/requests/{name}/?([^/]*)", RequestHandler),
             (p + r"api/launch", LaunchHandler),
             (p + r"metrics", MetricsHandler),
@@ -286,7 +321,7 @@ class BaiScheduler(Application):
         await self.reconcile_all()
         loop = asyncio.get_running_loop()
         self.watchers = [
-            engines.EventWatcher(n, loop, self.container_gone, self.reconcile_all, self.hub_id) for n in self.node_list
+            engines.EventWatcher(n, loop, self.container_event, self.reconcile_all, self.hub_id) for n in self.node_list
         ]
         for w in self.watchers:
             w.start()
@@ -426,6 +461,7 @@ class CapacityHandler(BaseHandler):
             "span": self.bai.span,
             "nodes": nodes,
             "usage": snap,
+            "overcommitted": self.service.overcommitted(),
             "queue_length": len(self.service.pending()),
             "simulated": any(n.simulated for n in self.bai.node_list),
         })
@@ -438,7 +474,8 @@ class RequestsHandler(BaseHandler):
             self.service.status(r) for r in self.service.records.values()
             if who["admin"] or r.key.user == who["name"]
         ]
-        out.sort(key=lambda s: (s["state"] != "RUNNING", s.get("position") or 0, s["submitted_at"]))
+        out.sort(key=lambda s: (s["state"] != "RUNNING", s["state"] == "STOPPING", s.get("position") or 0,
+                                s["submitted_at"]))
         self.write_json({"requests": out, "epoch": self.service.epoch})
 
 
@@ -454,7 +491,7 @@ class RequestHandler(BaseHandler):
         self.write_json(self.service.status(rec))
 
     async def put(self, user, server):
-        """The spawner registers (or re-attaches to) the request of the server it starts."""
+        """The spawner registers a new spawn attempt of the server it starts."""
         if not self.is_internal():
             raise web.HTTPError(403, "Only the hub's spawner registers requests; start servers through the hub.")
         body = self.json_body(self.FIELDS)
@@ -469,42 +506,74 @@ class RequestHandler(BaseHandler):
         if not isinstance(image, str) or not isinstance(options, dict):
             raise web.HTTPError(400, "image must be a string and user_options an object.")
         try:
-            rec = await self.service.submit(
-                self.key(user, server), image=image, user_options=options, reattach=True, **nums
-            )
+            rec = await self.service.submit(self.key(user, server), image=image, user_options=options, **nums)
         except Refused as e:
             raise web.HTTPError(e.status, str(e)) from None
         self.write_json(self.service.status(rec), 201)
 
     async def delete(self, user, server):
+        """A user (or admin) stops a session, through the hub so its view stays true."""
         who = self.identity()
         key = self.key(user, server)
         if who["internal"]:
-            request_id = self.get_argument("request_id", None, strip=False)
-            if request_id is not None and not request_id.strip():
-                raise web.HTTPError(400, "request_id is empty.")
-            freed = await self.service.release(key, request_id)
-            self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
-            return
+            raise web.HTTPError(400, "The spawner releases an attempt with DELETE api/attempts/<id>.")
         self.check_owner(who, user)
         rec = self.service.get(key)
         if rec is None:
             raise web.HTTPError(404, "No such request.")
-        # Go through the hub so its view of the server stays true; the spawner's
-        # stop() then releases. A request the hub no longer tracks is released here.
         try:
             await self.bai.hub.stop_server(user, server)
+            hub_stops_it = True
         except (HubAPIError, OSError) as e:
-            self.bai.log.info("Hub stop of %s: %s; releasing directly", key, e)
-        await self.service.release(key, rec.id)
-        self.write_json({"released": True})
+            self.bai.log.info("Hub stop of %s: %s; stopping it here", key, e)
+            hub_stops_it = False
+        await stop_session(self.service, rec, hub_stops_it)
+        self.write_json({"released": rec.state == "PENDING", "stopping": rec.state != "PENDING"})
 
 
-class WaitHandler(BaseHandler):
-    async def get(self, user, server):
+async def stop_session(service: SchedulerService, rec, hub_stops_it: bool) -> None:
+    """After asking the hub to stop a server: a queued request, or an admission no spawner has,
+    is stopped here; a started one only when the hub could not (its spawner then removes the
+    container and releases the share; otherwise the service removes it, then frees the share)."""
+    if rec.state == "PENDING" or not rec.delivered or not hub_stops_it:
+        await service.stop(rec.key)
+
+
+class AttemptBase(BaseHandler):
+    def attempt(self, attempt_id: str):
         if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner waits on requests.")
-        key = self.key(user, server)
+            raise web.HTTPError(403, "Only the hub's spawner uses spawn attempts.")
+        return self.service.attempt(attempt_id)
+
+
+class AttemptHandler(AttemptBase):
+    async def delete(self, attempt_id):
+        """The spawner: this attempt's container is gone, or was never made."""
+        self.attempt(attempt_id)
+        freed = await self.service.release(attempt_id)
+        self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
+
+
+class StopFailedHandler(AttemptBase):
+    async def post(self, attempt_id):
+        """The spawner could not stop this attempt's container: the share stays held and the
+        service removes the container itself (retrying)."""
+        if self.attempt(attempt_id) is None:
+            raise web.HTTPError(404, "No such attempt.")
+        body = self.json_body({"message"})
+        message = body.get("message", "")
+        if not isinstance(message, str):
+            raise web.HTTPError(400, "message must be a string.")
+        try:
+            rec = await self.service.stopping(attempt_id, message or "the spawner could not stop it")
+        except Refused as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.write_json(self.service.status(rec), 202)
+
+
+class WaitHandler(AttemptBase):
+    async def get(self, attempt_id):
+        self.attempt(attempt_id)
         try:
             epoch = int(self.get_argument("epoch", "-1"))
             timeout = float(self.get_argument("timeout", str(self.bai.wait_timeout)))
@@ -514,11 +583,12 @@ class WaitHandler(BaseHandler):
             # NaN would hold the long-poll open for ever (every comparison is False).
             raise web.HTTPError(400, "timeout must be a finite number of seconds.")
         timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(key, epoch, timeout)
+        rec = await self.service.wait(attempt_id, epoch, timeout)
         if rec is None:
-            self.write_json({"state": "GONE", "epoch": self.service.epoch,
-                             "reason": "The request was cancelled."})
+            self.write_json({"id": attempt_id, "state": "GONE", "epoch": self.service.epoch,
+                             "reason": self.service.gone_reason(attempt_id) or "The request was cancelled."})
             return
+        await self.service.mark_delivered(rec)
         self.write_json(self.service.status(rec))
 
 

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from tornado import web
 
-from .app import BaseHandler, CapacityHandler, launch_sessions
+from .app import BaseHandler, CapacityHandler, launch_sessions, stop_session
 from .hubapi import HubAPIError
 from .store import StoreUnavailable
 from .units import FgpuUnits, format_bytes
@@ -317,13 +317,13 @@ async def load_catalog(bai, max_age: float = 15.0):
     """The image catalog from the first node's engine (the hub's spawner reads the same)."""
     from bai_spawner import catalog as catalog_mod
 
-    from . import engines
-
     if _catalog_cache["images"] is not None and time.monotonic() - _catalog_cache["at"] < max_age:
         return _catalog_cache["images"]
     if not bai.node_list:
         return []
-    images = await catalog_mod.load_catalog(engines.make_client(bai.node_list[0], timeout=10))
+    # Making a client negotiates the API version over the socket: in a thread, like the listing.
+    client = await asyncio.to_thread(bai.engines.client, bai.node_list[0].name)
+    images = await catalog_mod.load_catalog(client)
     _catalog_cache.update(at=time.monotonic(), images=images)
     return images
 
@@ -410,7 +410,10 @@ class PageHandler(BaseHandler):
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
         rows = session_rows(statuses, users, units=units)
-        nodes = node_rows(self.service.capacity(), units, live_gpu_stats(self.bai.node_list)) if who["admin"] else []
+        nodes = []
+        if who["admin"]:
+            live = await asyncio.to_thread(live_gpu_stats, self.bai.node_list)  # NVML calls block
+            nodes = node_rows(self.service.capacity(), units, live)
         return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": notices_for(who["name"])}
 
     def fragments(self, who: dict, data: dict) -> dict:
@@ -505,9 +508,7 @@ class StopHandler(PageHandler):
         except OSError as e:
             log.warning("Hub unreachable while stopping %s: %s", key, e)
         if rec is not None:
-            # A request the hub never spawned (or a queued one) is freed here;
-            # the spawner's own release of a running one is then a no-op.
-            await self.service.release(key, rec.id)
+            await stop_session(self.service, rec, stopped_in_hub)
         if not stopped_in_hub and rec is None:
             raise web.HTTPError(404, f"There is no session {label}.")
         add_notice(who["name"], "info", f"Stopping {label}.")

@@ -456,6 +456,39 @@ class Scheduler:
         self._add_pending(request)
         return request
 
+    def rename_pending(self, key: RequestKey, new_key: RequestKey) -> Request:
+        """A waiting request continues under another key, in the same place (no pass is run)."""
+        self._check_duplicate(new_key)
+        old = self._pending.pop(key)
+        req = replace(old, key=new_key)
+        self._pending[new_key] = req
+        self._by_seq[req.seq] = new_key
+        self._req_by_seq[req.seq] = req
+        if key.user != new_key.user:
+            self._user(key.user).pending -= 1
+            self._user(new_key.user).pending += 1
+        if self._pin is not None and self._pin[0] == key:
+            self._pin = (new_key, self._pin[1])
+        self._settled = None
+        self._changed_order()
+        return req
+
+    def move_admitted(self, key: RequestKey, placement: Placement) -> None:
+        """An admitted request turns out to hold ``placement`` instead (the engine says so):
+        its capacity is moved, over-committing a device if it must.  No pass is run."""
+        req, old = self._unadmit(key)
+        self.capacity.give_back(old)
+        self._round += 1
+        self.restore_admitted(req, placement, force=True)
+
+    def requeue(self, key: RequestKey) -> Request:
+        """An admitted request that has not started goes back to its place in the queue, its
+        capacity returned (an over-committed device is paid off first).  No pass is run."""
+        req, placement = self._unadmit(key)
+        self.capacity.give_back(placement)
+        self._round += 1
+        return self.restore_pending(req)
+
     def get(self, key: RequestKey) -> Decision | None:
         """The current state of ``key`` (RUNNING or PENDING), or None if unknown."""
         if key in self._admitted:

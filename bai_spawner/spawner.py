@@ -210,7 +210,9 @@ class BaiSpawner(DockerSpawner):
         return FgpuUnits(cap["fgpu_per_gpu"], Decimal(cap["fgpu_step"]))
 
     async def _catalog(self):
-        return await catalog_mod.load_catalog(self.client)
+        # Making a client negotiates the API version over the socket: in the executor too.
+        client = await asyncio.wrap_future(self.executor.submit(lambda: self.client))
+        return await catalog_mod.load_catalog(client)
 
     async def get_options_form(self):
         from .formpage import render_form
@@ -329,7 +331,7 @@ class BaiSpawner(DockerSpawner):
                 last = message
             status = await self._wait_once(status)
             if status.get("state") == "GONE" or (status.get("id") and status["id"] != self.request_id):
-                raise web.HTTPError(409, "The queued request was cancelled.")
+                raise web.HTTPError(409, status.get("reason") or "The queued request was cancelled.")
         placement = status["placement"]
         self.placement = placement
         self.node_url = placement.get("docker_url", "")
@@ -344,7 +346,7 @@ class BaiSpawner(DockerSpawner):
         delay = 0.5
         while True:
             try:
-                return await self.scheduler.wait(self.user.name, self.name, status["epoch"], self.wait_poll_seconds)
+                return await self.scheduler.wait(self.request_id, status["epoch"], self.wait_poll_seconds)
             except SchedulerError as e:
                 if e.status not in (502, 503, 599) or asyncio.get_running_loop().time() > deadline:
                     raise web.HTTPError(503, f"Lost the scheduler while queued: {e}") from None
@@ -364,19 +366,34 @@ class BaiSpawner(DockerSpawner):
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
         try:
+            # DockerSpawner reads self.client on the loop; making it blocks (API version
+            # negotiation), so the node's client is made in the executor first.
+            await asyncio.wrap_future(self.executor.submit(lambda: self.client))
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
-        except ENGINE_ERRORS as e:
-            await self._remove_quietly()
-            raise web.HTTPError(503, f"The Docker engine failed to start the session: {e}") from None
+        except (asyncio.TimeoutError, *ENGINE_ERRORS) as e:
+            what = (f"did not start the session within {self.container_start_timeout} s"
+                    if isinstance(e, asyncio.TimeoutError) else f"failed to start the session: {e}")
+            await self._remove_half_made(str(e) or what)
+            raise web.HTTPError(503, f"The Docker engine {what}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
 
-    async def _remove_quietly(self):
+    async def _remove_half_made(self, error: str):
+        """Remove a container that failed to start.  If that fails too, it may still exist
+        (created containers hold their share): the scheduler keeps the share and removes the
+        container itself, and this spawn no longer releases it."""
         try:
-            if self.object_id:
-                await self.remove_object()
-        except Exception as e:  # the engine may be down; reconcile cleans up later
+            await self.docker("remove_container", self.object_name, force=True, v=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except Exception as e:  # the engine may be down
             self.log.warning("Could not remove half-made container %s: %s", self.object_name, e)
+        try:
+            await self.scheduler.stop_failed(self.request_id, error)
+            self.request_id = ""  # the scheduler owns the attempt now
+        except SchedulerError as e:
+            self.log.error("Could not hand %s's half-made container to the scheduler: %s", self._log_name, e)
 
     async def create_object(self):
         spec = self._gpu
@@ -418,10 +435,11 @@ class BaiSpawner(DockerSpawner):
         return env
 
     async def _release(self):
+        """This attempt's container is gone (or was never made): its share can go."""
         if not self.request_id:
             return
         try:
-            await self.scheduler.release(self.user.name, self.name, self.request_id)
+            await self.scheduler.release(self.request_id)
         except SchedulerError as e:
             # The engine's events and the service's reconcile free it later.
             self.log.error("Could not release %s's share now: %s", self._log_name, e)
@@ -439,10 +457,20 @@ class BaiSpawner(DockerSpawner):
         request_id = self.request_id
         try:
             if self.object_id:
-                await super().stop(now=now)
+                await super().stop(now=now)  # docker stop, then remove
         except docker.errors.NotFound:
-            pass
-        finally:
-            self.request_id = request_id
-            await self._release()
+            pass  # gone already
+        except ENGINE_ERRORS as e:
+            # The container may still run, so its share stays held: the service shows the
+            # engine's message ("stopping failed") and removes the container itself, retrying.
+            self.log.error("Could not stop the container of %s: %s", self._log_name, e)
+            try:
+                await self.scheduler.stop_failed(request_id, f"{e.__class__.__name__}: {e}")
+            except SchedulerError as err:
+                # The service's reconcile finds the container later: the hub no longer knows it.
+                self.log.error("Could not tell the scheduler that %s did not stop: %s", self._log_name, err)
             self.clear_state()
+            return
+        self.request_id = request_id
+        await self._release()
+        self.clear_state()
