@@ -101,13 +101,24 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
     for u in hub_users or []:
         for name, s in (u.get("servers") or {}).items():
             servers[(u["name"], name)] = s
-    records = {(r["user"], r["server"]): r for r in statuses or []}
+    records = {(r["user"], r["server"]): r for r in statuses or [] if r["state"] != "STOPPING"}
+    # Attempts whose container is being removed: on the server's row when nothing newer runs
+    # there, else a row of their own (the server may be starting again meanwhile).
+    stopping = {}
+    for r in statuses or []:
+        if r["state"] == "STOPPING":
+            key = (r["user"], r["server"])
+            if key not in records and key not in stopping:
+                stopping[key] = r
+            else:
+                stopping[(r["user"], r["server"], r["id"])] = r
     rows = []
-    for key in set(servers) | set(records):
-        user, server = key
-        s, r = servers.get(key), records.get(key)
+    for key in set(servers) | set(records) | set(stopping):
+        user, server = key[:2]
+        s = servers.get(key) if len(key) == 2 else None
+        r = records.get(key) or stopping.get(key)
         pending = (s or {}).get("pending")
-        if s and pending == "stop":
+        if (r and r["state"] == "STOPPING") or (s and pending == "stop"):
             state = "STOPPING"
         elif s and s.get("ready"):
             state = "RUNNING"
@@ -140,6 +151,9 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
         elif state == "STARTING":
             detail = (f"Admitted on {placement['node']}; starting the container" if placement
                       else "Asking the scheduler for a place")
+        elif state == "STOPPING" and (r or {}).get("stop_error"):
+            detail = (f"Stopping failed: {r['stop_error']}. Its share stays held while the scheduler "
+                      "keeps trying to remove the container.")
         elif state == "STOPPING":
             detail = "Stopping; its share is freed when the container is gone"
         else:
@@ -201,8 +215,9 @@ def node_rows(snapshot: list[dict], units: FgpuUnits, live: dict | None = None) 
                 "name": d["name"],
                 "used": units.to_fgpu(used),
                 "total": units.to_fgpu(cap),
-                "free": units.to_fgpu(cap - used),
-                "percent": round(100 * used / cap) if cap else 0,
+                "free": units.to_fgpu(max(0, cap - used)),
+                "percent": min(100, round(100 * used / cap)) if cap else 0,
+                "overcommitted": units.to_fgpu(d.get("overcommitted_quanta", 0)) if d.get("overcommitted_quanta") else "",
                 "memory_total": format_bytes(d["memory_bytes"]),
                 "memory_granted": format_bytes(share_mem),
                 "live": None if stats is None else {

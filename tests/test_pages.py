@@ -84,6 +84,17 @@ def test_rows_hub_only_scheduler_only_and_stopping():
     assert by["fresh"]["detail"] == "Asking the scheduler for a place"
 
 
+def test_rows_show_stopping_attempts_with_the_engines_message():
+    failed = status("eve", "a", "STOPPING", id="old-attempt", stop_error="APIError: 500 Server Error")
+    rows = session_rows([failed], [], units=U, now=2000.0)
+    (row,) = rows
+    assert row["state"] == "STOPPING" and not row["can_stop"] and row["request_id"] == "old-attempt"
+    assert row["detail"].startswith("Stopping failed: APIError: 500 Server Error.") and "share stays held" in row["detail"]
+    # The same server started again meanwhile: the old attempt keeps a row of its own.
+    rows = session_rows([failed, status("eve", "a", "PENDING", position=1)], [], units=U, now=2000.0)
+    assert sorted((r["server"], r["state"]) for r in rows) == [("a", "PENDING"), ("a", "STOPPING")]
+
+
 def test_rows_sort_running_first_then_queue_position_and_default_server_name():
     statuses = [status("c", "b", "PENDING", position=2), status("c", "a", "PENDING", position=1),
                 status("c", "", "RUNNING")]
@@ -122,6 +133,14 @@ def test_node_rows_fgpu_memory_and_live_stats():
     assert g0["live"] == {"memory": "2 GiB of 8 GiB", "memory_percent": 25, "utilization": 37}
     assert g1["live"] is None and g1["label"] == "GPU 1 · 1g.10gb"
     assert n["cpu"] == "1.5 CPU" and n["memory"] == "3 GiB" and not n["limited"]
+
+
+def test_node_rows_show_an_overcommit():
+    snap = usage(4, 0)
+    snap[0]["devices"][0].update(used_quanta=6, overcommitted_quanta=2)
+    g0, g1 = node_rows(snap, U)[0]["devices"]
+    assert (g0["overcommitted"], g0["free"], g0["percent"]) == ("1", "0", 100)
+    assert g1["overcommitted"] == ""
 
 
 # -- the form's live note ------------------------------------------------------------------------
