@@ -93,6 +93,7 @@ class Capacity:
         elif units.quanta_per_gpu != Q:
             raise ValueError("units.quanta_per_gpu does not match quanta_per_gpu")
         self.units = units
+        self._fmt: dict[int, str] = {}
         self.span = span
         self.strategy = strategy
         self._concentrate = strategy == "concentrate"
@@ -457,7 +458,10 @@ class Capacity:
         return self._cap[di]
 
     def fmt(self, quanta: int) -> str:
-        return f"{self.units.to_fgpu(quanta)} fGPU"
+        text = self._fmt.get(quanta)
+        if text is None:  # wait reasons repeat the same few amounts for every queued request
+            text = self._fmt[quanta] = f"{self.units.to_fgpu(quanta)} fGPU"
+        return text
 
     def hosts(self, ni: int, request: Request) -> bool:
         """True if node ``ni`` could run ``request`` when nothing else runs there."""

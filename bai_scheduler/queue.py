@@ -523,51 +523,51 @@ class Scheduler:
             return self._drf_pos[key]
         return bisect_left(self._order, req.seq) + 1
 
-    def wait_reason(self, key: RequestKey) -> str | None:
-        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending."""
+    def wait_reason(self, key: RequestKey, position: int | None = None) -> str | None:
+        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending.
+
+        ``position``: its place when the caller has it already."""
         req = self._pending.get(key)
         if req is None:
             return None
-        limit = self._limit_reason(req)
+        limit = self._limit_reason(req) if self._has_limits else None
         if limit:
             return limit
         what = self.capacity.fmt(req.quanta) if req.quanta else "CPU/memory"
         held = ""
         if self._pin is not None and self._pin[0] == key:
             held = f"; node {self._pin[1].node} is kept free for it"
-        return f"Waiting for {what}: {ordinal(self.position(key))} in queue{held}"
+        return f"Waiting for {what}: {ordinal(position or self.position(key))} in queue{held}"
 
     def __len__(self):
         return len(self._pending)
 
     # ------------------------------------------------------------------ order
     def _drf_order(self) -> list[Request]:
-        """Pending requests in DRF order (the pinned senior first), cached with positions."""
+        """Pending requests in DRF order (the pinned senior first), cached with positions.
+
+        Progressive filling: the user with the smallest dominant share goes next, counting
+        their requests ahead as granted.  A user's share only grows with each request, so this
+        is the same as sorting every request by (its user's dominant share with the user's
+        earlier requests granted, seq): one sort instead of a heap merge."""
         if self._drf_cache is not None:
             return self._drf_cache
         first = self._pending.get(self._pin[0]) if self._pin is not None else None
-        per_user: dict[str, list[Request]] = {}
+        usage: dict[str, _Usage] = {}
+        keyed = []
         for s in self._order:
             r = self._req_by_seq[s]
-            if r is not first:
-                per_user.setdefault(r.key.user, []).append(r)
-        usage = {
-            user: _Usage(u.running, u.quanta, u.cpu, u.mem) for user, u in self._usage.items()
-        }
-        heap = [(self._dominant(usage.get(user)), reqs[0].seq, user, 0) for user, reqs in per_user.items()]
-        heapq.heapify(heap)
-        out = [first] if first is not None else []
-        while heap:
-            _, _, user, i = heapq.heappop(heap)
-            r = per_user[user][i]
-            out.append(r)
-            u = usage.get(user)
+            if r is first:
+                continue
+            u = usage.get(r.key.user)
             if u is None:
-                u = usage[user] = _Usage()
+                have = self._usage.get(r.key.user)
+                u = usage[r.key.user] = _Usage(have.running, have.quanta, have.cpu, have.mem) if have else _Usage()
+            keyed.append((self._dominant(u), s, r))
             u.add(r)
-            if i + 1 < len(per_user[user]):
-                nxt = per_user[user][i + 1]
-                heapq.heappush(heap, (self._dominant(u), nxt.seq, user, i + 1))
+        keyed.sort(key=lambda k: (k[0], k[1]))
+        out = [first] if first is not None else []
+        out += [r for _, _, r in keyed]
         self._drf_cache = out
         self._drf_pos = {r.key: i + 1 for i, r in enumerate(out)}
         return out

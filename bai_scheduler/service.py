@@ -161,6 +161,7 @@ class SchedulerService:
         self.on_orphan_admitted: Callable[[Record], Awaitable[None]] | None = None
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
+        self._fgpu_text: dict[int, str] = {}
         self.reload()
 
     # -- building state ----------------------------------------------------
@@ -292,24 +293,29 @@ class SchedulerService:
 
     def status(self, rec: Record) -> dict:
         """The public view of one attempt."""
-        core = self._core(rec)
+        req = rec.request
+        key = req.key
+        fgpu = self._fgpu_text.get(req.quanta)
+        if fgpu is None:
+            fgpu = self._fgpu_text[req.quanta] = self.units.to_fgpu(req.quanta)
         out = {
             "id": rec.id,
-            "user": rec.key.user,
-            "server": rec.key.server,
+            "user": key.user,
+            "server": key.server,
             "state": rec.state,
-            "image": rec.request.image,
-            "quanta": rec.request.quanta,
-            "fgpu": self.units.to_fgpu(rec.request.quanta),
-            "cpu_millis": rec.request.cpu_millis,
-            "memory_bytes": rec.request.memory_bytes,
+            "image": req.image,
+            "quanta": req.quanta,
+            "fgpu": fgpu,
+            "cpu_millis": req.cpu_millis,
+            "memory_bytes": req.memory_bytes,
             "submitted_at": rec.submitted_at,
             "admitted_at": rec.admitted_at,
             "epoch": self.epoch,
         }
         if rec.state == "PENDING":
-            out["position"] = self.scheduler.position(core.key)
-            out["reason"] = self.scheduler.wait_reason(core.key)
+            core_key = Attempt(key.user, key.server, rec.id)
+            out["position"] = position = self.scheduler.position(core_key)
+            out["reason"] = self.scheduler.wait_reason(core_key, position)
         if rec.state == "STOPPING":
             out["stop_error"] = rec.stop_error
         if rec.placement is not None:

@@ -40,6 +40,11 @@ def check_admission(res: dict):
     assert res["releases"] > 0 and res["p99_ms"] >= res["p50_ms"] >= 0, res
 
 
+def check_service(res: dict):
+    assert res["pending"] > 0 and res["locked_submit_failed_cleanly"], res
+    assert res["reconcile_rows_written"] == 1, res  # one container gone: one row, nothing else rewritten
+
+
 def check_load(res: dict):
     assert res["served"] == res["sessions"], res
     assert res["lost"] == 0 and res["failed"] == 0, res
@@ -61,6 +66,7 @@ def check_spawn(res: dict):
 KNOWN = {
     "scheduler_bench.py": ((), check_scheduler, (), 300),
     "admission_bench.py": ((), check_admission, (), 300),
+    "service_bench.py": ((), check_service, (), 300),
     "load_bench.py": ((), check_load, (pytest.mark.docker, pytest.mark.hub, pytest.mark.slow), 600),
     "spawn_bench.py": ((), check_spawn, (pytest.mark.docker, pytest.mark.hub, pytest.mark.slow), 600),
 }
