@@ -118,6 +118,8 @@ class SchedulerService:
     # Released attempts remembered (for a clear GONE answer, and so that a listing taken
     # before a release does not bring the attempt back).
     GONE_KEPT = 10_000
+    # Seconds between tries to remove a STOPPING attempt's container: first, at most.
+    REMOVE_RETRY_S = (1.0, 30.0)
 
     def __init__(
         self,
@@ -547,7 +549,7 @@ class SchedulerService:
         return recent and (rec.delivered or rec.state == "RUNNING")
 
     async def _remove(self, attempt_id: str) -> None:
-        delay = 1.0
+        delay, longest = self.REMOVE_RETRY_S
         while True:
             rec = self.records.get(attempt_id)
             if rec is None or rec.state != "STOPPING" or rec.placement is None:
@@ -559,8 +561,8 @@ class SchedulerService:
                 removed, error = 0, f"{e.__class__.__name__}: {e}"[:1000]
             try:
                 if error:
-                    log.warning("Could not remove the container of %s yet: %s", rec.key, error)
-                    if rec.stop_error != error:
+                    if rec.stop_error != error:  # said once; the retries go on quietly
+                        log.warning("Could not remove the container of %s yet (retrying): %s", rec.key, error)
                         await self.stopping(attempt_id, error)
                 elif removed or not self._may_be_starting(rec, time.time()):
                     await self.release(attempt_id, "The session was stopped.")
@@ -568,7 +570,7 @@ class SchedulerService:
             except StoreUnavailable as e:
                 log.error("Could not record the stop of %s: %s", rec.key, e)
             await asyncio.sleep(delay)
-            delay = min(2 * delay, 30.0)
+            delay = min(2 * delay, longest)
 
     async def container_gone(self, attempt_id: str) -> list[Record]:
         """The engine removed this attempt's container (``destroy``)."""
@@ -619,6 +621,12 @@ class SchedulerService:
         return rec
 
     # -- repair from the engines ------------------------------------------------
+
+    def close(self) -> None:
+        """Stop background removals and the database thread (the state stays in the database)."""
+        for task in list(self._removals.values()):
+            task.cancel()
+        self._db.shutdown(wait=True)
 
     def begin_listing(self) -> int:
         """Call before listing the engines; pass the result to ``reconcile``."""
@@ -671,6 +679,8 @@ class SchedulerService:
                         del self.live[rec.key]
                     deleted[rec.id] = (rec, "No container of the session was found.")
                     report["released"].append(str(rec.key))
+                elif rec.state == "STOPPING":
+                    stopping.append(rec)  # its removal frees the share once no container can come
             known_nodes = {n.name for n in self.nodes}
             for f in facts_by_id.values():
                 gone = self._gone.get(f.request_id)

@@ -151,10 +151,12 @@ def _from_row(row: RequestRow) -> Record:
 
 class Store:
     def __init__(self, url: str, timeout: float = 5.0):
-        kwargs = {"pool_pre_ping": True, "pool_timeout": timeout}
+        kwargs = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": timeout}  # waits for another writer's lock
-        elif url.startswith("postgresql"):
+        else:
+            kwargs["pool_timeout"] = timeout
+        if url.startswith("postgresql"):
             ms = int(timeout * 1000)
             kwargs["connect_args"] = {"connect_timeout": max(1, int(timeout)),
                                       "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
