@@ -1,38 +1,57 @@
-"""The bai-scheduler JupyterHub service: REST API, engine watchers, pages.
+"""The bai-scheduler JupyterHub service: its configuration, and the assembly of its parts.
 
 Run by the hub as a managed service (see hub_config/jupyterhub_config.py),
 reading the same config file as the hub; its own options live under
-``c.BaiScheduler``.
+``c.BaiScheduler``.  The parts: the pure core (``core/``), the state machine
+(``service``, ``store``), the engines (``engines``, ``inventory``), snapshots
+(``snapshots``) and the web layer (``web/``), whose handlers reach the parts
+through ``self.settings``.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import math
 import os
-import re
 import signal
 import sys
+from decimal import Decimal, InvalidOperation
 from urllib.parse import urlparse
 
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from tornado import httpserver, web
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, validate
+from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default, observe, validate
 from traitlets.config import Application
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
-
-from . import engines, inventory
+from . import engines, inventory, readiness
+from .contract.options import Limits
+from .core.model import GPU_BACKENDS, GpuBackend, Node, RequestKey
+from .core.nodes import nodes_from_config, parse_bytes
+from .core.placement import SPANS, STRATEGIES
+from .core.queue import HEADS, ORDERS, QueuePolicy, UserLimits
+from .core.units import FgpuUnits
 from .hubapi import HubAPI, HubAPIError
-from .model import Node, RequestKey
-from .queue import QueuePolicy, UserLimits
-from .service import Refused, SchedulerService
+from .service import Service
+from .snapshots import Snapshots, validate_repo
 from .store import Store, StoreUnavailable
-from .units import FgpuUnits
+from .web import api, metrics, pages
+from .web import snapshots as snapshot_pages
+from .web.base import MAX_BODY, STATIC, NotFoundHandler, template_env
 
-MAX_BODY = 64 * 1024
-NAME_RE = re.compile(r"^[^/\x00-\x1f]{1,255}$")
+# The form's limits and the GPU backend were BaiSpawner options; the service reads the old
+# names from the same config file, with a warning (BaiSpawner warns too).
+MOVED_FROM_SPAWNER = ("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib", "max_sessions_per_launch",
+                      "gpu_backend", "hami_library", "mps_pipe_directory")
+
+
+def _positive_decimal(name: str, value) -> str:
+    try:
+        ok = Decimal(str(value)).is_finite() and Decimal(str(value)) > 0
+    except InvalidOperation:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive number, e.g. '4', not {value!r}")
+    return str(value)
 
 
 class BaiScheduler(Application):
@@ -44,6 +63,10 @@ class BaiScheduler(Application):
         help="Config file to load (the hub's jupyterhub_config.py; only c.BaiScheduler is used).",
     )
     aliases = {"config": "BaiScheduler.config_file", "db-url": "BaiScheduler.db_url"}
+    flags = {"check-gpus": ({"BaiScheduler": {"check_gpus_only": True}},
+                            "Check every GPU node's backend once, print one JSON line per node and exit "
+                            "(1 if any is not ready).")}
+    check_gpus_only = Bool(False, config=True, help="Set by --check-gpus: check the GPU nodes, print, exit.")
 
     hub_id = Unicode(
         "bai", config=True,
@@ -69,8 +92,12 @@ class BaiScheduler(Application):
         help="""Worker nodes, one Docker engine each. Keys: name, docker_url ("" = local engine
         from DOCKER_HOST or the default socket; "tcp://host:2376" with tls {client_cert, ca_cert}),
         gpus ("auto": real GPUs read with nvidia-ml-py on the local engine, else the simulated
-        inventory; an int: that many simulated GPUs), gpu_memory (e.g. "8GiB"), gpu_name, sm_count,
-        cpu (millicores the scheduler may hand out, 0 = unlimited), memory (bytes or "64GiB").""",
+        inventory; an int: that many simulated GPUs; a list of real GPUs by UUID, each
+        {uuid, index, memory, name, sm_count[, mig_parent, mig_profile]}, for engines NVML cannot
+        read from here), gpu_memory (e.g. "8GiB"), gpu_name, sm_count, cpu (cores the scheduler
+        may hand out, 0 = unlimited), memory (bytes or "64GiB"), and the node's GPU backend:
+        gpu_backend, hami_library, hami_lock_dir, mps_pipe_directory, mps_shm_directory (each
+        defaults to the c.BaiScheduler option of that name).""",
     )
 
     @default("nodes")
@@ -83,20 +110,54 @@ class BaiScheduler(Application):
         help="Inventory used for a node with gpus='auto' when NVML finds no GPU (this mirrors "
         "the seed's demo: one 8 GiB GPU). The hub and pages then say GPUs are simulated.",
     )
-    queue_order = Unicode("fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).")
-    queue_head = Unicode(
-        "backfill", config=True,
+    gpu_backend = CaselessStrEnum(
+        GPU_BACKENDS, default_value=GpuBackend.name, config=True,
+        help="""How GPU nodes enforce a share, unless a node says otherwise ('gpu_backend' in its
+        entry of c.BaiScheduler.nodes). 'hami': HAMi-core's libvgpu.so (memory and SM limits per
+        device, nvidia-smi shows the share; cooperative: a process that unsets LD_PRELOAD escapes
+        it). 'mps': a CUDA MPS control daemon (memory and SM limits per client process: a session
+        running N CUDA processes gets N shares). 'mig': MIG instances, one per session. 'whole':
+        whole GPUs only. A node is checked before any GPU share goes there (docs/install.md).""",
+    )
+    hami_library = Unicode(
+        GpuBackend.hami_library, config=True,
+        help="Path of HAMi-core's libvgpu.so on GPU nodes (backend 'hami'); mounted read-only and preloaded.",
+    )
+    hami_lock_dir = Unicode(
+        GpuBackend.hami_lock_dir, config=True,
+        help="Folder on GPU nodes that HAMi-core's processes of every session lock in (backend 'hami'); "
+        "mounted as /tmp/vgpulock. Without it HAMi-core's SM limiter does not run.",
+    )
+    mps_pipe_directory = Unicode(
+        GpuBackend.mps_pipe_directory, config=True,
+        help="CUDA_MPS_PIPE_DIRECTORY of the MPS control daemon on GPU nodes (backend 'mps').",
+    )
+    mps_shm_directory = Unicode(
+        GpuBackend.mps_shm_directory, config=True,
+        help="Folder the MPS control daemon uses as /dev/shm on GPU nodes (backend 'mps'); mounted as "
+        "/dev/shm in sessions instead of sharing the host's IPC namespace.",
+    )
+    readiness_interval = Float(
+        60, config=True,
+        help="Seconds between checks that each real GPU node can enforce its backend. A node that "
+        "fails gets no new GPU share (CPU-only sessions still run there) until a check passes.",
+    )
+    queue_order = CaselessStrEnum(
+        ORDERS, "fifo", config=True, help="Queue order: 'fifo' or 'drf' (dominant resource fairness across users).",
+    )
+    queue_head = CaselessStrEnum(
+        HEADS, "backfill", config=True,
         help="What a head that does not fit does: 'strict' (everyone waits), 'skip' (skip it after "
         "skip_after passes) or 'backfill' (smaller requests start when they cannot delay the head).",
     )
     skip_after = Integer(3, config=True, help="Passes a head may block before 'skip' lets others past.")
-    span = Unicode(
-        "whole-then-fraction", config=True,
+    span = CaselessStrEnum(
+        SPANS, "whole-then-fraction", config=True,
         help="Requests above one GPU: 'whole-then-fraction' (whole devices, then a fraction on one "
         "more device of the same node) or 'whole-only' (above one GPU only whole multiples).",
     )
-    strategy = Unicode(
-        "concentrate", config=True,
+    strategy = CaselessStrEnum(
+        STRATEGIES, "concentrate", config=True,
         help="Placement: 'concentrate' (best fit; keeps whole GPUs free) or 'spread' (emptiest first).",
     )
     max_running_per_user = Integer(0, config=True, help="Running sessions a user may have (0 = no limit).")
@@ -122,7 +183,55 @@ class BaiScheduler(Application):
         "hub restarted while the container was starting, so it never saved that spawn). After that "
         "the service removes the container and frees its share.",
     )
-    max_launch = Integer(8, config=True, help="Most sessions a user may launch in one action.")
+    authenticate_prometheus = Bool(
+        True, config=True,
+        help="Whether {prefix}metrics needs a token with the read:metrics scope (as the hub's own "
+        "c.JupyterHub.authenticate_prometheus). The scraper's role also needs "
+        "access:services!service=bai-scheduler. False: anyone who reaches the service reads them.",
+    )
+
+    # -- one session's limits: the spawn form, the sessions page and api/launch (published in api/capacity) --
+    default_cpu = Unicode("1", config=True, help="CPU cores the session form proposes.")
+    max_cpu = Unicode("4", config=True, help="Most CPU cores one session may ask for.")
+    default_memory_gib = Unicode("2", config=True, help="Memory (GiB) the session form proposes.")
+    max_memory_gib = Unicode("16", config=True, help="Most memory (GiB) one session may ask for.")
+    max_sessions_per_launch = Integer(
+        4, config=True,
+        help="Most sessions one launch starts: the form's Sessions field, the sessions page and api/launch's count.",
+    )
+    max_launch = Integer(config=True, help="Deprecated: use c.BaiScheduler.max_sessions_per_launch.")
+
+    # dockerspawner's way of renaming an option: the old name sets the new one, with a warning.
+    _deprecated_aliases = {"max_launch": "max_sessions_per_launch"}
+
+    @observe(*_deprecated_aliases)
+    def _deprecated_trait(self, change):
+        new = self._deprecated_aliases[change.name]
+        if getattr(self, new) != change.new:
+            self.log.warning("BaiScheduler.%s is deprecated, use BaiScheduler.%s instead", change.name, new)
+            setattr(self, new, change.new)
+
+    @validate("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib")
+    def _check_amount(self, proposal):
+        return _positive_decimal(proposal.trait.name, proposal.value)
+
+    @validate("max_sessions_per_launch")
+    def _check_sessions(self, proposal):
+        if proposal.value < 1:
+            raise ValueError("max_sessions_per_launch must be at least 1")
+        return proposal.value
+
+    template_paths = List(
+        Unicode(), config=True,
+        help="Folders with templates for the service's pages, searched after its own and before "
+        "JupyterHub's (its pages extend JupyterHub's page.html). Default: c.JupyterHub.template_paths "
+        "from the same config file, so the pages wear the hub's brand (hub_config/templates).",
+    )
+
+    @default("template_paths")
+    def _default_template_paths(self):
+        hub = self.config["JupyterHub"] if "JupyterHub" in self.config else {}
+        return list(hub.get("template_paths", []))
 
     # -- snapshots (bai_scheduler/snapshots.py) --
     private_image_repo = Unicode(
@@ -140,22 +249,20 @@ class BaiScheduler(Application):
         "freeze, but a file being written during the commit may be captured half-written.",
     )
 
+    @validate("private_image_repo")
+    def _check_repo(self, proposal):
+        return validate_repo(proposal.value)
+
     @validate("fgpu_step")
     def _check_step(self, proposal):
         FgpuUnits(self.fgpu_per_gpu, proposal.value)
         return proposal.value
 
-    @validate("queue_order")
-    def _check_order(self, proposal):
-        if proposal.value not in ("fifo", "drf"):
-            raise ValueError("queue_order must be 'fifo' or 'drf'")
-        return proposal.value
-
-    @validate("queue_head")
-    def _check_head(self, proposal):
-        if proposal.value not in ("strict", "skip", "backfill"):
-            raise ValueError("queue_head must be 'strict', 'skip' or 'backfill'")
-        return proposal.value
+    reconcile_interval = Float(
+        60, config=True,
+        help="Seconds between full reconciles with the engines. Engine events free shares at once; "
+        "this only collects what events could not tell (e.g. an admission whose spawn never came).",
+    )
 
     # -- assembly ---------------------------------------------------------------
 
@@ -164,50 +271,67 @@ class BaiScheduler(Application):
         return FgpuUnits(self.fgpu_per_gpu, self.fgpu_step)
 
     def build_nodes(self) -> list[Node]:
-        nodes = []
-        for spec in self.nodes:
-            spec = dict(spec)
-            gpus = spec.get("gpus", "auto")
-            if gpus == "auto":
-                try:
-                    devices = inventory.nvml_devices(self.units)
-                    node = inventory.simulated_nodes([{**spec, "gpus": 0}], self.units)[0]
-                    node = Node(node.name, node.docker_url, devices, node.cpu_millis, node.memory_bytes, simulated=False)
-                    self.log.info("Node %s: %d real GPU(s) from NVML", node.name, len(devices))
-                except inventory.NoGpuError as e:
-                    node = inventory.simulated_nodes([{**self.simulated_gpus, **spec, "gpus": self.simulated_gpus.get("gpus", 1)}], self.units)[0]
-                    self.log.warning(
-                        "Node %s: no GPU found (%s); using a SIMULATED inventory of %d GPU(s)",
-                        node.name, e, len(node.devices),
-                    )
-            else:
-                node = inventory.simulated_nodes([spec], self.units)[0]
-                self.log.warning("Node %s: SIMULATED inventory of %d GPU(s)", node.name, len(node.devices))
-            nodes.append(node)
-        return nodes
+        defaults = GpuBackend(self.gpu_backend, self.hami_library, self.hami_lock_dir,
+                              self.mps_pipe_directory, self.mps_shm_directory)
+        return nodes_from_config(self.nodes, self.units, defaults, self.simulated_gpus,
+                                 detect=inventory.nvml_devices, log=self.log)
 
-    def limits(self) -> UserLimits:
+    def user_limits(self) -> UserLimits:
         return UserLimits(
             max_running=self.max_running_per_user,
             max_pending=self.max_pending_per_user,
             max_quanta=self.units.to_quanta(self.max_fgpu_per_user),
             max_cpu_millis=int(self.max_cpu_per_user * 1000),
-            max_memory_bytes=inventory.parse_bytes(self.max_memory_per_user),
+            max_memory_bytes=parse_bytes(self.max_memory_per_user),
         )
+
+    def session_limits(self) -> Limits:
+        """One session's limits; fGPU up to the largest node's GPUs."""
+        limits = Limits(
+            max_quanta=max((sum(d.quanta for d in n.devices) for n in self.node_list), default=0),
+            max_cpu=Decimal(self.max_cpu),
+            max_memory_gib=Decimal(self.max_memory_gib),
+            default_cpu=Decimal(self.default_cpu),
+            default_memory_gib=Decimal(self.default_memory_gib),
+            max_sessions=self.max_sessions_per_launch,
+        )
+        for what in ("cpu", "memory_gib"):
+            if getattr(limits, f"default_{what}") > getattr(limits, f"max_{what}"):
+                raise ValueError(f"BaiScheduler.default_{what} ({getattr(limits, f'default_{what}')}) is above "
+                                 f"BaiScheduler.max_{what} ({getattr(limits, f'max_{what}')}): lower it or raise the limit.")
+        return limits
+
+    def take_moved_spawner_options(self) -> None:
+        """Apply the options still set under their old names (c.BaiSpawner.max_cpu, .gpu_backend …)."""
+        old = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
+        mine = self.config["BaiScheduler"] if "BaiScheduler" in self.config else {}
+        for name in MOVED_FROM_SPAWNER:
+            if name not in old:
+                continue
+            if name in mine:
+                self.log.warning("c.BaiSpawner.%s is deprecated and ignored: c.BaiScheduler.%s is set", name, name)
+                continue
+            self.log.warning("c.BaiSpawner.%s is deprecated: set c.BaiScheduler.%s instead", name, name)
+            setattr(self, name, old[name])
 
     def initialize(self, argv=None):
         super().initialize(argv)
-        if self.config_file:
-            self.load_config_file(self.config_file)
         logging.basicConfig(level=logging.INFO, format="[%(levelname).1s %(asctime)s bai-scheduler] %(message)s")
         self.log = logging.getLogger("bai_scheduler")
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        self.take_moved_spawner_options()
         self.node_list = self.build_nodes()
+        self.readiness = {n.name: readiness.unchecked(n) for n in self.node_list}
+        if self.check_gpus_only:
+            return  # no database, service or hub needed
+        self.form_limits = self.session_limits()
         self.store = Store(self.db_url, timeout=self.db_timeout)
         self.engines = engines.DockerEngines(self.node_list, self.hub_id)
-        self.service = SchedulerService(
+        self.service = Service(
             self.node_list, self.units, self.store,
             policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
-            limits=self.limits(), span=self.span, strategy=self.strategy,
+            limits=self.user_limits(), span=self.span, strategy=self.strategy,
             engines=self.engines, admission_grace=self.admission_grace, orphan_grace=self.orphan_grace,
         )
         self._reconciling = asyncio.Lock()
@@ -233,12 +357,6 @@ class BaiScheduler(Application):
             except OSError as e:
                 self.log.warning("Hub unreachable while starting %s: %s", rec.key, e)
             await asyncio.sleep(5)
-
-    reconcile_interval = Float(
-        60, config=True,
-        help="Seconds between full reconciles with the engines. Engine events free shares at once; "
-        "this only collects what events could not tell (e.g. an admission whose spawn never came).",
-    )
 
     async def reconcile_forever(self):
         while True:
@@ -270,6 +388,40 @@ class BaiScheduler(Application):
             if any(result.values()):
                 self.log.warning("Reconciled with the engines: %s", {k: v for k, v in result.items() if v})
 
+    async def check_gpus(self) -> None:
+        """Check every real GPU node's backend (in threads); only ready nodes get GPU shares."""
+        nodes = [n for n in self.node_list if readiness.needs_check(n)]
+        results = await asyncio.gather(*(asyncio.to_thread(self.check_gpu_node, n) for n in nodes))
+        became_ready = False
+        for node, result in zip(nodes, results):
+            before = self.readiness[node.name]
+            self.readiness[node.name] = result
+            self.service.set_gpu_ready(node.name, result.ready)
+            if (before.ready, before.reason) != (result.ready, result.reason):
+                if result.ready:
+                    self.log.info("Node %s: GPU backend %s ready (%s)", node.name, node.gpu.name, result.reason)
+                else:
+                    self.log.error("Node %s: GPU backend %s NOT ready, no GPU session goes there: %s",
+                                   node.name, node.gpu.name, result.reason)
+            became_ready |= result.ready and not before.ready
+        if became_ready:
+            try:
+                await self.service.schedule()
+            except StoreUnavailable as e:
+                self.log.error("Scheduling after a GPU node became ready postponed: %s", e)
+
+    def check_gpu_node(self, node: Node) -> readiness.Readiness:
+        try:
+            client = engines.make_client(node)
+        except Exception as e:  # engine down
+            return readiness.Readiness(node.name, node.gpu.name, False, f"the node's engine does not answer: {e}")
+        return readiness.check_node(node, readiness.EngineProbe(client, f"{self.hub_id}-"))
+
+    async def check_gpus_forever(self):
+        while True:
+            await asyncio.sleep(self.readiness_interval)
+            await self.check_gpus()
+
     async def container_event(self, facts, what: str):
         """An engine event about a session container: "removed" frees its share; "exited" has
         the service remove the container first."""
@@ -283,41 +435,49 @@ class BaiScheduler(Application):
             self.log.error("Could not record that the container of %s ended: %s", facts.key, e)
 
     def make_app(self) -> web.Application:
-        from . import pages, snapshots
-
-        p = self.prefix
-        name = r"([^/]+)"
-        attempt = r"([0-9a-f]{32})"
-        handlers = [
-            (p + r"api/health", HealthHandler),
-            (p + r"api/capacity", CapacityHandler),
-            (p + r"api/requests", RequestsHandler),
-            # Per attempt, apart from the servers' paths: no server name can collide with them.
-            (p + rf"api/attempts/{attempt}", AttemptHandler),
-            (p + rf"api/attempts/{attempt}/wait", WaitHandler),
-            (p + rf"api/attempts/{attempt}/stop-failed", StopFailedHandler),
-            (p + rf"api/requests/{name}/?([^/]*)", RequestHandler),
-            (p + r"api/launch", LaunchHandler),
-            (p + r"metrics", MetricsHandler),
-            (p + r"oauth_callback", HubOAuthCallbackHandler),
-        ] + pages.handlers(p) + snapshots.handlers(p)
+        """The tornado app: every web module's ``default_handlers`` under the service's prefix,
+        and what handlers find in ``self.settings``."""
+        routes = [(r"oauth_callback", HubOAuthCallbackHandler)]
+        for module in (api, pages, snapshot_pages, metrics):
+            routes += module.default_handlers
         return web.Application(
-            handlers,
+            [(self.prefix + path, handler) for path, handler in routes],
             default_handler_class=NotFoundHandler,
             bai=self,
+            service=self.service,
+            hub=self.hub,
+            prefix=self.prefix,
+            limits=self.form_limits,
+            readiness=self.readiness,
+            internal_token=self.internal_token,
+            snapshots=Snapshots(self.node_list, self.service, repo=self.private_image_repo,
+                                cap=self.max_private_images_per_user, pause=self.snapshot_pause),
+            catalog=engines.CatalogCache(self.node_list[0] if self.node_list else None),
+            notices=pages.Notices(),
             hub_auth=self.hub_auth,
+            jinja2_env=template_env(self.template_paths),
             cookie_secret=os.urandom(32),
-            template_path=os.path.join(os.path.dirname(__file__), "templates"),
-            static_path=os.path.join(os.path.dirname(__file__), "static"),
-            static_url_prefix=p + "static/",
+            static_path=STATIC,
+            static_url_prefix=self.prefix + "static/",
             xsrf_cookies=False,
         )
 
     def start(self):
+        if self.check_gpus_only:
+            sys.exit(self.print_gpu_checks())
         asyncio.run(self.serve())
+
+    def print_gpu_checks(self) -> int:
+        results = [self.check_gpu_node(n) if readiness.needs_check(n) else self.readiness[n.name]
+                   for n in self.node_list]
+        for r in results:
+            print(json.dumps({"node": r.node, "backend": r.backend, "ready": r.ready, "reason": r.reason,
+                              "simulated": r.simulated}))
+        return 0 if all(r.ready for r in results) else 1
 
     async def serve(self):
         url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))
+        await self.check_gpus()
         await self.reconcile_all()
         loop = asyncio.get_running_loop()
         self.watchers = [
@@ -326,6 +486,7 @@ class BaiScheduler(Application):
         for w in self.watchers:
             w.start()
         sweeper = asyncio.ensure_future(self.reconcile_forever())
+        gpu_checks = asyncio.ensure_future(self.check_gpus_forever())
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
         self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
@@ -336,312 +497,10 @@ class BaiScheduler(Application):
         self.log.info("bai-scheduler stopping; queued requests stay in the database")
         server.stop()
         sweeper.cancel()
+        gpu_checks.cancel()
         for w in self.watchers:
             w.stop()
-
-
-# -- handlers --------------------------------------------------------------------
-
-
-class BaseHandler(HubOAuthenticated, web.RequestHandler):
-    @property
-    def bai(self) -> BaiScheduler:
-        return self.settings["bai"]
-
-    @property
-    def service(self) -> SchedulerService:
-        return self.bai.service
-
-    def is_internal(self) -> bool:
-        auth = self.request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        token = token.strip()
-        return bool(
-            self.bai.internal_token and scheme.lower() in ("token", "bearer")
-            and hmac.compare_digest(token, self.bai.internal_token)
-        )
-
-    def identity(self) -> dict:
-        """The caller: the hub's spawner (internal), a user, or 403."""
-        if self.is_internal():
-            return {"name": None, "admin": True, "internal": True}
-        user = self.current_user
-        if not user:
-            raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
-        scopes = set(user.get("scopes") or ())
-        # Admin users, and services (or tokens) granted server administration.
-        admin = bool(user.get("admin")) or bool(scopes & {"admin:servers", "admin:users"})
-        return {"name": user["name"], "admin": admin, "internal": False}
-
-    def check_owner(self, who: dict, user: str) -> None:
-        if not (who["admin"] or who["name"] == user):
-            raise web.HTTPError(404, "No such request.")
-
-    def json_body(self, allowed: set) -> dict:
-        if len(self.request.body) > MAX_BODY:
-            raise web.HTTPError(413, f"Request body over {MAX_BODY} bytes.")
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise web.HTTPError(400, "Body is not valid JSON.") from None
-        except RecursionError:  # e.g. "[[[[…" thousands deep: json.loads gives up
-            raise web.HTTPError(400, "Body is nested too deeply.") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "Body must be a JSON object.")
-        unknown = set(body) - allowed
-        if unknown:
-            raise web.HTTPError(400, f"Unknown field(s): {', '.join(sorted(map(str, unknown)))[:200]}")
-        return body
-
-    def write_json(self, obj, status: int = 200):
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(obj))
-
-    def write_error(self, status_code, **kwargs):
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if isinstance(exc, StoreUnavailable):
-            status_code, message = 503, "The scheduler's database is unavailable; nothing was changed. Try again shortly."
-            self.set_status(503)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": status_code, "message": message}))
-
-    def log_exception(self, typ, value, tb):
-        if isinstance(value, StoreUnavailable):
-            self.bai.log.error("Database unavailable during %s %s", self.request.method, self.request.uri)
-            return
-        super().log_exception(typ, value, tb)
-
-    @staticmethod
-    def key(user: str, server: str) -> RequestKey:
-        for part in (user, server):
-            if part and not NAME_RE.match(part):
-                raise web.HTTPError(400, "Invalid user or server name.")
-        return RequestKey(user, server)
-
-
-class NotFoundHandler(BaseHandler):
-    """Any path under the prefix that names nothing: a JSON 404, like the rest of the API."""
-
-    def prepare(self):
-        raise web.HTTPError(404, "No such endpoint; see the README's REST API table.")
-
-
-class HealthHandler(BaseHandler):
-    def get(self):
-        self.write_json({"ok": self.service.degraded is None, "degraded": self.service.degraded})
-
-
-class CapacityHandler(BaseHandler):
-    def get(self):
-        self.identity()
-        units = self.bai.units
-        nodes = []
-        snap = self.service.capacity()
-        for node in self.bai.node_list:
-            nodes.append({
-                "name": node.name,
-                "docker_url": node.docker_url,
-                "simulated": node.simulated,
-                "devices": [
-                    {"uuid": d.uuid, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
-                     "sm_count": d.sm_count, "quanta": d.quanta, "mig_profile": d.mig_profile}
-                    for d in node.devices
-                ],
-                "cpu_millis": node.cpu_millis,
-                "memory_bytes": node.memory_bytes,
-            })
-        self.write_json({
-            "fgpu_per_gpu": units.fgpu_per_gpu,
-            "fgpu_step": str(units.fgpu_step),
-            "quanta_per_gpu": units.quanta_per_gpu,
-            "span": self.bai.span,
-            "nodes": nodes,
-            "usage": snap,
-            "overcommitted": self.service.overcommitted(),
-            "queue_length": len(self.service.pending()),
-            "simulated": any(n.simulated for n in self.bai.node_list),
-        })
-
-
-class RequestsHandler(BaseHandler):
-    def get(self):
-        who = self.identity()
-        out = [
-            self.service.status(r) for r in self.service.records.values()
-            if who["admin"] or r.key.user == who["name"]
-        ]
-        out.sort(key=lambda s: (s["state"] != "RUNNING", s["state"] == "STOPPING", s.get("position") or 0,
-                                s["submitted_at"]))
-        self.write_json({"requests": out, "epoch": self.service.epoch})
-
-
-class RequestHandler(BaseHandler):
-    FIELDS = {"quanta", "cpu_millis", "memory_bytes", "image", "user_options"}
-
-    def get(self, user, server):
-        who = self.identity()
-        self.check_owner(who, user)
-        rec = self.service.get(self.key(user, server))
-        if rec is None:
-            raise web.HTTPError(404, "No such request.")
-        self.write_json(self.service.status(rec))
-
-    async def put(self, user, server):
-        """The spawner registers a new spawn attempt of the server it starts."""
-        if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner registers requests; start servers through the hub.")
-        body = self.json_body(self.FIELDS)
-        nums = {}
-        for field in ("quanta", "cpu_millis", "memory_bytes"):
-            v = body.get(field, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > 2**53:
-                raise web.HTTPError(400, f"{field} must be a non-negative integer.")
-            nums[field] = v
-        image = body.get("image", "")
-        options = body.get("user_options", {})
-        if not isinstance(image, str) or not isinstance(options, dict):
-            raise web.HTTPError(400, "image must be a string and user_options an object.")
-        try:
-            rec = await self.service.submit(self.key(user, server), image=image, user_options=options, **nums)
-        except Refused as e:
-            raise web.HTTPError(e.status, str(e)) from None
-        self.write_json(self.service.status(rec), 201)
-
-    async def delete(self, user, server):
-        """A user (or admin) stops a session, through the hub so its view stays true."""
-        who = self.identity()
-        key = self.key(user, server)
-        if who["internal"]:
-            raise web.HTTPError(400, "The spawner releases an attempt with DELETE api/attempts/<id>.")
-        self.check_owner(who, user)
-        rec = self.service.get(key)
-        if rec is None:
-            raise web.HTTPError(404, "No such request.")
-        try:
-            await self.bai.hub.stop_server(user, server)
-            hub_stops_it = True
-        except (HubAPIError, OSError) as e:
-            self.bai.log.info("Hub stop of %s: %s; stopping it here", key, e)
-            hub_stops_it = False
-        await stop_session(self.service, rec, hub_stops_it)
-        self.write_json({"released": rec.state == "PENDING", "stopping": rec.state != "PENDING"})
-
-
-async def stop_session(service: SchedulerService, rec, hub_stops_it: bool) -> None:
-    """After asking the hub to stop a server: a queued request, or an admission no spawner has,
-    is stopped here; a started one only when the hub could not (its spawner then removes the
-    container and releases the share; otherwise the service removes it, then frees the share)."""
-    if rec.state == "PENDING" or not rec.delivered or not hub_stops_it:
-        await service.stop(rec.key)
-
-
-class AttemptBase(BaseHandler):
-    def attempt(self, attempt_id: str):
-        if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner uses spawn attempts.")
-        return self.service.attempt(attempt_id)
-
-
-class AttemptHandler(AttemptBase):
-    async def delete(self, attempt_id):
-        """The spawner: this attempt's container is gone, or was never made."""
-        self.attempt(attempt_id)
-        freed = await self.service.release(attempt_id)
-        self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
-
-
-class StopFailedHandler(AttemptBase):
-    async def post(self, attempt_id):
-        """The spawner could not stop this attempt's container: the share stays held and the
-        service removes the container itself (retrying)."""
-        if self.attempt(attempt_id) is None:
-            raise web.HTTPError(404, "No such attempt.")
-        body = self.json_body({"message"})
-        message = body.get("message", "")
-        if not isinstance(message, str):
-            raise web.HTTPError(400, "message must be a string.")
-        try:
-            rec = await self.service.stopping(attempt_id, message or "the spawner could not stop it")
-        except Refused as e:
-            raise web.HTTPError(e.status, str(e)) from None
-        self.write_json(self.service.status(rec), 202)
-
-
-class WaitHandler(AttemptBase):
-    async def get(self, attempt_id):
-        self.attempt(attempt_id)
-        try:
-            epoch = int(self.get_argument("epoch", "-1"))
-            timeout = float(self.get_argument("timeout", str(self.bai.wait_timeout)))
-        except ValueError:
-            raise web.HTTPError(400, "epoch and timeout must be numbers.") from None
-        if not math.isfinite(timeout):
-            # NaN would hold the long-poll open for ever (every comparison is False).
-            raise web.HTTPError(400, "timeout must be a finite number of seconds.")
-        timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(attempt_id, epoch, timeout)
-        if rec is None:
-            self.write_json({"id": attempt_id, "state": "GONE", "epoch": self.service.epoch,
-                             "reason": self.service.gone_reason(attempt_id) or "The request was cancelled."})
-            return
-        await self.service.mark_delivered(rec)
-        self.write_json(self.service.status(rec))
-
-
-class LaunchHandler(BaseHandler):
-    """Start several sessions of one shape at once (named servers through the hub)."""
-
-    async def post(self):
-        who = self.identity()
-        body = self.json_body({"count", "options", "user", "prefix"})
-        user = body.get("user") or who["name"]
-        if not isinstance(user, str) or not user:
-            raise web.HTTPError(400, "Say which user launches.")
-        self.check_owner(who, user)
-        count = body.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.bai.max_launch:
-            raise web.HTTPError(400, f"count must be a whole number from 1 to {self.bai.max_launch}.")
-        options = body.get("options", {})
-        if not isinstance(options, dict):
-            raise web.HTTPError(400, "options must be an object.")
-        prefix = body.get("prefix", "session")
-        if not isinstance(prefix, str) or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", prefix):
-            raise web.HTTPError(400, "prefix must be lower-case letters, digits and '-' (at most 31).")
-        names = await launch_sessions(self.bai.hub, user, prefix, count, options)
-        self.write_json({"launched": names}, 202)
-
-
-async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, options: dict) -> list[str]:
-    try:
-        model = await hub.get_user(user)
-    except HubAPIError as e:
-        raise web.HTTPError(404 if e.code == 404 else 502, f"Hub: {e}") from None
-    taken = set((model or {}).get("servers", {}))
-    names, i = [], 1
-    while len(names) < count:
-        name = f"{prefix}-{i}"
-        i += 1
-        if name in taken:
-            continue
-        try:
-            await hub.start_server(user, name, options)
-        except HubAPIError as e:
-            raise web.HTTPError(400 if e.code < 500 else 502,
-                                f"Started {names or 'none'}; {name} refused: {e}") from None
-        names.append(name)
-    return names
-
-
-class MetricsHandler(BaseHandler):
-    def get(self):
-        from .metrics import render
-
-        self.set_header("Content-Type", "text/plain; version=0.0.4")
-        self.finish(render(self.service))
+        self.service.close()
 
 
 def main(argv=None):

@@ -46,9 +46,6 @@ class HubAPI:
     async def get_user(self, user: str):
         return await self.request("GET", f"/users/{quote(user, safe='')}")
 
-    async def list_users(self):
-        return await self.request("GET", "/users?state=")
-
     async def active_servers(self, page: int = 200) -> set[tuple[str, str]]:
         """(user, server name) of every server the hub runs or is starting or stopping."""
         out, offset = set(), 0

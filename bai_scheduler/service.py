@@ -1,6 +1,6 @@
 """The scheduler service's state machine, without HTTP.
 
-Wraps the pure ``Scheduler`` with durability (``Store``), wake-ups for the spawners waiting on
+Wraps the pure ``AdmissionQueue`` with durability (``Store``), wake-ups for the spawners waiting on
 their attempt, and repair from the Docker engines.
 
 Spawn attempts
@@ -52,11 +52,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable, Protocol
 
-from .model import Placement, Request, RequestKey, Share
-from .placement import Capacity
-from .queue import QueuePolicy, Scheduler, UserLimits
+from .core.model import Placement, Request, RequestKey, Share
+from .core.placement import Capacity
+from .core.queue import AdmissionQueue, QueuePolicy, UserLimits
+from .core.units import FgpuUnits
 from .store import Record, Store, StoreUnavailable
-from .units import FgpuUnits
 
 log = logging.getLogger("bai_scheduler")
 
@@ -112,7 +112,7 @@ class Engines(Protocol):
         returns how many there were.  Raises when the engine cannot do it."""
 
 
-class SchedulerService:
+class Service:
     # A spawner long-poll that returned this recently still counts as attached.
     WAITER_GRACE_S = 5.0
     # Released attempts remembered (for a clear GONE answer, and so that a listing taken
@@ -164,15 +164,20 @@ class SchedulerService:
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
         self._fgpu_text: dict[int, str] = {}
+        # Nodes whose GPUs get no new share: real GPUs start here until their backend is
+        # checked (bai_scheduler.readiness); CPU-only requests still go there.
+        self.gpu_not_ready: set[str] = {n.name for n in self.nodes if n.devices and not n.simulated}
         self.reload()
 
     # -- building state ----------------------------------------------------
 
-    def _new_scheduler(self) -> Scheduler:
+    def _new_queue(self) -> AdmissionQueue:
         capacity = Capacity(
             self.nodes, self.units.quanta_per_gpu, span=self.span, strategy=self.strategy, units=self.units
         )
-        return Scheduler(capacity, self.policy, self.limits)
+        for name in self.gpu_not_ready:
+            capacity.set_gpu_ready(name, False)
+        return AdmissionQueue(capacity, self.policy, self.limits)
 
     @staticmethod
     def _core(rec: Record) -> Request:
@@ -181,7 +186,7 @@ class SchedulerService:
     def _rebuild(self, records: Iterable[Record]) -> list[tuple[Record, str]]:
         """Make memory match ``records`` exactly (no pass is run).  Returns the records that
         cannot be kept, with why (their node is gone, or they can never fit any more)."""
-        self.scheduler = self._new_scheduler()
+        self.queue = self._new_queue()
         self.records, self.live = {}, {}
         dropped = []
         known_nodes = {n.name for n in self.nodes}
@@ -198,11 +203,11 @@ class SchedulerService:
                 continue
             self.records[rec.id] = rec
         for rec in sorted((r for r in records if r.state == "PENDING"), key=lambda r: r.request.seq):
-            reason = self.scheduler.never_reason(rec.request)
+            reason = self.queue.never_reason(rec.request)
             if reason:
                 dropped.append((rec, f"it can never start here any more: it {reason}"))
                 continue
-            rec.request = replace(rec.request, seq=self.scheduler.restore_pending(self._core(rec)).seq)
+            rec.request = replace(rec.request, seq=self.queue.restore_pending(self._core(rec)).seq)
             self.records[rec.id] = rec
         for rec in self.records.values():
             if rec.state in ("PENDING", "RUNNING"):
@@ -213,23 +218,26 @@ class SchedulerService:
 
     def _restore_share(self, rec: Record) -> None:
         try:
-            self.scheduler.restore_admitted(self._core(rec), rec.placement)
+            self.queue.restore_admitted(self._core(rec), rec.placement)
         except ValueError:
             if not self._fits_somehow(rec.placement):
                 raise
-            self.scheduler.restore_admitted(self._core(rec), rec.placement, force=True)
+            self.queue.restore_admitted(self._core(rec), rec.placement, force=True)
             log.error("Over-commit: %s holds %s on %s beyond its capacity; shown on the capacity view "
                       "and in /metrics until sessions there end", rec.key, rec.placement.shares, rec.placement.node)
 
     def _fits_somehow(self, placement: Placement) -> bool:
         """True if ``placement`` names known devices of its node (only capacity is short)."""
-        cap = self.scheduler.capacity
-        try:
-            node = cap.node(placement.node)
-        except KeyError:
+        node = next((n for n in self.nodes if n.name == placement.node), None)
+        if node is None:
             return False
         uuids = {d.uuid for d in node.devices}
         return all(s.device_uuid in uuids and s.quanta > 0 for s in placement.shares)
+
+    def set_gpu_ready(self, node: str, ready: bool) -> None:
+        """Let placement use ``node``'s GPUs or not; run ``schedule()`` after a node became ready."""
+        (self.gpu_not_ready.discard if ready else self.gpu_not_ready.add)(node)
+        self.queue.set_gpu_ready(node, ready)
 
     def reload(self) -> None:
         """Throw away memory and rebuild from the database (at start-up, before serving)."""
@@ -316,8 +324,10 @@ class SchedulerService:
         }
         if rec.state == "PENDING":
             core_key = Attempt(key.user, key.server, rec.id)
-            out["position"] = position = self.scheduler.position(core_key)
-            out["reason"] = self.scheduler.wait_reason(core_key, position)
+            out["position"] = position = self.queue.position(core_key)
+            out["reason"] = self.queue.wait_reason(core_key, position)
+            if req.quanta and self.gpu_not_ready:
+                out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
         if rec.state == "STOPPING":
             out["stop_error"] = rec.stop_error
         if rec.placement is not None:
@@ -334,6 +344,7 @@ class SchedulerService:
         out["docker_url"] = node.docker_url
         out["tls"] = dict(node.tls)
         out["simulated"] = node.simulated
+        out["gpu"] = node.gpu.to_json()
         out["quanta_per_gpu"] = self.units.quanta_per_gpu
         for share in out["shares"]:
             d = devices.get(share["device"])
@@ -344,7 +355,7 @@ class SchedulerService:
         return out
 
     def pending(self) -> list[Record]:
-        return [self.records[r.key.id] for r in self.scheduler.pending() if r.key.id in self.records]
+        return [self.records[r.key.id] for r in self.queue.pending() if r.key.id in self.records]
 
     def running(self) -> list[Record]:
         """Live admitted attempts (their containers run or are being made)."""
@@ -355,11 +366,11 @@ class SchedulerService:
         return [r for r in self.records.values() if r.holds_share]
 
     def capacity(self) -> list[dict]:
-        return self.scheduler.capacity.snapshot()
+        return self.queue.capacity.usage()
 
     def overcommitted(self) -> dict[str, int]:
         """Quanta in use beyond capacity, by device uuid (the engines run more than fits)."""
-        return self.scheduler.capacity.overcommitted()
+        return self.queue.capacity.overcommitted()
 
     # -- changes ---------------------------------------------------------------
 
@@ -404,7 +415,7 @@ class SchedulerService:
         request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image)
         async with self._lock:
             old = self.get(key)
-            reason = self.scheduler.never_reason(request)
+            reason = self.queue.never_reason(request)
             if reason:
                 raise Refused(reason, 400)
             lim = self.limits
@@ -419,7 +430,7 @@ class SchedulerService:
             rec = Record(id=uuid.uuid4().hex, request=request, state="PENDING",
                          user_options=dict(user_options or {}))
             changed, deleted, stopping, pairs = {rec.id: rec}, {}, [], []
-            sched = self.scheduler
+            sched = self.queue
             if old is not None:
                 log.info("%s registers again (attempt %s replaces %s)", key, rec.id[:8], old.id[:8])
             if old is not None and old.state == "PENDING" and same:
@@ -470,7 +481,7 @@ class SchedulerService:
                 return []
             t0 = time.perf_counter()
             changed: dict = {}
-            pairs = self.scheduler.release(self._core(rec).key)
+            pairs = self.queue.release(self._core(rec).key)
             del self.records[rec.id]
             if self.live.get(rec.key) == rec.id:
                 del self.live[rec.key]
@@ -526,7 +537,7 @@ class SchedulerService:
     async def schedule(self) -> list[Record]:
         async with self._lock:
             changed: dict = {}
-            admitted = self._admitted(self.scheduler.schedule(), changed)
+            admitted = self._admitted(self.queue.schedule(), changed)
             if admitted:
                 await self._commit(changed, {})
         self._after(admitted)
@@ -648,7 +659,7 @@ class SchedulerService:
             changed, deleted, stopping, pairs = {}, {}, [], []
             report = {k: [] for k in ("restored", "repaired", "released", "exited", "orphans",
                                       "requeued", "unknown_removed")}
-            sched = self.scheduler
+            sched = self.queue
             for rec in list(self.records.values()):
                 if rec.changed > since or not rec.holds_share or rec.placement.node not in listed:
                     continue
@@ -731,23 +742,23 @@ class SchedulerService:
         rec = Record(id=f.request_id, request=request, state="RUNNING" if live is None else "STOPPING",
                      placement=f.placement, submitted_at=now, admitted_at=now, delivered=True)
         try:
-            self.scheduler.restore_admitted(self._core(rec), rec.placement)
+            self.queue.restore_admitted(self._core(rec), rec.placement)
         except ValueError:
             for other in self._unstarted_on(f.placement):
-                core = self.scheduler.requeue(self._core(other).key)
+                core = self.queue.requeue(self._core(other).key)
                 other.request = replace(other.request, seq=core.seq)
                 other.state, other.placement, other.admitted_at = "PENDING", None, None
                 changed[other.id] = other
                 report["requeued"].append(str(other.key))
                 log.warning("%s goes back to the queue: the engine runs %s on its devices", other.key, f.key)
                 try:
-                    self.scheduler.restore_admitted(self._core(rec), rec.placement)
+                    self.queue.restore_admitted(self._core(rec), rec.placement)
                     break
                 except ValueError:
                     continue
             else:
                 self._restore_share(rec)
-        rec.request = replace(rec.request, seq=self.scheduler.admitted()[self._core(rec).key][0].seq)
+        rec.request = replace(rec.request, seq=self.queue.admitted()[self._core(rec).key][0].seq)
         self.records[rec.id] = rec
         if live is None:
             self.live[f.key] = rec.id

@@ -1,11 +1,11 @@
 """Session snapshots: turn a running session into a private image its owner can launch.
 
 The workflow: a user prepares a session (``pip install X`` into the image's
-environment ``/opt/bai/venv``), asks an admin, and the admin snapshots it from
+kernel environment ``/opt/bai/kernel``), asks an admin, and the admin snapshots it from
 the panel (``{prefix}admin/snapshots``) or the REST API.  The result is a
 ``docker commit`` of the session's container on the node it runs on, named
 ``<private_image_repo>/<user>:<tag>`` and labelled ``kind=private`` with its
-``owner``, so the catalog (``bai_spawner.catalog``) offers it to that user only
+``owner``, so the catalog (``bai_scheduler.contract.catalog``) offers it to that user only
 and refuses it to everyone else, whether chosen in the form, typed by name or
 asked for through the REST API.
 
@@ -20,19 +20,9 @@ Layout of this module:
 * pure functions (naming, tag validation, labels, the commit config, the cap)
   with plain-function tests in ``tests/test_snapshot_logic.py``;
 * ``commit_blocking``: the Docker calls of one snapshot, run in a worker thread;
-* ``Snapshots``: the jobs (queued → committing → done | failed) kept in memory;
-* the tornado handlers (REST API and the admin page), added by
-  ``BaiScheduler.make_app`` through ``handlers(prefix)``.
+* ``Snapshots``: the jobs (queued → committing → done | failed) kept in memory.
 
-REST API (all JSON; admins only unless said otherwise; others get 403):
-
-* ``POST   {prefix}api/snapshots`` ``{"user", "server", "tag"}`` → 202 ``{"job": …}``
-* ``GET    {prefix}api/snapshots`` → ``{"jobs", "images", "sessions", "errors"}``
-* ``GET    {prefix}api/snapshots/{job}`` → ``{"job": …}``
-* ``GET    {prefix}api/images?mine=1`` → ``{"images"}``: any logged-in user, their own
-  private images (admins without ``mine=1``: everyone's)
-* ``DELETE {prefix}api/images/{ref}`` → ``{"deleted", "nodes"}``; refused (400) for
-  images that are not private snapshots, 409 while a session still uses it.
+The REST API and the admin page are in ``bai_scheduler/web/snapshots.py``.
 
 Pausing: a commit freezes the session's processes (``docker commit``'s default,
 ``BaiScheduler.snapshot_pause``) so the image is a consistent copy of the
@@ -47,21 +37,18 @@ import asyncio
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
-import os
 import re
 import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
 import docker
-from tornado import web
 
-from bai_spawner import catalog
-from bai_spawner import labels as L
-
-from .model import Node, RequestKey
+from . import engines
+from .contract import catalog
+from .contract import labels as L
+from .core.model import Node, RequestKey
 
 log = logging.getLogger("bai_scheduler")
 
@@ -451,8 +438,6 @@ class Snapshots:
     def __init__(self, nodes: Iterable[Node], service, *, repo: str = "bai-private", cap: int = 5,
                  pause: bool = True, client_factory: Callable[..., Any] | None = None,
                  concurrency: int = 2, commit_timeout: int = 3600, keep: int = 100):
-        from . import engines
-
         self.nodes = {n.name: n for n in nodes}
         self.service = service
         self.repo = validate_repo(repo)
@@ -642,140 +627,3 @@ class Snapshots:
         """Until every running job has finished (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-def get_manager(bai) -> Snapshots:
-    """The app's ``Snapshots``, made on first use from its config."""
-    mgr = getattr(bai, "_bai_snapshots", None)
-    if mgr is None:
-        mgr = Snapshots(bai.node_list, bai.service, repo=bai.private_image_repo,
-                        cap=bai.max_private_images_per_user, pause=bai.snapshot_pause)
-        bai._bai_snapshots = mgr
-    return mgr
-
-
-# -- HTTP ---------------------------------------------------------------------------------------------
-
-
-def _handlers_module():
-    # Imported lazily: app.py imports this module inside make_app.
-    from . import app
-
-    return app
-
-
-def handlers(prefix: str) -> list:
-    base = _handlers_module().BaseHandler
-
-    class ApiBase(base):
-        @property
-        def snapshots(self) -> Snapshots:
-            return get_manager(self.bai)
-
-        def require_admin(self) -> dict:
-            who = self.identity()
-            if not who["admin"]:
-                raise web.HTTPError(403, "Only admins may do this.")
-            return who
-
-        def refuse(self, e: SnapshotError):
-            raise web.HTTPError(e.status, e.message.replace("%", "%%"))
-
-    class SnapshotsHandler(ApiBase):
-        async def get(self):
-            self.require_admin()
-            images, errors = await self.snapshots.images()
-            jobs = sorted(self.snapshots.jobs.values(), key=lambda j: j.created_at, reverse=True)
-            self.write_json({
-                "jobs": [j.to_json() for j in jobs],
-                "images": images,
-                "sessions": self.snapshots.sessions(),
-                "errors": errors,
-                "repo": self.snapshots.repo,
-                "cap": self.snapshots.cap,
-            })
-
-        async def post(self):
-            who = self.require_admin()
-            body = self.json_body({"user", "server", "tag"})
-            try:
-                job = await self.snapshots.submit(body.get("user"), body.get("server", ""), body.get("tag"),
-                                                  requested_by=who["name"] or "bai-scheduler")
-            except SnapshotError as e:
-                self.refuse(e)
-            self.set_header("Location", f"{self.bai.prefix}api/snapshots/{job.id}")
-            self.write_json({"job": job.to_json()}, 202)
-
-    class SnapshotJobHandler(ApiBase):
-        def get(self, job_id):
-            self.require_admin()
-            job = self.snapshots.jobs.get(job_id)
-            if job is None:
-                raise web.HTTPError(404, "No such snapshot job (jobs are kept in memory until the service restarts).")
-            self.write_json({"job": job.to_json()})
-
-    class ImagesHandler(ApiBase):
-        async def get(self):
-            who = self.identity()
-            mine = self.get_argument("mine", "") not in ("", "0", "false")
-            if who["internal"] and mine:
-                raise web.HTTPError(400, "mine=1 needs a user's token.")
-            owner = who["name"] if (mine or not who["admin"]) else None
-            images, errors = await self.snapshots.images(owner=owner)
-            if not who["admin"]:
-                # Engine addresses and raw errors are for admins only.
-                errors = [f"{len(errors)} node(s) could not be listed; ask an admin."] if errors else []
-            self.write_json({"images": images, "errors": errors})
-
-    class ImageHandler(ApiBase):
-        async def delete(self, ref):
-            self.require_admin()
-            try:
-                result = await self.snapshots.delete_image(ref)
-            except SnapshotError as e:
-                self.refuse(e)
-            self.write_json(result)
-
-    class AdminPage(base):
-        """The admin panel: running sessions, snapshot action, progress, private images."""
-
-        def chrome(self, who: dict | None) -> dict:
-            """What base.html (shared with the other service pages) needs."""
-            hub_base = os.environ.get("JUPYTERHUB_BASE_URL", "/")
-            hub_base = hub_base if hub_base.endswith("/") else hub_base + "/"
-            return {"hub": hub_base + "hub/", "prefix": self.bai.prefix, "who": who, "active": "snapshots",
-                    "simulated": any(n.simulated for n in self.bai.node_list)}
-
-        @web.authenticated
-        def get(self):
-            who = self.identity()
-            if not who["admin"]:
-                raise web.HTTPError(403, "The snapshot panel is for admins. Ask an admin to turn your "
-                                         "session into a private image.")
-            mgr = get_manager(self.bai)
-            xsrf = self.xsrf_token
-            xsrf = xsrf.decode() if isinstance(xsrf, bytes) else xsrf
-            config = {"prefix": self.bai.prefix, "repo": mgr.repo, "cap": mgr.cap, "xsrf": xsrf}
-            self.render("admin_snapshots.html", repo=mgr.repo, cap=mgr.cap, pause=mgr.pause,
-                        config_json=json.dumps(config).replace("<", "\\u003c"), **self.chrome(who))
-
-        def write_error(self, status_code, **kwargs):
-            exc = kwargs.get("exc_info", (None, None))[1]
-            message = self._reason
-            if isinstance(exc, web.HTTPError) and exc.log_message:
-                message = exc.log_message % exc.args if exc.args else exc.log_message
-            try:
-                who = self.identity() if self.current_user else None
-            except Exception:
-                who = None
-            self.set_header("Content-Type", "text/html; charset=UTF-8")
-            self.finish(self.render_string("admin_error.html", status=status_code, message=message,
-                                           **self.chrome(who)))
-
-    return [
-        (prefix + r"api/snapshots/?", SnapshotsHandler),
-        (prefix + r"api/snapshots/([0-9a-f]+)", SnapshotJobHandler),
-        (prefix + r"api/images/?", ImagesHandler),
-        (prefix + r"api/images/(.+)", ImageHandler),
-        (prefix + r"admin/snapshots/?", AdminPage),
-    ]

@@ -1,6 +1,6 @@
 """Durable scheduler state: queued and admitted requests, in SQL.
 
-The in-memory ``Scheduler`` decides; this module remembers.  Every change is
+The in-memory ``AdmissionQueue`` decides; this module remembers.  Every change is
 written here before it is acknowledged, and on start-up the service rebuilds
 the scheduler from these rows (then lets the Docker engine correct them).
 SQLite by default, any SQLAlchemy URL (PostgreSQL in production).
@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .model import Placement, Request, RequestKey, Share
+from .core.model import Placement, Request, RequestKey, Share
 
 
 class StoreUnavailable(RuntimeError):

@@ -8,27 +8,50 @@ through ``progress()``, builds the container from the granted placement
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from decimal import Decimal
 
 import docker
 import requests
 from docker.utils import kwargs_from_env
 from dockerspawner import DockerSpawner
+from jinja2 import Environment, FileSystemLoader
 from tornado import web
-from traitlets import Dict, Float, Integer, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
 
-from bai_scheduler.units import GIB, FgpuUnits
+from bai_scheduler.contract import catalog as catalog_mod
+from bai_scheduler.contract.client import SchedulerClient, SchedulerError
+from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
+from bai_scheduler.contract.form import form_context
+from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.core.units import GIB, FgpuUnits
 
-from . import catalog as catalog_mod
-from . import labels
-from .client import SchedulerClient, SchedulerError
-from .form import FormError, Limits, SessionOptions, parse_options
-from .gpu import BACKENDS, PlacementMismatch, gpu_spec
+from .container import ContainerSpecError, Hardening, Session, make_container
+from .gpu import PlacementMismatch, gpu_spec
 
+# The spawn form (kubespawner's way: a Jinja2 template in the package).
+TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__file__), "templates"), FORM_TEMPLATES]),
+                        autoescape=True)
 
 # What a Docker engine that is down or failing raises through docker-py.
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
+
+
+def engine_message(e: Exception) -> str:
+    """What a user may read of an engine error: the engine's own explanation, or the
+    error's kind; never the engine's API URL (docker-py puts it in str(e))."""
+    explanation = getattr(e, "explanation", None)
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation).strip()[:300] if explanation else e.__class__.__name__
+
+
+def engine_down(e: Exception) -> str:
+    """What a user reads when the engine does not answer (its kind of error, never its address)."""
+    return f"The Docker engine is not reachable ({e.__class__.__name__}); ask an admin to start it."
 
 
 class BaiSpawner(DockerSpawner):
@@ -51,24 +74,48 @@ class BaiSpawner(DockerSpawner):
         help="Names this hub deployment on its containers (label org.bai-hub.hub). Must equal "
         "c.BaiScheduler.hub_id; lets several hubs share Docker engines without seeing each other's sessions.",
     )
+    pids_limit = Integer(
+        4096, config=True,
+        help="Most processes and threads one session may run (Docker's --pids-limit), so that a "
+        "fork bomb in one session cannot exhaust the node. 0: no limit.",
+    )
+    cap_drop = List(
+        ["ALL"], config=True,
+        help="Linux capabilities removed from session containers. Sessions run as the image's "
+        "unprivileged user (jovyan) and need none.",
+    )
+    cap_add = List(
+        [], config=True,
+        help="Linux capabilities given back after cap_drop, e.g. ['CHOWN', 'SETUID', 'SETGID'] for an "
+        "image that starts as root and switches user.",
+    )
+    no_new_privileges = Bool(
+        True, config=True,
+        help="Run sessions with no-new-privileges: setuid programs (sudo, su) cannot raise privileges.",
+    )
+    use_init = Bool(
+        True, config=True,
+        help="Run an init process (docker --init) as PID 1 of each session: it reaps orphaned "
+        "processes and forwards signals, whatever the image's entrypoint.",
+    )
+    # The form's limits and the GPU backend moved to the scheduler service (it publishes the
+    # limits through api/capacity and sends each node's backend with the placement). The old
+    # names still work: the service reads them from the same config file
+    # (BaiScheduler.initialize); here they only warn.
+    _moved_to_scheduler = ("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib",
+                           "max_sessions_per_launch", "gpu_backend", "hami_library", "mps_pipe_directory")
+    default_cpu = Unicode(config=True, help="Deprecated: use c.BaiScheduler.default_cpu.")
+    max_cpu = Unicode(config=True, help="Deprecated: use c.BaiScheduler.max_cpu.")
+    default_memory_gib = Unicode(config=True, help="Deprecated: use c.BaiScheduler.default_memory_gib.")
+    max_memory_gib = Unicode(config=True, help="Deprecated: use c.BaiScheduler.max_memory_gib.")
+    max_sessions_per_launch = Integer(config=True, help="Deprecated: use c.BaiScheduler.max_sessions_per_launch.")
     gpu_backend = Unicode(
-        "hami", config=True,
-        help="How a GPU share is enforced in the container: 'hami' (HAMi-core libvgpu.so: memory "
-        "and SM limits, nvidia-smi shows the share), 'mps' (CUDA MPS limits), 'mig' (MIG devices) "
-        "or 'whole' (whole GPUs only).",
+        config=True,
+        help="Deprecated: each node's backend is c.BaiScheduler.gpu_backend (or 'gpu_backend' in its "
+        "entry of c.BaiScheduler.nodes).",
     )
-    hami_library = Unicode(
-        "/usr/local/vgpu/libvgpu.so", config=True,
-        help="Path of HAMi-core's libvgpu.so on each GPU node; mounted read-only and preloaded.",
-    )
-    mps_pipe_directory = Unicode(
-        "/tmp/nvidia-mps", config=True, help="CUDA MPS pipe directory on GPU nodes, shared into containers.",
-    )
-    default_cpu = Unicode("1", config=True, help="CPU cores the form proposes.")
-    max_cpu = Unicode("4", config=True, help="Most CPU cores one session may ask for.")
-    default_memory_gib = Unicode("2", config=True, help="Memory (GiB) the form proposes.")
-    max_memory_gib = Unicode("16", config=True, help="Most memory (GiB) one session may ask for.")
-    max_sessions_per_launch = Integer(4, config=True, help="Most sessions the form launches in one action.")
+    hami_library = Unicode(config=True, help="Deprecated: use c.BaiScheduler.hami_library.")
+    mps_pipe_directory = Unicode(config=True, help="Deprecated: use c.BaiScheduler.mps_pipe_directory.")
     wait_poll_seconds = Float(30, config=True, help="Long-poll length while a request waits in the queue.")
     container_start_timeout = Integer(
         120, config=True,
@@ -82,10 +129,16 @@ class BaiSpawner(DockerSpawner):
     )
     docker_threads = Integer(8, config=True, help="Threads for blocking Docker calls (shared by all spawners).")
 
-    @validate("gpu_backend")
-    def _check_backend(self, proposal):
-        if proposal.value not in BACKENDS:
-            raise ValueError(f"gpu_backend must be one of {', '.join(BACKENDS)}")
+    @observe(*_moved_to_scheduler)
+    def _moved_option(self, change):
+        self.log.warning("BaiSpawner.%s is deprecated: the scheduler service owns it now (the form's limits, "
+                         "and each node's GPU backend). Set c.BaiScheduler.%s instead (until then the service "
+                         "uses this value).", change.name, change.name)
+
+    @validate("pids_limit")
+    def _check_pids_limit(self, proposal):
+        if proposal.value < 0:
+            raise ValueError("pids_limit must be a whole number >= 0 (0: no limit)")
         return proposal.value
 
     # Queued sessions can wait for hours; the hub must not kill them.
@@ -130,6 +183,7 @@ class BaiSpawner(DockerSpawner):
 
     request_id = Unicode("")
     node_url = Unicode("")
+    _allowed_image = ""
     node_tls = Dict()
     placement = Dict()
 
@@ -188,22 +242,12 @@ class BaiSpawner(DockerSpawner):
         self.node_url = ""
         self.node_tls = {}
         self.placement = {}
+        self._allowed_image = ""
 
     # -- the form ----------------------------------------------------------------------
 
     async def _capacity(self) -> dict:
         return await self.scheduler.capacity()
-
-    def _limits(self, cap: dict) -> Limits:
-        biggest = max((sum(d["quanta"] for d in n["devices"]) for n in cap["nodes"]), default=0)
-        return Limits(
-            max_quanta=biggest,
-            max_cpu=Decimal(self.max_cpu),
-            max_memory_gib=Decimal(self.max_memory_gib),
-            default_cpu=Decimal(self.default_cpu),
-            default_memory_gib=Decimal(self.default_memory_gib),
-            max_sessions=self.max_sessions_per_launch,
-        )
 
     @staticmethod
     def _units(cap: dict) -> FgpuUnits:
@@ -215,26 +259,32 @@ class BaiSpawner(DockerSpawner):
         return await catalog_mod.load_catalog(client)
 
     async def get_options_form(self):
-        from .formpage import render_form
-
+        template = TEMPLATES.get_template("options_form.html")
         try:
             cap = await self._capacity()
         except SchedulerError as e:
-            return f'<div class="alert alert-danger">{web.escape.xhtml_escape(str(e))}</div>'
-        images = await self._catalog()
-        visible = catalog_mod.visible_to(images, self.user.name, is_admin=False)
-        return render_form(
-            visible=visible, user=self.user.name, capacity=cap, units=self._units(cap),
-            limits=self._limits(cap), service_prefix=self.scheduler_prefix,
-        )
+            return template.render(error=str(e))
+        try:
+            images = await self._catalog()
+        except ENGINE_ERRORS as e:
+            return template.render(error=engine_down(e))
+        service = self.scheduler_prefix.rstrip("/") + "/"
+        return template.render(simulated=cap.get("simulated"), **form_context(
+            visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
+            capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
+            capacity_url=service + "capacity.json", static_url=service + "static/",
+        ))
 
     def options_from_form(self, formdata):
-        # Parsed again in start() with the live units and limits: this only
+        # Parsed in start() with the live units, limits and catalog: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
         return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
                 if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
 
-    async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, object]:
+    async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, catalog_mod.CatalogImage]:
+        """The request as validated: options whose ``image`` is the catalog entry's
+        reference (whatever named it: the picker, the typed name, an id or an id
+        prefix), its units, and that catalog entry."""
         try:
             cap = await self._capacity()
         except SchedulerError as e:
@@ -244,21 +294,24 @@ class BaiSpawner(DockerSpawner):
         if not raw.get("image") and not raw.get("image_name"):
             raw["image"] = self.image
         try:
-            opts = parse_options(raw, units, self._limits(cap))
+            opts = parse_options(raw, units, Limits.from_json(cap["limits"]))
         except FormError as e:
             raise web.HTTPError(400, str(e)) from None
         try:
             images = await self._catalog()
         except ENGINE_ERRORS as e:
-            raise web.HTTPError(503, f"The Docker engine is not reachable ({e.__class__.__name__}); "
-                                     "ask an admin to start it. Nothing was started.") from None
+            raise web.HTTPError(503, engine_down(e) + " Nothing was started.") from None
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
             raise web.HTTPError(400, str(e)) from None
-        return opts, units, image
+        return replace(opts, image=image.ref), units, image
 
     async def check_allowed(self, image):
+        # DockerSpawner.start() takes user_options["image"] and runs whatever this
+        # returns: only the reference _start() validated may pass.
+        if not self._allowed_image or image != self._allowed_image:
+            raise web.HTTPError(400, "The image to run is not the one that was validated; nothing was started.")
         return image
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -282,29 +335,61 @@ class BaiSpawner(DockerSpawner):
         self._events = []
         self._events_changed = asyncio.Event()
         self._spawn_done = False
+        # A record the hub made for this spawn (a new named server, never started or
+        # stopped before: no state saved yet).
+        fresh = bool(self.name) and self.orm_spawner is not None and self.orm_spawner.state is None
         try:
             return await self._start()
+        except asyncio.CancelledError:
+            raise  # a stop, or the hub shutting down: the queued request and its server stay
+        except Exception:
+            if fresh:
+                asyncio.ensure_future(self._remove_failed_server())
+            raise
         finally:
             self._spawn_done = True
             self._events_changed.set()
 
+    async def _remove_failed_server(self, timeout: float = 60):
+        """Remove the named server of a spawn that failed before it ever ran, once the
+        hub has finished with the failure (as JupyterHub's own DELETE ... remove=true),
+        so that refusals do not pile up against named_server_limit_per_user."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self._spawn_future is not None and self._spawn_future.done() and not self.pending):
+            if loop.time() > deadline:
+                return
+            await asyncio.sleep(0.1)
+        user, orm_spawner = self.user, self.orm_spawner
+        if user.spawners.get(self.name) is not self or self.active or orm_spawner is None:
+            return  # started again meanwhile, or already removed
+        self.log.info("Removing %s: its first spawn failed", self._log_name)
+        user.spawners.pop(self.name, None)
+        user.db.delete(orm_spawner)
+        user.db.commit()
+
     async def _start(self):
         opts, units, image = await self._resolve()
-        if opts.sessions > 1:
-            extra = opts.sessions - 1
-            one = SessionOptions(opts.image, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1)
-            self.user_options = one.to_user_options()
+        # From here on the validated reference is the only image there is: in the
+        # options DockerSpawner.start() reads, in the hub's record of this server,
+        # in the request and on the container.
+        self._allowed_image = image.ref
+        extra = opts.sessions - 1
+        opts = replace(opts, sessions=1)  # this server is one session; the others launch below
+        self.user_options = opts.to_user_options()
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = self.user_options
+        if extra:
             try:
                 await self.scheduler.launch(self.user.name, extra, self.user_options)
             except SchedulerError as e:
                 self.log.warning("Could not launch %d more sessions for %s: %s", extra, self.user.name, e)
-        user_options = SessionOptions(opts.image, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
         self._emit(5, f"Requesting {units.to_fgpu(opts.quanta)} fGPU, {opts.cpu_millis / 1000:g} CPU, "
                       f"{opts.memory_bytes / GIB:g} GiB for {image.display_name}")
         try:
             status = await self.scheduler.register(
                 self.user.name, self.name, quanta=opts.quanta, cpu_millis=opts.cpu_millis,
-                memory_bytes=opts.memory_bytes, image=image.ref, user_options=user_options,
+                memory_bytes=opts.memory_bytes, image=image.ref, user_options=self.user_options,
             )
         except SchedulerError as e:
             raise web.HTTPError(e.status if 400 <= e.status < 600 else 500, e.args[0]) from None
@@ -356,12 +441,12 @@ class BaiSpawner(DockerSpawner):
 
     async def _run_container(self, status: dict, image, opts: SessionOptions, units: FgpuUnits):
         try:
-            spec = gpu_spec(self.gpu_backend, status["placement"], units,
-                            hami_library=self.hami_library, mps_pipe_directory=self.mps_pipe_directory)
+            spec = gpu_spec(status["placement"], units)
         except PlacementMismatch as e:
             raise web.HTTPError(400, str(e)) from None
         self.image = image.ref
         self._gpu = spec
+        self._opts = opts
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
@@ -372,8 +457,8 @@ class BaiSpawner(DockerSpawner):
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
         except (asyncio.TimeoutError, *ENGINE_ERRORS) as e:
             what = (f"did not start the session within {self.container_start_timeout} s"
-                    if isinstance(e, asyncio.TimeoutError) else f"failed to start the session: {e}")
-            await self._remove_half_made(str(e) or what)
+                    if isinstance(e, asyncio.TimeoutError) else f"failed to start the session: {engine_message(e)}")
+            await self._remove_half_made(engine_message(e) if not isinstance(e, asyncio.TimeoutError) else what)
             raise web.HTTPError(503, f"The Docker engine {what}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
@@ -395,44 +480,33 @@ class BaiSpawner(DockerSpawner):
         except SchedulerError as e:
             self.log.error("Could not hand %s's half-made container to the scheduler: %s", self._log_name, e)
 
-    async def create_object(self):
-        spec = self._gpu
-        host = dict(self.extra_host_config or {})
-        host.setdefault("binds", {})
-        extra = dict(self.extra_create_kwargs or {})
-        extra_labels = dict(extra.get("labels", {}))
-        extra_labels.update(spec.labels)
-        extra_labels.update({
-            labels.USER: self.user.name,
-            labels.SERVER: self.name,
-            labels.REQUEST_ID: self.request_id,
-            labels.HUB: self.hub_id,
-            labels.IMAGE: self.image,
-            labels.CPU_MILLIS: str(int((self.cpu_limit or 0) * 1000)),
-            labels.MEMORY_BYTES: str(int(self.mem_limit or 0)),
-        })
-        extra["labels"] = extra_labels
-        if spec.device_requests:
-            host["device_requests"] = [docker.types.DeviceRequest(
-                driver=r["Driver"], device_ids=r["DeviceIDs"], capabilities=r["Capabilities"])
-                for r in spec.device_requests]
-        if spec.ipc_mode:
-            host["ipc_mode"] = spec.ipc_mode
-        saved = (self.extra_host_config, self.extra_create_kwargs)
-        self.extra_host_config, self.extra_create_kwargs = host, extra
-        try:
-            binds = dict(spec.binds)
-            if binds:
-                self.extra_host_config["binds"] = binds
-            return await super().create_object()
-        finally:
-            self.extra_host_config, self.extra_create_kwargs = saved
+    async def _extra(self, value) -> dict:
+        """An ``extra_*`` option as dockerspawner reads it: a dict, or a callable (maybe async) of the spawner."""
+        value = self._eval_if_callable(value)
+        if inspect.isawaitable(value):
+            value = await value
+        return self._render_templates(dict(value or {}))
 
-    def get_env(self):
-        env = super().get_env()
-        env.update(getattr(self, "_gpu", None).environment if getattr(self, "_gpu", None) else {})
-        env["BAI_SESSION"] = f"{self.user.name}/{self.name}" if self.name else self.user.name
-        return env
+    async def create_object(self):
+        """The container from the pure builder (``container.make_container``), created on the node."""
+        try:
+            create, host = make_container(
+                name=self.container_name, image=self.image, command=await self.get_command(),
+                environment=self.get_env(), port=self.port,
+                session=Session(self.user.name, self.name, self.request_id, self.hub_id, self._opts),
+                gpu=self._gpu,
+                hardening=Hardening(self.pids_limit, tuple(self.cap_drop), tuple(self.cap_add),
+                                    self.no_new_privileges, self.use_init),
+                network_name=self.network_name, remove=self.remove,
+                host_ip=None if self.use_internal_ip else self.host_ip,
+                volume_binds=self.volume_binds, mounts=self.mount_binds, links=self.links,
+                extra_create_kwargs=await self._extra(self.extra_create_kwargs),
+                extra_host_config=await self._extra(self.extra_host_config),
+            )
+        except ContainerSpecError as e:
+            raise web.HTTPError(500, f"The session's container cannot be made: {e}") from None
+        create["host_config"] = self.client.create_host_config(**host)
+        return await self.docker("create_container", **create)
 
     async def _release(self):
         """This attempt's container is gone (or was never made): its share can go."""
@@ -465,7 +539,10 @@ class BaiSpawner(DockerSpawner):
             # engine's message ("stopping failed") and removes the container itself, retrying.
             self.log.error("Could not stop the container of %s: %s", self._log_name, e)
             try:
-                await self.scheduler.stop_failed(request_id, f"{e.__class__.__name__}: {e}")
+                message = engine_message(e)
+                if message != e.__class__.__name__:
+                    message = f"{e.__class__.__name__}: {message}"
+                await self.scheduler.stop_failed(request_id, message)
             except SchedulerError as err:
                 # The service's reconcile finds the container later: the hub no longer knows it.
                 self.log.error("Could not tell the scheduler that %s did not stop: %s", self._log_name, err)

@@ -44,11 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from hubtools import Hub, docker  # noqa: E402
+from helpers import KERNEL_IMAGE  # noqa: E402
+from helpers.hub import Hub, docker  # noqa: E402
 
-from bai_spawner import labels as L  # noqa: E402
+from bai_scheduler.contract import labels as L  # noqa: E402
 
-IMAGE = "bai/sklearn:1.6.1"
+IMAGE = KERNEL_IMAGE  # follows BAI_IMAGE_PREFIX, as bai-images names it
 PER_USER = 10  # JupyterHub's named_server_limit_per_user is 16 in hub_config
 
 

@@ -1,10 +1,10 @@
-"""Scheduler benchmark: one big scheduling pass, or a replay of a churn trace.
+"""Scheduling benchmark: one big scheduling pass, or a replay of a churn trace.
 
     .venv/bin/python benchmarks/scheduler_bench.py [--nodes 1000 --gpus-per-node 8 --requests 10000] --json
     .venv/bin/python benchmarks/scheduler_bench.py --trace [PATH] --json
     .venv/bin/python benchmarks/scheduler_bench.py --quick [--trace] --json
 
-Both modes drive the real ``Capacity`` and ``Scheduler``.  The last line printed is one JSON
+Both modes drive the real ``Capacity`` and ``AdmissionQueue``.  The last line printed is one JSON
 object with the figures.  Every placement is checked independently: a second, shadow
 ``Capacity`` takes (and gives back) every admitted placement, and a ``take`` that raises counts
 as a placement failure; requests of up to one GPU spread over more than one device count as
@@ -24,11 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bai_scheduler.inventory import simulated_nodes  # noqa: E402
-from bai_scheduler.model import Request, RequestKey  # noqa: E402
-from bai_scheduler.placement import Capacity  # noqa: E402
-from bai_scheduler.queue import QueuePolicy, Scheduler  # noqa: E402
-from bai_scheduler.units import FgpuUnits  # noqa: E402
+from bai_scheduler.core.nodes import simulated_nodes  # noqa: E402
+from bai_scheduler.core.model import Request, RequestKey  # noqa: E402
+from bai_scheduler.core.placement import Capacity  # noqa: E402
+from bai_scheduler.core.queue import AdmissionQueue, QueuePolicy  # noqa: E402
+from bai_scheduler.core.units import FgpuUnits  # noqa: E402
 
 DEFAULT_TRACE = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces", "churn.jsonl"))
 UNITS = FgpuUnits(fgpu_per_gpu=10, fgpu_step=1)  # 0.1 GPU = 1 quantum, as the trace README says
@@ -84,19 +84,19 @@ def one_pass(nodes_n, gpus, requests_n, args, seed=1):
     weights = list(SIZE_MIX.values())
     nodes = make_nodes(nodes_n, gpus)
     cap = Capacity(nodes, Q, span=args.span, strategy=args.strategy, units=UNITS)
-    sched = Scheduler(cap, policy_from(args))
+    queue = AdmissionQueue(cap, policy_from(args))
     users = max(1, requests_n // 4)
     for i, size in enumerate(rng.choices(sizes, weights, k=requests_n)):
-        sched.restore_pending(
+        queue.restore_pending(
             Request(RequestKey(f"user{rng.randrange(users)}", f"s{i}"), quanta_of(size), seq=i + 1)
         )
     t0 = time.perf_counter()
-    admitted = sched.schedule()
+    admitted = queue.schedule()
     dt = time.perf_counter() - t0
     check = Checker(nodes)
     for req, placement in admitted:
         check.admit(req, placement)
-    assert len(sched.pending()) + len(admitted) == requests_n
+    assert len(queue.pending()) + len(admitted) == requests_n
     return {
         "pass_seconds": round(dt, 4),
         "admitted": len(admitted),
@@ -143,7 +143,7 @@ def run_trace(args):
     arrivals, ticks = load_trace(args.trace, args.max_ticks)
     nodes = make_nodes(args.trace_nodes, args.trace_gpus)
     cap = Capacity(nodes, Q, span=args.span, strategy=args.strategy, units=UNITS)
-    sched = Scheduler(cap, policy_from(args))
+    queue = AdmissionQueue(cap, policy_from(args))
     check = Checker(nodes)
     departs: dict[int, list] = {}
     info = {}  # key -> (arrival tick, hold)
@@ -164,7 +164,7 @@ def run_trace(args):
             placing[1] += perf() - t0
             placing[0] += 1
 
-    cap.place = timed_place  # instance attribute: the Scheduler's calls go through it
+    cap.place = timed_place  # instance attribute: the AdmissionQueue's calls go through it
 
     def admitted_now(t, pairs):
         for req, placement in pairs:
@@ -176,7 +176,7 @@ def run_trace(args):
     for t in range(ticks):
         for key, placement in departs.pop(t, ()):
             t0 = perf()
-            newly = sched.release(key)
+            newly = queue.release(key)
             sched_time += perf() - t0
             decisions += 1
             check.release(placement)
@@ -185,7 +185,7 @@ def run_trace(args):
             key = RequestKey(f"u{ev['id'] % 97}", f"s{ev['id']}")
             info[key] = (t, ev["hold"])
             t0 = perf()
-            d = sched.submit(Request(key, quanta_of(ev["size"])))
+            d = queue.submit(Request(key, quanta_of(ev["size"])))
             sched_time += perf() - t0
             decisions += 1
             if d.state == "RUNNING":
@@ -197,7 +197,7 @@ def run_trace(args):
     n_arrivals = sum(len(v) for v in arrivals.values())
     # The longest any request waited: admitted ones, and those still queued at the end (a
     # starved request shows here, never in the mean wait of the admitted).
-    ages = waits + [ticks - info[r.key][0] for r in sched.pending()]
+    ages = waits + [ticks - info[r.key][0] for r in queue.pending()]
     return {
         "mode": "trace",
         "trace": os.path.relpath(args.trace, ROOT),
@@ -208,7 +208,7 @@ def run_trace(args):
         "mean_utilization": round(util_sum / ticks, 4),
         "peak_utilization": round(peak, 4),
         "admitted": len(waits),
-        "still_pending": len(sched.pending()),
+        "still_pending": len(queue.pending()),
         "mean_wait_ticks": round(sum(waits) / len(waits), 1) if waits else 0.0,
         "max_wait_ticks": max(ages, default=0),
         "split_allocations": check.split,

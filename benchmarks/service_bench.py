@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The scheduler service's own costs (real SchedulerService, SQLite), figures for issue 13:
+"""The scheduler service's own costs (real Service, SQLite), figures for issue 13:
 
 * ``status_ms_fifo`` / ``status_ms_drf``: the status of every one of N pending requests (what
   GET api/requests and the sessions page do on each refresh), queue positions included;
@@ -28,19 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bai_scheduler.inventory import simulated_nodes  # noqa: E402
-from bai_scheduler.model import Placement, Request, RequestKey, Share  # noqa: E402
-from bai_scheduler.queue import QueuePolicy  # noqa: E402
-from bai_scheduler.service import ContainerFacts, SchedulerService  # noqa: E402
+from bai_scheduler.core.nodes import simulated_nodes  # noqa: E402
+from bai_scheduler.core.model import Placement, Request, RequestKey, Share  # noqa: E402
+from bai_scheduler.core.queue import QueuePolicy  # noqa: E402
+from bai_scheduler.service import ContainerFacts, Service  # noqa: E402
 from bai_scheduler.store import Record, Store, StoreUnavailable  # noqa: E402
-from bai_scheduler.units import FgpuUnits  # noqa: E402
+from bai_scheduler.core.units import FgpuUnits  # noqa: E402
 
 UNITS = FgpuUnits(2, "0.5")
 
 
 def service(path, gpus, order="fifo", timeout=5.0):
     nodes = simulated_nodes([{"name": "n0", "gpus": gpus, "gpu_memory": "8GiB"}], UNITS)
-    return SchedulerService(nodes, UNITS, Store(f"sqlite:///{path}", timeout=timeout),
+    return Service(nodes, UNITS, Store(f"sqlite:///{path}", timeout=timeout),
                             policy=QueuePolicy(order=order), admission_grace=0)
 
 
@@ -57,7 +57,7 @@ async def status_of_pending(tmp, n: int, order: str) -> tuple[float, int]:
     pending = svc.pending()
     best = None
     for _ in range(3):  # the best of three: this machine may be busy with other work
-        svc.scheduler._changed_order()  # as after any change: positions are computed afresh
+        svc.queue._changed_order()  # as after any change: positions are computed afresh
         t0 = time.perf_counter()
         out = [svc.status(r) for r in svc.records.values()]
         ms = (time.perf_counter() - t0) * 1000

@@ -32,9 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hubtools import Hub  # noqa: E402
+from helpers import KERNEL_IMAGE  # noqa: E402
+from helpers.hub import Hub  # noqa: E402
 
-IMAGE = "bai/sklearn:1.6.1"
+IMAGE = KERNEL_IMAGE  # follows BAI_IMAGE_PREFIX, as bai-images names it
 CPU, MEMORY_GIB = "0.5", "1"
 BAI_OPTIONS = {"image": IMAGE, "fgpu": "1", "cpu": CPU, "memory": MEMORY_GIB}
 USER = "spawnbench"

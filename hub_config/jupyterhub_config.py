@@ -12,7 +12,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_HUB_DB_URL       hub database URL                         default SQLite in BAI_DATA_DIR
   BAI_SCHEDULER_DB_URL scheduler database URL                   default SQLite in BAI_DATA_DIR
   BAI_ADMIN_USER       the first admin's name                   default admin
-  BAI_HUB_CONNECT_IP   address containers reach the hub at     default the Docker bridge gateway
+  BAI_HUB_CONNECT_IP   address containers reach the hub at      default the Docker bridge gateway
+                       (the hub's internal API listens there only)
   BAI_IDLE_TIMEOUT     seconds idle before a session is culled  default 3600
   BAI_IDLE_CULL_EVERY  seconds between culler passes            default 60
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
@@ -20,8 +21,11 @@ simulated GPUs when none are found).  Environment variables (all optional):
 Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
 c.JupyterHub.ssl_cert/ssl_key), and list GPU nodes in c.BaiScheduler.nodes.
 """
+import ipaddress
+import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,14 +50,20 @@ def secret_file(name: str, nbytes: int = 32) -> str:
 
 
 def docker_bridge_gateway() -> str:
+    """The host's address on Docker's default bridge: its gateway, or (engines that leave the
+    gateway out of `network inspect`) the subnet's first address, which Docker gives the host."""
     try:
         out = subprocess.run(
-            ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+            ["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
             capture_output=True, text=True, timeout=10,
         )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
+        if out.returncode == 0:
+            for net in json.loads(out.stdout) or []:
+                if net.get("Gateway"):
+                    return net["Gateway"]
+                if net.get("Subnet") and ipaddress.ip_network(net["Subnet"]).version == 4:
+                    return str(next(ipaddress.ip_network(net["Subnet"]).hosts()))
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         pass
     return "172.17.0.1"
 
@@ -63,14 +73,20 @@ scheduler_port = int(env("BAI_SCHEDULER_PORT", "8090"))
 
 # -- hub ------------------------------------------------------------------------------
 c.JupyterHub.bind_url = f"http://127.0.0.1:{hub_port}"
-c.JupyterHub.hub_ip = "0.0.0.0"  # containers connect over the Docker bridge
-c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
+# The hub's internal API listens only where the session containers reach it (the Docker
+# bridge's gateway by default), not on every interface; the proxy and services use it there too.
 c.JupyterHub.hub_connect_ip = env("BAI_HUB_CONNECT_IP") or docker_bridge_gateway()
+c.JupyterHub.hub_ip = c.JupyterHub.hub_connect_ip
+c.JupyterHub.hub_port = int(env("BAI_HUB_API_PORT", "8081"))
 # The proxy scripts/setup.sh installs beside this Python (.venv/bin): found
 # without relying on PATH, so the run command works with only system folders there.
+# It runs through proxy.mjs, which answers a malformed path with 400 where CHP says 500.
 local_proxy = Path(sys.prefix) / "bin" / "configurable-http-proxy"
 if local_proxy.exists():
-    c.ConfigurableHTTPProxy.command = [str(local_proxy)]
+    node = shutil.which("node")
+    chp_package = local_proxy.resolve().parent.parent
+    c.ConfigurableHTTPProxy.command = ([node, str(here / "proxy.mjs"), str(chp_package)] if node
+                                       else [str(local_proxy)])
 c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env('BAI_PROXY_API_PORT', '8001')}"
 c.ConfigurableHTTPProxy.auth_token = secret_file("proxy-token")
 c.ConfigurableHTTPProxy.pid_file = str(data / "proxy.pid")
@@ -96,6 +112,9 @@ c.JupyterHub.last_activity_interval = 60
 admin_user = env("BAI_ADMIN_USER", "admin")
 c.JupyterHub.authenticator_class = "hub_config.auth.BaiNativeAuthenticator"
 c.Authenticator.admin_users = {admin_user}
+# A name is used in pages, URLs, container and volume names: lower-case letters, digits and . _ @ -
+# (a sign-up name with blanks or markup would otherwise reach the admins' pages).
+c.Authenticator.username_pattern = r"^[a-z0-9][a-z0-9._@-]{0,63}\Z"
 c.Authenticator.allow_all = True  # NativeAuthenticator's approval step decides who gets in
 c.NativeAuthenticator.open_signup = False  # new sign-ups wait for an admin's approval
 c.NativeAuthenticator.minimum_password_length = 10
@@ -109,11 +128,11 @@ c.JupyterHub.spawner_class = "bai"
 scheduler_token = secret_file("scheduler-token")
 c.BaiSpawner.scheduler_url = f"http://127.0.0.1:{scheduler_port}"
 c.BaiSpawner.scheduler_token = scheduler_token
-c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", "bai/sklearn:1.6.1")
+# BAI_IMAGE_PREFIX is the prefix `bai-images build` names its images with
+c.BaiSpawner.image = env("BAI_DEFAULT_IMAGE", env("BAI_IMAGE_PREFIX", "bai/") + "sklearn:1.6.1")
 c.BaiSpawner.hub_id = prefix.rstrip("-") or "bai"
 c.BaiSpawner.name_template = prefix + "{username}--{servername}"
 c.BaiSpawner.volumes = {prefix + "home-{username}": "/home/jovyan"}
-c.BaiSpawner.gpu_backend = "hami"
 c.BaiSpawner.http_timeout = 120
 
 # -- the scheduler service --------------------------------------------------------------
@@ -122,6 +141,8 @@ c.BaiScheduler.hub_id = prefix.rstrip("-") or "bai"
 c.BaiScheduler.fgpu_per_gpu = 2
 c.BaiScheduler.fgpu_step = "0.5"
 c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto"}]
+# How real GPUs enforce a share (per node: "gpu_backend" in its entry); docs/install.md.
+c.BaiScheduler.gpu_backend = "hami"
 
 service_env = {k: v for k, v in os.environ.items() if k.startswith(("BAI_", "DOCKER_"))}
 service_env["BAI_DATA_DIR"] = str(data)

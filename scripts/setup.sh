@@ -3,13 +3,37 @@
 # Idempotent: a second run installs and rebuilds nothing that is already there.
 #   scripts/setup.sh          hub only
 #   scripts/setup.sh --test   also what the test suite needs (chromium, postgresql)
+# Each step prints one line with what it did and how long it took; the output of
+# installers goes to .setup.log (its last lines are shown when a step fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
+LOG=$ROOT/.setup.log
+: > "$LOG"
 
-say() { printf '\033[1m[bai-setup]\033[0m %s\n' "$*"; }
+TAG="[bai-setup]"
+[ -t 1 ] && TAG=$'\033[1m[bai-setup]\033[0m'
+say() { printf '%s %s\n' "$TAG" "$*"; }
+now_us() { echo "${EPOCHREALTIME/./}"; }
+step_started=$(now_us)
+# done_step NAME RESULT: one line per step, with the time the step took.
+done_step() {
+  local us=$(( $(now_us) - step_started ))
+  printf '%s %-24s %s (%d.%d s)\n' "$TAG" "$1" "$2" $((us / 1000000)) $((us / 100000 % 10))
+  step_started=$(now_us)
+}
+# quietly CMD...: run an installer with its output in the log; on failure show the log's tail.
+quietly() {
+  if ! "$@" >>"$LOG" 2>&1; then
+    say "failed: $*" >&2
+    tail -n 25 "$LOG" >&2
+    echo "(full output in $LOG)" >&2
+    exit 1
+  fi
+}
+
 need_apt=()
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
@@ -20,50 +44,74 @@ if [ $WITH_TEST = 1 ]; then
   command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  quietly apt-get update -qq
+  quietly apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  done_step "Debian packages" "installed ${need_apt[*]}"
+else
+  done_step "Debian packages" "all present"
 fi
 
-# Docker engine: start one when none answers.
-if ! docker info >/dev/null 2>&1; then
-  say "starting dockerd"
+# Docker engine: start one when none answers (it keeps running after the hub stops:
+# sessions live in it).
+if docker info >/dev/null 2>&1; then
+  done_step "Docker engine" "running"
+else
   mkdir -p /var/log
   (setsid dockerd >/var/log/bai-dockerd.log 2>&1 &)
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start: see /var/log/bai-dockerd.log" >&2; exit 1; }
+  done_step "Docker engine" "started (log: /var/log/bai-dockerd.log)"
 fi
 
-# Python environment.
-if [ ! -x .venv/bin/python ]; then
-  say "creating .venv"
-  python3 -m venv .venv
+# Python environment. The stamp records the installed dependency files and whether
+# the test extras are in; a hub-only setup is satisfied by a test install.
+if [ -x .venv/bin/python ]; then
+  done_step "Python environment" "present (.venv)"
+else
+  quietly python3 -m venv .venv
+  done_step "Python environment" "created .venv"
 fi
 stamp=.venv/.bai-installed
-want=$(cat setup.cfg pyproject.toml extensions/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)-$WITH_TEST
-if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
-  say "installing BAI Hub into .venv"
+deps=$(cat setup.cfg pyproject.toml extensions/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+have=$(cat $stamp 2>/dev/null || true)
+if [ "$have" = "$deps-1" ] || [ "$have" = "$deps-$WITH_TEST" ]; then
+  done_step "BAI Hub in .venv" "up to date"
+else
   extras=""
   [ $WITH_TEST = 1 ] && extras="[test]"
-  .venv/bin/pip install -q -e ".$extras" -e ./extensions
-  echo "$want" > $stamp
+  quietly .venv/bin/pip install -q -e ".$extras" -e ./extensions
+  echo "$deps-$WITH_TEST" > $stamp
+  done_step "BAI Hub in .venv" "installed${extras:+ with test extras}"
 fi
 
-# configurable-http-proxy, local to the checkout.
-if [ ! -x .venv/node/node_modules/.bin/configurable-http-proxy ]; then
-  say "installing configurable-http-proxy"
-  npm install -s --prefix .venv/node configurable-http-proxy >/dev/null
+# configurable-http-proxy, local to the checkout (the hub's config finds it in .venv/bin).
+if [ -x .venv/node/node_modules/.bin/configurable-http-proxy ]; then
+  done_step "configurable-http-proxy" "present"
+else
+  quietly npm install -s --prefix .venv/node configurable-http-proxy
+  done_step "configurable-http-proxy" "installed"
 fi
 ln -sf ../node/node_modules/.bin/configurable-http-proxy .venv/bin/configurable-http-proxy
 
 # Full MLflow in its own venv, as in the kernel images, for the session-app tests.
-if [ $WITH_TEST = 1 ] && [ ! -x .venv/mlflow/bin/mlflow ]; then
-  say "installing MLflow for the session-app tests"
-  python3 -m venv .venv/mlflow
-  .venv/mlflow/bin/pip install -q "mlflow==3.17.2"
+if [ $WITH_TEST = 1 ]; then
+  if [ -x .venv/mlflow/bin/mlflow ]; then
+    done_step "MLflow (tests)" "present"
+  else
+    quietly python3 -m venv .venv/mlflow
+    quietly .venv/mlflow/bin/pip install -q "mlflow==3.17.2"
+    done_step "MLflow (tests)" "installed"
+  fi
 fi
 
-# Kernel images (cached: unchanged recipes are not rebuilt).
-say "building kernel images (cached)"
+# Kernel images (cached: unchanged recipes are not rebuilt). bai-images prints a line per
+# image and step as it goes ("[2/3] bai/tensorflow:2.21.0: download: ..."); a first build
+# takes a quarter of an hour. pip >= 24.1 reports the download's bytes (--progress-bar raw).
+if ! .venv/bin/python -c 'import importlib.metadata as m, sys
+sys.exit(tuple(int(x) for x in m.version("pip").split(".")[:2]) < (24, 1))' 2>/dev/null; then
+  quietly .venv/bin/pip install -q --disable-pip-version-check "pip>=24.1"
+fi
+say "Kernel images: building what is missing (cached by recipe)"
 .venv/bin/bai-images build
+done_step "Kernel images" "ready (bai-images list shows them)"

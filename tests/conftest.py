@@ -4,15 +4,24 @@ from pathlib import Path
 
 import pytest
 
-from hubtools import CHROMIUM, CHROMIUM_ARGS, Hub, docker
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-KERNEL_IMAGE = "bai/sklearn:1.6.1"
-OLD_IMAGE = "bai/sklearn:1.5.2"
+from helpers import ARTIFACTS, EXTRA_IMAGES, IMAGE_PREFIX, KERNEL_IMAGE
+from helpers.hub import CHROMIUM, CHROMIUM_ARGS, Hub, docker
 
 
 def pytest_configure(config):
     ARTIFACTS.mkdir(exist_ok=True)
+    config.addinivalue_line("markers", f"{EXTRA_IMAGES}: the second version of each framework (large builds); "
+                                       f"run only when asked: scripts/run-tests -m {EXTRA_IMAGES}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of images that are not built by default run only when ``-m`` names them."""
+    if EXTRA_IMAGES in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason=f"second framework versions: run with scripts/run-tests -m {EXTRA_IMAGES}")
+    for item in items:
+        if EXTRA_IMAGES in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +33,12 @@ def docker_engine():
 
 @pytest.fixture(scope="session")
 def kernel_images(docker_engine):
-    missing = [i for i in (KERNEL_IMAGE, OLD_IMAGE) if docker("image", "inspect", i).returncode != 0]
-    if missing:
+    """The images `bai-images build` makes by default (scripts/setup.sh has built them)."""
+    from bai_spawner.images import recipes, sources
+
+    shipped = recipes.load_recipes(sources.recipes_dir())
+    wanted = [shipped[n].image_ref(IMAGE_PREFIX) for n in recipes.default_names(shipped)]
+    if any(docker("image", "inspect", i).returncode != 0 for i in wanted):
         subprocess.run([shutil.which("bai-images") or ".venv/bin/bai-images", "build"], check=True)
     return KERNEL_IMAGE
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from bai_spawner import labels as L
-from bai_spawner.catalog import (CatalogImage, ImageNotAllowed, build_catalog, group_by_framework,
+from bai_scheduler.contract import labels as L
+from bai_scheduler.contract.catalog import (CatalogImage, ImageNotAllowed, build_catalog, group_by_framework,
                                  load_catalog, resolve_image, version_key, visible_to)
 
 

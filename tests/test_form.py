@@ -1,14 +1,17 @@
 """Spawn form / user_options parsing as plain functions."""
+import dataclasses
+import json
 from decimal import Decimal
 
 import pytest
 from hypothesis import given, strategies as st
 
-from bai_scheduler.units import FgpuUnits
-from bai_spawner.form import FormError, Limits, describe_share, parse_options
+from bai_scheduler.contract.options import FormError, Limits, describe_share, parse_options
+from bai_scheduler.core.units import FgpuUnits
 
 UNITS = FgpuUnits(2, "0.5")
-LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16))
+LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16), default_cpu=Decimal(1),
+                default_memory_gib=Decimal(2), max_sessions=8)
 
 
 def test_form_lists_and_rest_values_parse_the_same():
@@ -66,3 +69,34 @@ def test_describe_share_mirrors_the_seed():
     assert describe_share(1, UNITS, 8 * 1024**3) == "0.5 fGPU = 2 GiB GPU memory, 25% of SMs"
     assert describe_share(6, UNITS, 8 * 1024**3) == "3 fGPU = 1 whole GPU + 4 GiB GPU memory, 50% of SMs"
     assert describe_share(0, UNITS, 8 * 1024**3) == "0 fGPU = CPU only"
+
+
+def test_limits_have_one_source_and_travel_as_json():
+    # No defaults in the contract: the scheduler's options are the only source of every limit.
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Limits))
+    assert Limits.from_json(json.loads(json.dumps(LIMITS.to_json()))) == LIMITS
+    assert LIMITS.to_json()["max_cpu"] == "4"
+
+
+@pytest.mark.parametrize("field", ["fgpu", "cpu", "memory", "sessions"])
+@pytest.mark.parametrize("value", ["1e999999", "1e1000000", "-1e1000000", "1e-1000000", "9" * 5000, 10**4000, 1e308])
+def test_huge_numbers_in_any_field_are_form_errors(field, value):
+    with pytest.raises(FormError, match={"fgpu": "fGPU", "cpu": "CPU", "memory": "Memory",
+                                         "sessions": "Sessions"}[field]):
+        parse_options({"image": "i", "fgpu": "0", field: value}, UNITS, LIMITS)
+
+
+@pytest.mark.parametrize("extra", [{"image_name": "bai/other:1"}, {"fgpu": "1"}, {"cpu": "1"}, {"memory": "1"}])
+def test_parsed_options_cannot_be_mixed_with_form_fields(extra):
+    parsed = {"image": "i", "quanta": 0, "cpu_millis": 500, "memory_bytes": 1024**3}
+    with pytest.raises(FormError, match="not both"):
+        parse_options({**parsed, **extra}, UNITS, LIMITS)
+    with pytest.raises(FormError, match="non-negative integer"):
+        parse_options({**parsed, "quanta": 2**60}, UNITS, LIMITS)
+
+
+def test_the_form_shown_again_after_a_refusal_survives_huge_values():
+    from bai_scheduler.contract.form import chosen_shape
+
+    values = {"fgpu": "1e1000000", "sessions": "9" * 5000, "cpu": "1e999999"}
+    assert chosen_shape(values, UNITS, LIMITS) == (1, 1)  # the form's defaults

@@ -5,8 +5,10 @@ from decimal import Decimal
 
 import pytest
 
-from bai_scheduler.inventory import NoGpuError, nvml_devices, parse_bytes, simulated_nodes
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler import inventory
+from bai_scheduler.core.nodes import parse_bytes, simulated_nodes
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.inventory import NoGpuError, nvml_devices
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 GIB = 1024**3
@@ -131,9 +133,11 @@ def fake_pynvml(gpus, init_fails=False, with_attributes=True):
         return m
 
     nv.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle
+    whole = [id(g) for g in gpus]
     if with_attributes:
         def attrs(h):
-            if h.get("sms") is None:
+            # Like the real NVML: attributes exist for MIG device handles only.
+            if id(h) in whole or h.get("sms") is None:
                 raise FakeNVMLError("Not Supported")
             return types.SimpleNamespace(multiprocessorCount=h["sms"], gpuInstanceSliceCount=1,
                                          memorySizeMB=h["mem"] // 1024**2)
@@ -147,6 +151,8 @@ def test_nvml_plain_gpus(monkeypatch):
         {"uuid": "GPU-bbb", "name": "NVIDIA H100", "mem": 80 * GIB, "sms": 132},
     ])
     monkeypatch.setitem(sys.modules, "pynvml", nv)
+    # Whole GPUs get their SM count from the CUDA driver: NVML has none for them.
+    monkeypatch.setattr(inventory, "cuda_sm_counts", lambda: {"GPU-bbb": 132}, raising=False)
     devs = nvml_devices(U)
     assert [(d.uuid, d.index, d.name, d.memory_bytes, d.sm_count, d.quanta) for d in devs] == [
         ("GPU-aaa", 0, "NVIDIA H100", 80 * GIB, 0, 4),
@@ -154,6 +160,58 @@ def test_nvml_plain_gpus(monkeypatch):
     ]
     assert all(d.mig_parent is None and d.mig_profile is None for d in devs)
     assert nv.calls == ["init", "shutdown"]
+
+
+def test_nvml_whole_gpus_get_sm_count_from_cuda(monkeypatch):
+    """NVML answers nvmlDeviceGetAttributes for MIG handles only: a whole GPU's SMs come from CUDA."""
+    nv = fake_pynvml([
+        {"uuid": "GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001", "name": "NVIDIA A100", "mem": 40 * GIB,
+         "sms": 108, "mig": None},
+        {"uuid": "GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000002", "name": "NVIDIA H100", "mem": 80 * GIB, "sms": 132},
+    ])
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.setattr(inventory, "cuda_sm_counts", lambda: {
+        "GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000001": 108, "GPU-0f1e2d3c-aaaa-bbbb-cccc-000000000002": 132,
+    }, raising=False)
+    assert [d.sm_count for d in nvml_devices(U)] == [108, 132]
+
+
+class FakeLibcuda:
+    """The few CUDA driver entry points cuda_sm_counts calls, answering through ctypes pointers."""
+
+    def __init__(self, gpus, init_result=0):
+        self.gpus = gpus  # [(uuid bytes, sm count)] in CUDA's order
+        self.init_result = init_result
+
+    def cuInit(self, flags):
+        return self.init_result
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = len(self.gpus)
+        return 0
+
+    def cuDeviceGet(self, dev, ordinal):
+        dev._obj.value = ordinal
+        return 0
+
+    def cuDeviceGetAttribute(self, value, attribute, dev):
+        assert attribute == 16  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        value._obj.value = self.gpus[dev.value][1]
+        return 0
+
+    def cuDeviceGetUuid_v2(self, raw, dev):
+        raw[:] = list(self.gpus[dev.value][0])
+        return 0
+
+
+def test_cuda_sm_counts_by_nvml_style_uuid():
+    lib = FakeLibcuda([(bytes.fromhex("5d1c2b3a00112233445566778899aabb"), 132),
+                       (bytes(range(16)), 108)])
+    assert inventory.cuda_sm_counts(lib) == {
+        "GPU-5d1c2b3a-0011-2233-4455-66778899aabb": 132,
+        "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f": 108,
+    }
+    assert inventory.cuda_sm_counts(FakeLibcuda([(bytes(16), 1)], init_result=100)) == {}  # no device
 
 
 def test_nvml_mig_instances(monkeypatch):

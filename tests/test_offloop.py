@@ -7,7 +7,7 @@ import sys
 import time
 import types
 
-from bai_scheduler.model import Device, Node
+from bai_scheduler.core.model import Device, Node
 
 SLOW = 0.6
 
@@ -45,18 +45,17 @@ def slow_client(*args, **kw):
 
 
 async def test_launch_catalog_makes_its_docker_client_off_the_loop(monkeypatch):
-    from bai_scheduler import engines, pages
+    from bai_scheduler import engines
 
     monkeypatch.setattr(engines, "make_client", slow_client)
-    monkeypatch.setitem(pages._catalog_cache, "images", None)
-    node = Node("local", "")
-    bai = types.SimpleNamespace(node_list=[node], engines=types.SimpleNamespace(client=slow_client))
-    assert await stalls_of(pages.load_catalog(bai, max_age=0)) < SLOW / 2
+    cache = engines.CatalogCache(Node("local", ""))
+    assert await stalls_of(cache.get(max_age=0)) < SLOW / 2
 
 
 async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
-    from bai_scheduler import pages
-    from bai_scheduler.units import FgpuUnits
+    from bai_scheduler import inventory
+    from bai_scheduler.core.units import FgpuUnits
+    from bai_scheduler.web import pages
 
     def slow(*args):
         time.sleep(SLOW / 3)
@@ -65,11 +64,12 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
     fake = types.SimpleNamespace(nvmlInit=slow, nvmlDeviceGetHandleByUUID=slow, nvmlDeviceGetMemoryInfo=slow,
                                  nvmlDeviceGetUtilizationRates=slow)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setitem(pages._live_cache, "at", 0.0)
+    monkeypatch.setitem(inventory._live_cache, "at", 0.0)
+    monkeypatch.setattr(pages, "node_rows", lambda *args: [])  # only the reading is under test
     node = Node("local", "", (Device("GPU-1", 0, "real", 2, 1, 4),))
     handler = types.SimpleNamespace(
-        bai=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), node_list=[node]),
-        service=types.SimpleNamespace(records={}, capacity=lambda: []),
+        service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: []),
+        settings={"readiness": {}}, notices=types.SimpleNamespace(for_user=lambda user: []),
     )
 
     async def no_users(who):
@@ -83,7 +83,7 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
 async def test_spawner_makes_its_docker_client_off_the_loop(monkeypatch):
     from jupyterhub.objects import Hub
 
-    from bai_spawner import catalog
+    from bai_scheduler.contract import catalog
     from bai_spawner.spawner import BaiSpawner
 
     user = types.SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/", id=1, settings={},

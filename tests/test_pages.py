@@ -1,4 +1,5 @@
-"""Pure helpers behind the pages: sessions rows, capacity rows, the form and its live note."""
+"""Pure helpers behind the pages: sessions rows, capacity rows, the session form, and the templates."""
+import dataclasses
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -6,11 +7,12 @@ from pathlib import Path
 import pytest
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader
 
-from bai_scheduler.pages import ago, node_rows, session_rows, summarize
-from bai_scheduler.units import GIB, FgpuUnits
-from bai_spawner.catalog import CatalogImage
-from bai_spawner.form import Limits
-from bai_spawner.formpage import capacity_note, estimate_start, render_form
+from bai_scheduler.contract.catalog import CatalogImage
+from bai_scheduler.contract.form import chosen_shape, form_context
+from bai_scheduler.contract.options import Limits
+from bai_scheduler.core.units import GIB, FgpuUnits
+from bai_scheduler.web.pages import ago, node_rows, session_rows, summarize
+from bai_spawner.spawner import TEMPLATES as SPAWN_FORM
 
 ROOT = Path(__file__).resolve().parent.parent
 U = FgpuUnits(2, Decimal("0.5"))  # 4 quanta per GPU
@@ -143,33 +145,6 @@ def test_node_rows_show_an_overcommit():
     assert g1["overcommitted"] == ""
 
 
-# -- the form's live note ------------------------------------------------------------------------
-
-def test_estimate_start_places_best_fit_and_counts_sessions():
-    assert estimate_start(usage(0), 4, 2, 3) == 2     # 2 fGPU cluster, 3 × 1 fGPU: two start
-    assert estimate_start(usage(2), 4, 2, 3) == 1
-    assert estimate_start(usage(3, 1), 4, 2, 2) == 1   # 0.5 + 1.5 free: one 1-fGPU session fits
-    assert estimate_start(usage(0, 0), 4, 6, 1) == 1   # 1.5 GPU across two empty devices
-    assert estimate_start(usage(0, 1), 4, 6, 1) == 1   # whole + half on the other
-    assert estimate_start(usage(1, 1), 4, 6, 1) == 0   # no whole GPU free
-    assert estimate_start(usage(4), 4, 0, 5) == 5      # CPU-only sessions
-    assert estimate_start([], 4, 1, 1) == 0
-
-
-def test_capacity_note_levels():
-    cap = {"usage": usage(0), "queue_length": 0}
-    level, text = capacity_note(cap, U, 2, 1)
-    assert level == "success" and "Free now: 2 of 2 fGPU" in text and "start at once" in text
-    level, text = capacity_note(cap, U, 2, 3)
-    assert level == "warning" and "2 of 3 would start at once; 1 would wait" in text
-    level, text = capacity_note({"usage": usage(4), "queue_length": 2}, U, 1, 1)
-    assert level == "warning" and "2 requests already waiting" in text and "wait in the queue" in text
-    level, text = capacity_note({"usage": usage(0), "queue_length": 1}, U, 1, 1)
-    assert level == "secondary" and "queue policy" in text
-    level, text = capacity_note(cap, U, 8, 1)
-    assert level == "warning" and "more than this hub has" in text
-
-
 # -- the form ---------------------------------------------------------------------------------------
 
 def image(ref, framework, version, python="3.11", kind="kernel", owner=None, display=None):
@@ -183,15 +158,17 @@ CAPACITY = {"nodes": [{"name": "local", "simulated": True, "devices": [
 IMAGES = [image("bai/sklearn:1.5.2", "scikit-learn", "1.5.2"), image("bai/sklearn:1.6.1", "scikit-learn", "1.6.1"),
           image("bai/pytorch:2.5", "PyTorch", "2.5", python="3.12"),
           image("bai-private/ann:exp", "scikit-learn", "1.6.1", kind="private", owner="ann")]
+LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16), default_cpu=Decimal(1),
+                default_memory_gib=Decimal(2), max_sessions=4)
+NOTE = {"level": "success", "text": "Free now: 2 of 2 fGPU. Nobody is waiting. This session would start at once."}
 
 
-def form(**kw):
-    from bai_spawner.catalog import build_catalog  # noqa: F401  (same module the spawner uses)
-
-    args = dict(visible=IMAGES, user="ann", capacity=CAPACITY, units=U, limits=Limits(max_quanta=4, max_sessions=4),
-                service_prefix="/services/bai-scheduler/")
+def form(simulated=True, **kw):
+    """The spawn form as BaiSpawner.get_options_form renders it."""
+    args = dict(visible=IMAGES, user="ann", capacity=CAPACITY, units=U, limits=LIMITS, note=NOTE,
+                capacity_url="/services/bai-scheduler/capacity.json", static_url="/services/bai-scheduler/static/")
     args.update(kw)
-    return render_form(**args)
+    return SPAWN_FORM.get_template("options_form.html").render(simulated=simulated, **form_context(**args))
 
 
 def test_form_groups_images_newest_first_with_python_and_private_group():
@@ -204,7 +181,8 @@ def test_form_groups_images_newest_first_with_python_and_private_group():
     shortname = form(visible=[image("bai/sklearn:1.6.1", "scikit-learn", "1.6.1", display="scikit-learn 1.6")])
     assert "scikit-learn 1.6 (1.6.1) · Python 3.11" in shortname
     assert 'value="bai-private/ann:exp"' in html
-    assert 'name="image_name"' in html
+    assert 'name="image_name"' in html and 'placeholder="e.g. bai-private/ann:my-env"' in html
+    assert re.search(r'<option value="bai/pytorch:2.5" selected>', html)  # the first image is chosen
 
 
 def test_form_fgpu_steps_mean_memory_and_sms_and_limits():
@@ -216,22 +194,41 @@ def test_form_fgpu_steps_mean_memory_and_sms_and_limits():
     assert re.search(r'id="bai-cpu" name="cpu" type="number" min="0.1" step="0.1" max="4"', html)
     assert re.search(r'id="bai-sessions" name="sessions" type="number" min="1" step="1" max="4"', html)
     assert "GPUs on this hub are simulated" in html
-    assert "/services/bai-scheduler/capacity.json" in html
-    assert "This session would start at once" in html  # the no-JS note
+    assert 'data-capacity-url="/services/bai-scheduler/capacity.json"' in html
+    assert '<script src="/services/bai-scheduler/static/session-form.js"></script>' in html
+    assert NOTE["text"] in html and 'class="alert alert-success bai-live"' in html  # the no-JS note
 
 
 def test_form_keeps_posted_values_and_escapes_them():
     html = form(values={"fgpu": "1.5", "cpu": "2", "memory": "3", "sessions": "3", "image_name": '"><script>x</script>'})
     assert re.search(r'<option value="1.5" data-quanta="3" selected>', html)
-    assert 'value="&quot;&gt;&lt;script&gt;x&lt;/script&gt;"' in html and "<script>x</script>" not in html
+    assert 'value="&#34;&gt;&lt;script&gt;x&lt;/script&gt;"' in html and "<script>x</script>" not in html
     assert 'value="3" class="form-control"' in html
-    no_sim = form(capacity={**CAPACITY, "simulated": False})
-    assert "simulated" not in no_sim.split("<script")[0].lower().replace("simulated gpu (8 gib)", "")
+    assert "simulated" not in form(simulated=False).lower().replace("simulated gpu (8 gib)", "")
+
+
+def test_form_chosen_shape_is_what_the_note_is_about():
+    assert chosen_shape({}, U, LIMITS) == (1, 1)
+    assert chosen_shape({"fgpu": "1.5", "sessions": "3"}, U, LIMITS) == (3, 3)
+    assert chosen_shape({"fgpu": "0.3", "sessions": "99"}, U, LIMITS) == (1, 4)  # unparsable: defaults, capped
+    assert chosen_shape({}, U, dataclasses.replace(LIMITS, max_quanta=0)) == (0, 1)  # a hub without GPUs
+
+
+def test_form_says_mps_limits_hold_per_process():
+    mps_node = {**CAPACITY["nodes"][0], "name": "gpu7", "simulated": False, "gpu_backend": "mps"}
+    html = form(capacity={**CAPACITY, "simulated": False, "nodes": [mps_node]})
+    assert "On gpu7 (CUDA MPS) the memory and SM limits of a share hold per process" in html
+    assert "per process" not in form()  # simulated or HAMi: nothing to add
+    assert "per process" not in form(capacity={**CAPACITY, "nodes": [{**mps_node, "simulated": True}]})
 
 
 def test_form_without_images_says_what_to_do():
     assert "bai-images build" in form(visible=[])
-    assert "simulated" not in form(simulated_note=False).split("<script")[0].replace("Simulated GPU (8 GiB)", "")
+
+
+def test_form_says_when_the_scheduler_is_unreachable():
+    html = SPAWN_FORM.get_template("options_form.html").render(error="The BAI scheduler service is unreachable (<x>).")
+    assert "unreachable (&lt;x&gt;)" in html and 'id="bai-form"' not in html
 
 
 # -- hub templates: they compile, extend JupyterHub's, keep NativeAuthenticator's features ------------
@@ -292,5 +289,40 @@ def test_page_nav_has_sessions_and_admin_snapshots():
     assert "change-password" not in html
 
 
-def test_service_logo_is_the_hub_logo():
-    assert (ROOT / "hub_config/templates/bai-logo.svg").read_bytes() == (ROOT / "bai_scheduler/static/bai-logo.svg").read_bytes()
+# -- the service's pages: its templates extend the hub's page.html ------------------------------------
+
+def service_page(name, who, **ns):
+    from bai_scheduler.web.base import page_namespace, template_env
+
+    env = template_env([str(ROOT / "hub_config" / "templates")])
+    base = page_namespace(hub_base="/", prefix="/services/bai-scheduler/", who=who, xsrf_token="tok",
+                          xsrf_form_html='<input type="hidden" name="_xsrf" value="tok">',
+                          static_url=lambda p: "/services/bai-scheduler/static/" + p, simulated=True)
+    return env.get_template(name).render(**{**base, **ns})
+
+
+def test_sessions_page_wears_the_hubs_nav_and_brand_with_the_form():
+    boss = {"name": "boss", "admin": True, "internal": False}
+    form_ns = form_context(visible=IMAGES, user="boss", capacity=CAPACITY, units=U, limits=LIMITS, note=NOTE,
+                           capacity_url="/services/bai-scheduler/capacity.json",
+                           static_url="/services/bai-scheduler/static/")
+    html = service_page("sessions.html", boss, rows=[], summary=summarize([]), nodes=[], notices=[], poll=2,
+                        error=None, bai_active="sessions", **form_ns)
+    assert 'class="nav-link active" id="bai-nav-sessions"' in html
+    assert 'id="bai-nav-snapshots"' in html  # the admin's link, so the form's values did not hide the user
+    assert '<span class="me-1">boss</span>' in html and "BAI Hub" in html and "bai-logo" in html
+    assert 'href="/services/bai-scheduler/static/bai.css"' in html
+    assert 'name="_xsrf" value="tok"' in html and 'id="bai-new-form"' in html and 'id="bai-form"' in html
+    assert "No sessions yet" in html and "GPUs on this hub are simulated" in html
+    assert html.count('id="bai-live"') == 1
+
+
+def test_service_error_page_and_snapshot_panel():
+    ann = {"name": "ann", "admin": False, "internal": False}
+    html = service_page("error.html", ann, status=403, message="Only <admins>.", heading="Admins only")
+    assert 'id="error"' in html and "Admins only" in html and "Only &lt;admins&gt;." in html
+    assert 'id="bai-nav-snapshots"' not in html
+    panel = service_page("snapshots.html", {"name": "boss", "admin": True, "internal": False}, repo="bai-private",
+                         cap=5, pause=True, bai_active="snapshots")
+    assert 'id="not-captured"' in panel and "/home/jovyan" in panel
+    assert '"prefix": "/services/bai-scheduler/"' in panel and "snapshots.js" in panel

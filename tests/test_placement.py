@@ -4,10 +4,10 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Device, Node, Placement, Request, RequestKey, Share
-from bai_scheduler.placement import Capacity, Reservations
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import Device, Node, Placement, Request, RequestKey, Share
+from bai_scheduler.core.placement import Capacity, Reservations
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
 Q = U.quanta_per_gpu
@@ -48,7 +48,7 @@ def test_concentrate_is_best_fit_and_keeps_whole_gpus_free():
     assert b.shares[0].device_uuid == a.shares[0].device_uuid  # fullest device that fits
     cap.take(b)
     # a full GPU still goes to an empty device; three stay entirely free
-    assert sum(1 for n in cap.snapshot() for d in n["devices"] if d["used_quanta"] == 0) == 3
+    assert sum(1 for n in cap.usage() for d in n["devices"] if d["used_quanta"] == 0) == 3
 
 
 def test_concentrate_prefers_fullest_node_on_ties():
@@ -170,10 +170,10 @@ def test_constructor_checks():
         Capacity(nodes(1) + nodes(1), Q)
 
 
-def test_snapshot():
+def test_usage():
     cap = Capacity(nodes(2, cpu=4, memory="8GiB"), Q, units=U)
     cap.take(Placement("n0", (Share("GPU-sim-n0-1", 3),), 500, 1024))
-    (n,) = cap.snapshot()
+    (n,) = cap.usage()
     assert n["name"] == "n0" and n["cpu_millis_total"] == 4000 and n["cpu_millis_used"] == 500
     assert n["memory_bytes_total"] == 8 * 1024**3 and n["memory_bytes_used"] == 1024
     assert [(d["uuid"], d["index"], d["capacity_quanta"], d["used_quanta"]) for d in n["devices"]] == [
@@ -254,9 +254,9 @@ def test_random_workloads_never_overallocate(layout, cpu, span, strategy, steps)
     for op, q, c, pick in steps:
         if op == "release" and held:
             p = held.pop(pick % len(held))
-            before = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            before = {d["uuid"]: d["used_quanta"] for n in cap.usage() for d in n["devices"]}
             cap.give_back(p)
-            after = {d["uuid"]: d["used_quanta"] for n in cap.snapshot() for d in n["devices"]}
+            after = {d["uuid"]: d["used_quanta"] for n in cap.usage() for d in n["devices"]}
             for s in p.shares:
                 before[s.device_uuid] -= s.quanta
             assert before == after  # exactly what was taken
@@ -287,7 +287,7 @@ def test_random_workloads_never_overallocate(layout, cpu, span, strategy, steps)
             assert chosen == min(feasible)  # best fit
         cap.take(p)
         held.append(p)
-        for n in cap.snapshot():
+        for n in cap.usage():
             for d in n["devices"]:
                 assert 0 <= d["used_quanta"] <= d["capacity_quanta"]
             assert not n["cpu_millis_total"] or n["cpu_millis_used"] <= n["cpu_millis_total"]
@@ -316,3 +316,107 @@ def test_many_takes_rebuild_indexes():
         taken.append(p)
     assert cap.used_quanta == sum(p.quanta for p in taken)
     assert cap._entries <= cap._entry_limit + 64
+
+
+# ---------------------------------------------------------------- GPU backends and readiness
+def backend_nodes(*specs):
+    """specs: (gpus, backend) per node."""
+    return simulated_nodes(
+        [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "gpu_backend": b} for i, (g, b) in enumerate(specs)],
+        U,
+    )
+
+
+def test_mig_node_gives_one_instance_per_session():
+    """CUDA enumerates one MIG instance per process: several in one container would be invisible."""
+    cap = Capacity(backend_nodes((4, "mig")), Q, units=U)
+    assert cap.place(req(Q)) is not None
+    assert cap.place(req(2 * Q)) is None
+    assert "one MIG instance per session" in cap.can_ever_fit(req(2 * Q))
+    assert "whole GPUs only" in cap.can_ever_fit(req(1))
+    both = Capacity(backend_nodes((4, "mig"), (2, "hami")), Q, units=U)
+    assert both.place(req(2 * Q)).node == "n1"
+    assert both.can_ever_fit(req(2 * Q)) is None
+
+
+def test_whole_node_takes_whole_gpus_only():
+    cap = Capacity(backend_nodes((2, "whole")), Q, units=U)
+    assert cap.place(req(1)) is None and cap.place(req(Q + 1)) is None
+    assert [s.quanta for s in cap.place(req(2 * Q)).shares] == [Q, Q]
+    assert "whole GPUs only" in cap.can_ever_fit(req(1))
+    assert "multiple of" in cap.can_ever_fit(req(Q + 2))
+
+
+def test_mps_node_takes_no_fraction_next_to_whole_gpus():
+    cap = Capacity(backend_nodes((2, "mps")), Q, units=U)
+    assert cap.place(req(1)).quanta == 1
+    assert cap.place(req(2 * Q)).quanta == 2 * Q
+    assert cap.place(req(Q + 2)) is None
+    assert "cannot enforce" in cap.can_ever_fit(req(Q + 2))
+    assert Capacity(backend_nodes((2, "hami")), Q, units=U).place(req(Q + 2)).quanta == Q + 2
+
+
+def test_node_not_ready_gets_no_gpu_share_but_cpu_only_sessions():
+    cap = Capacity(backend_nodes((2, "hami"), (1, "hami")), Q, units=U)
+    cap.set_gpu_ready("n1", False)
+    assert cap.place(req(Q)).node == "n0"
+    cap.set_gpu_ready("n0", False)
+    assert cap.place(req(1)) is None and cap.place(req(2 * Q)) is None
+    assert cap.reserve(req(1), Reservations()) is None  # nothing to wait for there either
+    assert cap.place(req(0, cpu=500)) is not None  # CPU-only still runs
+    assert cap.can_ever_fit(req(1)) is None  # it waits: the node may become ready
+    assert [n["gpu_ready"] for n in cap.usage()] == [False, False]
+    cap.set_gpu_ready("n1", True)
+    assert cap.place(req(1)).node == "n1"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.lists(st.tuples(st.integers(min_value=0, max_value=3),
+                              st.sampled_from(["hami", "mps", "mig", "whole"])), min_size=1, max_size=4),
+    steps=st.lists(st.tuples(st.sampled_from(["place", "place", "release", "toggle"]),
+                             st.integers(min_value=0, max_value=3 * Q), st.integers(min_value=0, max_value=100)),
+                   max_size=50),
+)
+def test_backends_and_readiness_against_brute_force(layout, steps):
+    """Every placement obeys its node's backend and readiness; nothing that fits is refused."""
+    ns = backend_nodes(*layout)
+    cap = Capacity(ns, Q, units=U)
+    ready = {n.name: True for n in ns}
+    by_name = {n.name: n for n in ns}
+    held = []
+
+    def allowed(node, q):
+        if q == 0:
+            return True
+        free = [cap.device_free(d.uuid) for d in node.devices]
+        if not ready[node.name] or not free:
+            return False
+        if q <= Q:
+            return any(f >= q for f in free) and (q == Q or node.gpu.fractions)
+        k, rem = divmod(q, Q)
+        if not node.gpu.multi_device or (rem and not node.gpu.mixed):
+            return False
+        whole = [i for i, f in enumerate(free) if f == Q]
+        others = [f for i, f in enumerate(free) if i not in whole[:k]]
+        return len(whole) >= k and (not rem or any(f >= rem for f in others))
+
+    for op, q, pick in steps:
+        if op == "toggle":
+            name = ns[pick % len(ns)].name
+            ready[name] = not ready[name]
+            cap.set_gpu_ready(name, ready[name])
+        elif op == "release" and held:
+            cap.give_back(held.pop(pick % len(held)))
+        elif op == "place":
+            p = cap.place(req(q))
+            if p is None:
+                assert not any(allowed(n, q) for n in ns), f"{q} quanta fit somewhere but were not placed"
+                continue
+            node = by_name[p.node]
+            assert p.quanta == q and (q == 0 or ready[node.name])
+            assert node.gpu.multi_device or len(p.shares) <= 1
+            assert node.gpu.fractions or all(s.quanta == Q for s in p.shares)
+            assert node.gpu.mixed or len(p.shares) <= 1 or all(s.quanta == Q for s in p.shares)
+            cap.take(p)
+            held.append(p)

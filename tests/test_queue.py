@@ -1,4 +1,4 @@
-"""Scheduler: queue order, head rules, DRF, limits, restore, and property tests."""
+"""AdmissionQueue: queue order, head rules, DRF, limits, restore, and property tests."""
 import os
 import sys
 from decimal import Decimal
@@ -6,11 +6,11 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Placement, Request, RequestKey, Share
-from bai_scheduler.placement import Capacity
-from bai_scheduler.queue import Decision, DuplicateRequest, QueuePolicy, Scheduler, UserLimits, ordinal
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import Placement, Request, RequestKey, Share
+from bai_scheduler.core.placement import Capacity
+from bai_scheduler.core.queue import AdmissionQueue, Decision, DuplicateRequest, QueuePolicy, UserLimits, ordinal
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
 Q = U.quanta_per_gpu
@@ -21,7 +21,7 @@ def make(gpus=(1,), policy=None, limits=None, cpu=0, **kw):
     nodes = simulated_nodes(
         [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": cpu} for i, g in enumerate(gpus)], U
     )
-    return Scheduler(Capacity(nodes, Q, units=U, **kw), policy or QueuePolicy(), limits)
+    return AdmissionQueue(Capacity(nodes, Q, units=U, **kw), policy or QueuePolicy(), limits)
 
 
 def K(user, server=""):
@@ -317,7 +317,7 @@ def test_never_lost_never_twice(policy, layout, cpu, limits, steps):
             # after every call the queue is settled: another pass admits nothing
             record(s.schedule())
             assert set(s.admitted()) == set(admitted_ever)
-        for node in s.capacity.snapshot():
+        for node in s.capacity.usage():
             for dev in node["devices"]:
                 assert dev["used_quanta"] <= dev["capacity_quanta"]
             assert not node["cpu_millis_total"] or node["cpu_millis_used"] <= node["cpu_millis_total"]

@@ -1,6 +1,7 @@
-"""The indexed scheduler (queue.Scheduler on placement.Capacity) against the slow reference
-(reference.ReferenceScheduler): the same answer from every call on thousands of random traces,
-with every queue order, head rule, span and strategy.  Submits in the reference always run a
+"""The indexed scheduler (core.queue.AdmissionQueue on core.placement.Capacity) against the slow
+reference (core.reference.ReferenceQueue): the same answer from every call on thousands of random
+traces, with every queue order, head rule, span, strategy and GPU backend, nodes' GPUs going out of
+and back into service.  Submits in the reference always run a
 full pass, so this also checks that the indexed submit fast path equals a full pass."""
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from decimal import Decimal
 
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import Request, RequestKey
-from bai_scheduler.placement import Capacity
-from bai_scheduler.queue import QueuePolicy, Scheduler, UserLimits
-from bai_scheduler.reference import ReferenceScheduler
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import Request, RequestKey
+from bai_scheduler.core.placement import Capacity
+from bai_scheduler.core.queue import AdmissionQueue, QueuePolicy, UserLimits
+from bai_scheduler.core.reference import ReferenceQueue
+from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 Q = U.quanta_per_gpu  # 4
@@ -30,7 +31,7 @@ LIMITS = [UserLimits(), UserLimits(max_running=2, max_pending=4), UserLimits(max
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["submit"] * 5 + ["release"] * 3 + ["cancel", "schedule"]),
+        st.sampled_from(["submit"] * 5 + ["release"] * 3 + ["cancel", "schedule", "gpu"]),
         st.integers(0, 4),  # user
         st.sampled_from([0, 1, 1, 2, 3, 4, 4, 5, 7, 8, 9, 12]),  # quanta: fractions, whole, multi-GPU
         st.sampled_from([0, 0, 500, 1500]),  # cpu millis
@@ -41,11 +42,12 @@ ops = st.lists(
 )
 
 
-def build(layout, cpu, policy, limits, span, strategy):
+def build(layout, cpu, policy, limits, span, strategy, backends=("hami",)):
     nodes = simulated_nodes(
-        [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": cpu} for i, g in enumerate(layout)], U)
-    indexed = Scheduler(Capacity(nodes, Q, span=span, strategy=strategy, units=U), policy, limits)
-    reference = ReferenceScheduler(nodes, Q, policy, limits, span=span, strategy=strategy)
+        [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": cpu, "gpu_backend": backends[i % len(backends)]}
+         for i, g in enumerate(layout)], U)
+    indexed = AdmissionQueue(Capacity(nodes, Q, span=span, strategy=strategy, units=U), policy, limits)
+    reference = ReferenceQueue(nodes, Q, policy, limits, span=span, strategy=strategy)
     return indexed, reference
 
 
@@ -71,10 +73,11 @@ def pin_of(indexed, reference):
     limits=st.sampled_from(LIMITS),
     span=st.sampled_from(["whole-then-fraction", "whole-only"]),
     strategy=st.sampled_from(["concentrate", "spread"]),
+    backends=st.sampled_from([("hami",), ("hami",), ("mps", "hami"), ("whole",), ("mig", "hami")]),
     steps=ops,
 )
-def test_indexed_scheduler_equals_reference(policy, layout, cpu, limits, span, strategy, steps):
-    indexed, reference = build(layout, cpu, policy, limits, span, strategy)
+def test_indexed_scheduler_equals_reference(policy, layout, cpu, limits, span, strategy, backends, steps):
+    indexed, reference = build(layout, cpu, policy, limits, span, strategy, backends)
     live: list[RequestKey] = []
     n = 0
     for op, user, q, c, pick in steps:
@@ -94,6 +97,13 @@ def test_indexed_scheduler_equals_reference(policy, layout, cpu, limits, span, s
             key = pool[pick % len(pool)]
             live.remove(key)
             assert pairs(indexed.release(key)) == pairs(reference.release(key)), (op, key)
+        elif op == "gpu":  # a node's GPUs go out of service, or come back
+            node = f"n{user % len(layout)}"
+            ready = pick % 2 == 0
+            indexed.set_gpu_ready(node, ready)
+            reference.set_gpu_ready(node, ready)
+            if ready:
+                assert pairs(indexed.schedule()) == pairs(reference.schedule())
         else:
             assert pairs(indexed.schedule()) == pairs(reference.schedule())
         assert sorted(r.seq for r in indexed.pending()) == [r.seq for r in reference.pending]

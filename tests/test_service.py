@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import RequestKey
-from bai_scheduler.service import ContainerFacts, Refused, SchedulerService
+from bai_scheduler.core.model import RequestKey
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.service import ContainerFacts, Refused, Service
 from bai_scheduler.store import Store, StoreUnavailable
-from bai_scheduler.units import FgpuUnits
 
 UNITS = FgpuUnits(2, "0.5")  # the seed: 1 GPU = 2 fGPU, steps of 0.5
 ONE_FGPU = 2  # quanta
@@ -49,7 +49,7 @@ class FakeEngines:
 
 def make(db_url, gpus=1, engines=None, **kw):
     nodes = simulated_nodes([{"name": "local", "docker_url": "", "gpus": gpus, "gpu_memory": "8GiB"}], UNITS)
-    return SchedulerService(nodes, UNITS, Store(db_url), engines=engines, **kw)
+    return Service(nodes, UNITS, Store(db_url), engines=engines, **kw)
 
 
 @pytest.fixture
@@ -218,7 +218,7 @@ async def test_finding_1c_failed_stop_keeps_the_share_and_is_retried(db):
 async def test_finding_1c_stop_without_the_hub_removes_before_freeing(db):
     """The Stop button / DELETE when the hub cannot be reached: the share stays until the
     container is gone (the service removes it)."""
-    from bai_scheduler.app import stop_session
+    from bai_scheduler.web.api import stop_session
 
     engines = FakeEngines()
     engines.fail = "engine down"
@@ -283,7 +283,7 @@ async def test_finding_2_engine_restored_container_wins_a_conflict(db):
 
 
 async def test_overcommit_found_on_the_engine_is_shown(db):
-    from bai_scheduler.metrics import render
+    from bai_scheduler.web.metrics import render
 
     engines = FakeEngines()
     svc = make(db, engines=engines)
@@ -402,21 +402,19 @@ async def test_finding_6_only_the_changed_waiter_wakes(db):
 
 
 def test_finding_7_a_server_named_wait_has_its_own_routes():
+    from tornado import web
     from tornado.httputil import HTTPHeaders, HTTPServerRequest
 
-    from bai_scheduler import app as app_mod
+    from bai_scheduler.web import api
 
-    bai = app_mod.BaiScheduler()
-    bai.prefix = "/services/bai-scheduler/"
-    bai.hub_auth = None
-    application = bai.make_app()
+    prefix = "/services/bai-scheduler/"
+    application = web.Application([(prefix + path, handler) for path, handler in api.default_handlers])
     for method, server in (("PUT", "wait"), ("GET", "wait"), ("DELETE", "wait"), ("GET", "status"),
                            ("PUT", "stop-failed")):
-        req = HTTPServerRequest(method=method, uri=f"/services/bai-scheduler/api/requests/alice/{server}",
-                                headers=HTTPHeaders())
+        req = HTTPServerRequest(method=method, uri=f"{prefix}api/requests/alice/{server}", headers=HTTPHeaders())
         found = application.find_handler(req)
-        assert found.handler_class is app_mod.RequestHandler, (method, server, found.handler_class)
-        assert found.path_args == [b"alice", server.encode()] or found.path_args == ["alice", server]
+        assert found.handler_class is api.RequestHandler, (method, server, found.handler_class)
+        assert found.path_args in ([b"alice", server.encode()], ["alice", server])
 
 
 async def test_finding_7_waiters_hear_of_a_restart_at_once(db):

@@ -1,6 +1,6 @@
 """A model test of the whole scheduler service (hypothesis RuleBasedStateMachine).
 
-The real ``SchedulerService`` and ``Store`` (SQLite) are driven by a scripted hub (which servers
+The real ``Service`` and ``Store`` (SQLite) are driven by a scripted hub (which servers
 it runs, and their spawners) and a scripted engine (containers by attempt, their states, events,
 a removal that can fail), on a fake clock: register, poll, create / start / pause / die / remove
 containers, stops that fail, the Stop button without the hub, reconciles (also with changes made
@@ -31,12 +31,12 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from bai_scheduler import service as service_mod
-from bai_scheduler.app import stop_session
-from bai_scheduler.inventory import simulated_nodes
-from bai_scheduler.model import RequestKey
-from bai_scheduler.service import ContainerFacts, Refused, SchedulerService
+from bai_scheduler.web.api import stop_session
+from bai_scheduler.core.nodes import simulated_nodes
+from bai_scheduler.core.model import RequestKey
+from bai_scheduler.service import ContainerFacts, Refused, Service
 from bai_scheduler.store import Store, StoreUnavailable
-from bai_scheduler.units import FgpuUnits
+from bai_scheduler.core.units import FgpuUnits
 
 UNITS = FgpuUnits(2, "0.5")  # 4 quanta per GPU
 LIVE_STATES = {"created", "running", "paused", "restarting"}  # Docker's, where a share is in use
@@ -147,7 +147,7 @@ class ServiceModel(RuleBasedStateMachine):
 
     def start_service(self):
         store = FlakyStore(f"sqlite:///{self.tmp}", timeout=2)
-        svc = SchedulerService(NODES, UNITS, store, engines=self.engine, admission_grace=ADMISSION_GRACE,
+        svc = Service(NODES, UNITS, store, engines=self.engine, admission_grace=ADMISSION_GRACE,
                                orphan_grace=ORPHAN_GRACE)
         svc.REMOVE_RETRY_S = (0.0, 0.0)
 
@@ -471,9 +471,9 @@ class ServiceModel(RuleBasedStateMachine):
         for node in svc.capacity():
             for d in node["devices"]:
                 assert d["used_quanta"] == used[d["uuid"]] <= d["capacity_quanta"], (d, dict(used))
-        core = svc.scheduler.admitted()
+        core = svc.queue.admitted()
         assert {k.id for k in core} == {r.id for r in recs.values() if r.holds_share}
-        assert {r.key.id for r in svc.scheduler.pending()} == {r.id for r in recs.values() if r.state == "PENDING"}
+        assert {r.key.id for r in svc.queue.pending()} == {r.id for r in recs.values() if r.state == "PENDING"}
         assert not self.engine.wrong_removals, self.engine.wrong_removals
         # The engine: no device runs more than it holds; no container runs without its share.
         on_engine = defaultdict(int)
@@ -525,7 +525,7 @@ def report_steps():
 def test_refused_registration_changes_nothing():
     """Bad input the model does not draw: a request that can never fit."""
     async def go():
-        svc = SchedulerService(NODES, UNITS, Store("sqlite://"))
+        svc = Service(NODES, UNITS, Store("sqlite://"))
         with pytest.raises(Refused):
             await svc.submit(KEYS[0], 16)
         assert svc.records == {}

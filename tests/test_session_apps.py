@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,10 +122,10 @@ def test_mlflow_server_env():
 
 
 def test_mlflow_proxy_config():
-    cfg = config.mlflow_proxy_config("/opt/bai/venv/bin/python", "/icons/mlflow.svg", {})
+    cfg = config.mlflow_proxy_config("/opt/bai/server/bin/python", "/icons/mlflow.svg", {})
     assert cfg == {
         "command": [
-            "/opt/bai/venv/bin/python", "-m", "bai_session_apps.mlflow_launcher",
+            "/opt/bai/server/bin/python", "-m", "bai_session_apps.mlflow_launcher",
             "--port", "{port}", "--base-url", "{base_url}", "--start-timeout", "180",
         ],
         "timeout": 180,
@@ -486,6 +487,18 @@ def test_mlflow_missing_is_explained(home, tmp_path):
     finally:
         server.stop()
     assert _wait_mlflow_gone(home), "processes left behind after the server stopped"
+
+
+def test_terminal_starts_bash_as_a_login_shell_with_shell_set():
+    from bai_session_apps import terminal
+
+    bash = shutil.which("bash")
+    assert terminal.shell_command({}) == [bash, "-l"]
+    assert terminal.shell_command({"SHELL": "/no/such/shell"}) == [bash, "-l"]
+    assert terminal.shell_command({"SHELL": "/bin/sh"}) == ["/bin/sh", "-l"]  # a user's own choice stays
+    # a server started without $SHELL (containers have none unless the image sets it)
+    manager = terminal.make_app({}).term_manager
+    assert manager.shell_command == [bash, "-l"] and manager.extra_env["SHELL"] == bash
 
 
 def test_terminal_through_the_proxy(home):

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bai_scheduler import snapshots as S
-from bai_scheduler.model import Node, Placement, Request, RequestKey
+from bai_scheduler.core.model import Node, Placement, Request, RequestKey
 from bai_scheduler.store import Record
-from bai_scheduler.units import FgpuUnits
-from bai_spawner import catalog
-from bai_spawner import labels as L
+from bai_scheduler.core.units import FgpuUnits
+from bai_scheduler.contract import catalog
+from bai_scheduler.contract import labels as L
 
 # Docker's reference grammar for one path component and for a tag.
 COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
@@ -155,7 +155,7 @@ def test_snapshot_of_a_snapshot_names_the_original_image_not_a_chain():
 def test_commit_config_keeps_the_image_config_and_blanks_everything_of_the_session():
     image_cfg = {
         "Labels": dict(KERNEL_LABELS, **{"org.opencontainers.image.title": "x"}),
-        "Env": ["PATH=/opt/bai/venv/bin:/usr/bin", "LANG=C.UTF-8"],
+        "Env": ["PATH=/opt/bai/kernel/bin:/usr/bin:/opt/bai/server/bin", "LANG=C.UTF-8"],
         "Cmd": ["jupyterhub-singleuser"], "Entrypoint": ["tini", "--"], "WorkingDir": "/home/jovyan",
         "User": "1000:100",
     }
@@ -173,7 +173,7 @@ def test_commit_config_keeps_the_image_config_and_blanks_everything_of_the_sessi
     assert lab["org.opencontainers.image.title"] == "x"
     for k, v in new.items():
         assert lab[k] == v
-    assert conf["Env"] == ["PATH=/opt/bai/venv/bin:/usr/bin", "LANG=C.UTF-8", "JUPYTERHUB_API_TOKEN=",
+    assert conf["Env"] == ["PATH=/opt/bai/kernel/bin:/usr/bin:/opt/bai/server/bin", "LANG=C.UTF-8", "JUPYTERHUB_API_TOKEN=",
                            "CUDA_DEVICE_MEMORY_LIMIT_0="]
     assert not any("secret" in e for e in conf["Env"])
     assert conf["Cmd"] == ["jupyterhub-singleuser"] and conf["Entrypoint"] == ["tini", "--"]

@@ -45,7 +45,7 @@ def stop_raising(monkeypatch, exc):
 
 async def test_finding_1c_failed_docker_stop_keeps_the_share(spawner, monkeypatch):
     sp, fake = spawner
-    stop_raising(monkeypatch, docker.errors.APIError("500 Server Error: engine busy"))
+    stop_raising(monkeypatch, docker.errors.APIError("500 Server Error", explanation="engine busy"))
     with contextlib.suppress(docker.errors.APIError):  # whether stop() raises is not the point
         await sp.stop()
     names = [name for name, _ in fake.calls]

@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, strategies as st
 
-from bai_scheduler.units import FgpuError, FgpuUnits, format_bytes
+from bai_scheduler.core.units import MAX_MAGNITUDE, FgpuError, FgpuUnits, NumberError, format_bytes, parse_number
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))
 
@@ -110,3 +110,48 @@ def test_non_multiples_are_refused(value):
     else:
         with pytest.raises(FgpuError, match="whole number of steps"):
             U.to_quanta(str(value))
+
+
+# Values that once cost seconds (int() of a Decimal with a huge exponent) or raised
+# decimal.Overflow / went through as 0 (an underflow): each is refused by its text.
+HOSTILE = ["1e300000", "1e999999", "1e1000000", "-1e1000000", "1e-1000000", "9" * 5000, "0." + "0" * 5000 + "1",
+           "1e19", "1e-19", 10**4000, 10**19, 1e308, 1e-300]
+
+
+@pytest.mark.parametrize("amount", HOSTILE, ids=lambda a: str(a)[:12])
+def test_huge_and_tiny_amounts_are_refused_as_out_of_range(amount):
+    with pytest.raises(FgpuError) as e:
+        U.to_quanta(amount, max_quanta=4)
+    assert "negative" in str(e.value) or "out of range" in str(e.value)
+    assert len(str(e.value)) < 200  # the value is quoted cut short
+
+
+@pytest.mark.parametrize("text", ["\u0661", "1_0", "0x1", "1e", ".", "+", "1.2.3", " ", "1e+", "١٫٥", "½", "1 0"])
+def test_only_plain_ascii_decimals_are_numbers(text):
+    with pytest.raises(NumberError) as e:
+        parse_number(text)
+    assert e.value.kind == "number"
+
+
+def test_plain_numbers_parse_exactly():
+    assert parse_number(" 0.5 ") == Decimal("0.5")
+    assert parse_number("-2.50e1") == Decimal(-25)
+    assert parse_number("0e999999") == 0
+    assert parse_number(3) == 3 and parse_number(0.25) == Decimal("0.25") and parse_number(Decimal(2)) == 2
+    assert parse_number("1e18") == Decimal("1e18") and parse_number(".5") == Decimal("0.5")
+    for kind, raw in (("finite", "-Infinity"), ("finite", "sNaN"), ("finite", float("inf")),
+                      ("number", None), ("number", True), ("number", [1]), ("range", "1" * 41)):
+        with pytest.raises(NumberError) as e:
+            parse_number(raw)
+        assert e.value.kind == kind, raw
+
+
+@given(st.one_of(st.text(max_size=60), st.integers(), st.floats(), st.decimals()))
+def test_every_number_is_bounded_or_refused(raw):
+    try:
+        value = parse_number(raw)
+    except NumberError as e:
+        assert e.kind in ("number", "finite", "range")
+    else:
+        assert value.is_finite()
+        assert value == 0 or -MAX_MAGNITUDE <= value.adjusted() <= MAX_MAGNITUDE

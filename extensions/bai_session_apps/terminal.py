@@ -63,18 +63,27 @@ class Socket(TermSocket):
 
 
 def shell_command(environ: dict) -> list[str]:
+    """``$SHELL`` if it runs here, else bash (sh only where there is no bash),
+    as a login shell: the image's ``/etc/profile.d`` puts its kernel
+    environment first on PATH, as in notebooks."""
     shell = environ.get("SHELL") or ""
     if not shell or not shutil.which(shell):
         shell = shutil.which("bash") or "/bin/sh"
     return [shell, "-l"]
 
 
+def shell_env(shell: str) -> dict:
+    """What every terminal's shell gets on top of the server's environment
+    (``$SHELL`` names the shell it runs, whatever the server had)."""
+    return {"TERM": "xterm-256color", "COLORTERM": "truecolor", "SHELL": shell}
+
+
 def make_app(environ: dict | None = None) -> web.Application:
     environ = dict(os.environ if environ is None else environ)
-    env = {"TERM": "xterm-256color", "COLORTERM": "truecolor"}
+    command = shell_command(environ)
     manager = UniqueTermManager(
-        shell_command=shell_command(environ),
-        extra_env=env,
+        shell_command=command,
+        extra_env=shell_env(command[0]),
         max_terminals=int(environ.get("BAI_TERMINAL_MAX", "20")),
     )
     # start shells in the home directory (the persistent volume)

@@ -1,0 +1,111 @@
+"""The session form's fields: what the hub's spawn page and the sessions page both show.
+
+``form_context`` turns the catalog, the capacity the service publishes
+(``api/capacity``: devices, ``limits`` and the live ``note``) and the values of a
+refused post into the variables of ``templates/session_form.html`` (this package).
+The spawner's template (bai_spawner/templates/options_form.html) and the service's
+sessions page include it.  It works as a plain form post; the service's
+``static/session-form.js`` refreshes the note from ``capacity.json`` and only shows
+it.  The server validates everything again (``options.parse_options`` and the
+catalog), whatever is posted.
+"""
+from __future__ import annotations
+
+import os
+
+from ..core.units import FgpuUnits, format_bytes
+from . import catalog as catalog_mod
+from .options import FormError, Limits, describe_share, whole_number
+
+TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
+
+
+def image_groups(visible, selected: str) -> list[dict]:
+    """The picker's ``<optgroup>``s: kernel images by framework (newest first), then the
+    user's private images; the selected image, else the first one, is marked."""
+    groups = catalog_mod.group_by_framework([i for i in visible if i.kind == "kernel"])
+    private = [i for i in visible if i.kind == "private"]
+    refs = [i.ref for imgs in groups.values() for i in imgs] + [i.ref for i in private]
+    default = selected if selected in refs else (refs[0] if refs else "")
+    out = []
+    for framework, images in groups.items():
+        options = []
+        for n, img in enumerate(images):
+            label = img.display_name
+            if img.version and img.version not in label.split():
+                label += f" ({img.version})"
+            label += (f" · Python {img.python}" if img.python else "") + (" · newest" if n == 0 and len(images) > 1 else "")
+            options.append({"value": img.ref, "label": label, "selected": img.ref == default})
+        out.append({"label": framework or "Other", "options": options})
+    if private:
+        out.append({"label": "My private images", "options": [{
+            "value": img.ref,
+            "label": img.ref + (f" (from {img.source_image})" if img.source_image else "")
+            + (f" · {img.created[:10]}" if img.created else ""),
+            "selected": img.ref == default,
+        } for img in private]})
+    return out
+
+
+def _count(values: dict, limits: Limits) -> int:
+    try:
+        return min(whole_number("Sessions", values.get("sessions") or 1, 1, 10**9 - 1), limits.max_sessions)
+    except FormError:
+        return 1
+
+
+def chosen_shape(values: dict | None, units: FgpuUnits, limits: Limits) -> tuple[int, int]:
+    """(quanta, sessions) the form shows chosen: the posted values where they parse, else its defaults."""
+    values = values or {}
+    try:
+        quanta = (units.to_quanta(values["fgpu"], limits.max_quanta) if values.get("fgpu") not in (None, "")
+                  else min(1, limits.max_quanta))
+    except ValueError:
+        quanta = min(1, limits.max_quanta)
+    return quanta, _count(values, limits)
+
+
+def per_process_note(capacity: dict) -> str:
+    """What users must know about how a share is enforced, from the nodes' GPU backends: on CUDA
+    MPS the limits hold per client process, not per session."""
+    mps = sorted(n["name"] for n in capacity.get("nodes", [])
+                 if n.get("gpu_backend") == "mps" and n.get("devices") and not n.get("simulated"))
+    if not mps:
+        return ""
+    return (f"On {', '.join(mps)} (CUDA MPS) the memory and SM limits of a share hold per process: each kernel "
+            "or program that uses the GPU gets the whole share, so two busy kernels use twice your share. "
+            "Keep one GPU process per session.")
+
+
+def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits: Limits, note: dict,
+                 capacity_url: str, static_url: str, values: dict | None = None) -> dict:
+    """Variables of ``session_form.html``.
+
+    ``capacity``: ``api/capacity``'s answer (its devices); ``note``: ``{"level", "text"}`` for the
+    chosen shape; ``capacity_url``: where the script polls the note; ``static_url``: the service's
+    static folder (the form's script and style); ``values``: raw values of a refused post, shown again.
+    """
+    values = values or {}
+    devices = [d for n in capacity.get("nodes", []) for d in n.get("devices", [])]
+    device_mem = max((d["memory_bytes"] for d in devices), default=0)
+    quanta, _ = chosen_shape(values, units, limits)
+    gpu_names = sorted({d["name"] for d in devices})
+    return {
+        "image_groups": image_groups(visible, str(values.get("image") or "")),
+        "user_name": user,
+        "typed_image": str(values.get("image_name") or ""),
+        "fgpu_choices": [{"value": units.to_fgpu(q), "quanta": q, "label": describe_share(q, units, device_mem),
+                          "selected": q == quanta} for q in range(limits.max_quanta + 1)],
+        "fgpu_step": str(units.fgpu_step),
+        "fgpu_max": units.to_fgpu(limits.max_quanta),
+        "fgpu_per_gpu": units.fgpu_per_gpu,
+        "gpu_text": (f"One GPU here is a {', '.join(gpu_names)} ({format_bytes(device_mem)})." if gpu_names else ""),
+        "per_process_note": per_process_note(capacity),
+        "cpu": str(values.get("cpu") or limits.default_cpu),
+        "memory": str(values.get("memory") or limits.default_memory_gib),
+        "sessions": str(values.get("sessions") or 1),
+        "limits": limits,
+        "note": note,
+        "capacity_url": capacity_url,
+        "form_static": static_url,
+    }

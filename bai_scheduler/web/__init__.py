@@ -1,0 +1,1 @@
+"""The service's web layer: one module per area, each exporting ``default_handlers``."""

@@ -1,0 +1,1 @@
+"""Kernel images: recipes, the builder and the ``bai-images`` command."""

@@ -1,0 +1,274 @@
+"""A real JupyterHub (with configurable-http-proxy, the bai-scheduler service
+and the local Docker engine) run as a subprocess for the tests.
+
+Everything it makes is named with a per-run prefix under ``bai-test-`` so that
+``cleanup_docker`` removes exactly that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from . import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling out, which
+# this machine's closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CONFIG = ROOT / "hub_config" / "jupyterhub_config.py"
+TEST_CONFIG = Path(__file__).resolve().parent / "hub_config.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def login(url: str, name: str, password: str) -> requests.Session:
+    """A browser-like session logged in through the login form of the hub at ``url``; it also
+    sends the xsrf token, which the hub's API wants with a cookie login."""
+    s = requests.Session()
+    r = s.get(f"{url}/hub/login", timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    xsrf = s.cookies.get("_xsrf")
+    r = s.post(f"{url}/hub/login", data={"username": name, "password": password, "_xsrf": xsrf},
+               allow_redirects=False, timeout=30)
+    assert r.status_code == 302, f"login as {name} failed: {r.status_code} {r.text[:300]}"
+    s.headers["X-XSRFToken"] = s.cookies.get("_xsrf")  # the one the login set
+    return s
+
+
+def docker(*args, check=False) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def cleanup_docker(prefix: str):
+    """Remove the containers, volumes and images named with ``prefix``."""
+    ids = docker("ps", "-aq", "--filter", f"name=^/{prefix}").stdout.split()
+    if ids:
+        docker("rm", "-f", *ids)
+    vols = [v for v in docker("volume", "ls", "-q").stdout.split() if v.startswith(prefix)]
+    if vols:
+        docker("volume", "rm", "-f", *vols)
+    images = [i for i in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+              if i.startswith(prefix)]
+    if images:
+        docker("rmi", "-f", *images)
+
+
+def wait_for(predicate, timeout=120, interval=0.5, what="condition", detail=lambda: ""):
+    """The first true value of ``predicate()``, polled until ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last={last!r}\n{detail()}")
+
+
+class Hub:
+    def __init__(self, workdir: Path, *, nodes=None, extra: dict | None = None, prefix: str | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix or f"bai-test-{secrets.token_hex(3)}-"
+        self.port = free_port()
+        self.admin_token = secrets.token_hex(16)
+        self.proc: subprocess.Popen | None = None
+        self.env = dict(os.environ)
+        self.env.update({
+            "BAI_DATA_DIR": str(self.workdir / "var"),
+            "BAI_HUB_PORT": str(self.port),
+            "BAI_HUB_API_PORT": str(free_port()),
+            "BAI_PROXY_API_PORT": str(free_port()),
+            "BAI_SCHEDULER_PORT": str(free_port()),
+            "BAI_NAME_PREFIX": self.prefix,
+            "BAI_EXTRA_CONFIG": str(TEST_CONFIG),
+            "BAI_TEST_ADMIN_TOKEN": self.admin_token,
+            "BAI_TEST_NODES": json.dumps(nodes or [{"name": "local", "docker_url": "", "gpus": 1,
+                                                    "gpu_memory": "8GiB"}]),
+            "BAI_TEST_EXTRA": json.dumps(extra or {}),
+            "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
+        })
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.workdir / "jupyterhub.log"
+
+    # -- process ------------------------------------------------------------------
+
+    def start(self, timeout: float = 60):
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(CONFIG)],
+            cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyterhub exited:\n{self.tail()}")
+            try:
+                if (self.api("GET", "/").status_code == 200
+                        and self.service("GET", "api/health").status_code == 200):
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"jupyterhub did not come up in {timeout}s:\n{self.tail()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def service_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", f"bai_scheduler.app --config={CONFIG}"], capture_output=True, text=True)
+        pids = []
+        for pid in out.stdout.split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"BAI_NAME_PREFIX={self.prefix}".encode() in env:
+                pids.append(int(pid))
+        return pids
+
+    def cleanup_docker(self):
+        cleanup_docker(self.prefix)
+
+    # -- REST -----------------------------------------------------------------------
+
+    def api(self, method, path, token=None, **kw) -> requests.Response:
+        headers = kw.pop("headers", {})
+        headers["Authorization"] = f"token {token or self.admin_token}"
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kw)
+
+    def service(self, method, path, token=None, **kw) -> requests.Response:
+        headers = kw.pop("headers", {})
+        headers["Authorization"] = f"token {token or self.admin_token}"
+        return requests.request(method, f"{self.url}/services/bai-scheduler/{path}", headers=headers,
+                                timeout=60, **kw)
+
+    def add_user(self, name: str, admin: bool = False) -> str:
+        r = self.api("POST", f"/users/{name}", json={"admin": admin})
+        assert r.status_code in (201, 409), r.text
+        r = self.api("POST", f"/users/{name}/tokens", json={"note": "test", "expires_in": 7200})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    def set_password(self, name: str, password: str) -> None:
+        """An approved NativeAuthenticator login for ``name`` with ``password`` (made, or changed)."""
+        import bcrypt
+        from nativeauthenticator.orm import UserInfo
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        from hub_config.bootstrap_admin import ensure_account
+
+        db_url = f"sqlite:///{self.workdir}/var/jupyterhub.sqlite"
+        if not ensure_account(db_url, name, password):
+            engine = create_engine(db_url)
+            with Session(engine) as db:
+                UserInfo.find(db, name).password = bcrypt.hashpw(password.encode(), bcrypt.gensalt())
+                db.commit()
+            engine.dispose()
+
+    def login(self, name: str, password: str) -> requests.Session:
+        """A browser-like session logged in through the hub's login form (the account is made
+        or given ``password`` first)."""
+        self.set_password(name, password)
+        return login(self.url, name, password)
+
+    def form_xsrf(self, s: requests.Session, path: str) -> str:
+        """The xsrf token a form page at ``path`` posts with (the hub's, or the service's)."""
+        r = s.get(f"{self.url}{path}", timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        m = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+        return m.group(1) if m else s.cookies.get("_xsrf")
+
+    def server_path(self, user, server=""):
+        return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
+
+    def start_server(self, user, server="", options=None, token=None) -> requests.Response:
+        return self.api("POST", self.server_path(user, server), token=token, json=options or {})
+
+    def stop_server(self, user, server="", token=None) -> requests.Response:
+        return self.api("DELETE", self.server_path(user, server), token=token)
+
+    def servers(self, user, include_stopped: bool = False) -> dict:
+        """The user's active servers; with ``include_stopped``, every server record."""
+        query = "?include_stopped_servers=1" if include_stopped else ""
+        return self.api("GET", f"/users/{user}{query}").json().get("servers", {})
+
+    def requests(self, token=None) -> dict:
+        """The scheduler's view: {"user/server": status}."""
+        out = self.service("GET", "api/requests", token=token).json()["requests"]
+        return {f"{r['user']}/{r['server']}": r for r in out}
+
+    def wait_for(self, predicate, timeout=120, interval=0.5, what="condition"):
+        return wait_for(predicate, timeout, interval, what, detail=lambda: self.tail(40))
+
+    def wait_ready(self, user, server="", timeout=120):
+        def ready():
+            s = self.servers(user).get(server)
+            return s if s and s.get("ready") else None
+
+        return self.wait_for(ready, timeout, what=f"{user}/{server} ready")
+
+    def wait_gone(self, user, server="", timeout=60):
+        return self.wait_for(lambda: server not in self.servers(user) or
+                             not self.servers(user)[server].get("pending") and
+                             not self.servers(user)[server].get("ready"),
+                             timeout, what=f"{user}/{server} stopped")
+
+    def session_container(self, user: str, server: str = "", running_only: bool = False) -> dict | None:
+        """The container of one session (from its labels), or None."""
+        from bai_scheduler.contract import labels
+
+        for c in self.containers():
+            lab = c["Config"]["Labels"]
+            if lab.get(labels.USER) == user and lab.get(labels.SERVER) == server:
+                if not running_only or c["State"]["Running"]:
+                    return c
+        return None
+
+    def fill(self, user: str, options: dict, names=("a", "b", "c")):
+        """Start three 1-fGPU sessions on the 2-fGPU cluster: two run, the third queues."""
+        for s in names:
+            r = self.start_server(user, s, options)
+            assert r.status_code in (201, 202), r.text
+        self.wait_ready(user, names[0])
+        self.wait_ready(user, names[1])
+        key = f"{user}/{names[2]}"
+        self.wait_for(lambda: self.requests().get(key, {}).get("state") == "PENDING", 30, what=f"{key} queued")
+
+    def containers(self, engine: str = "") -> list[dict]:
+        """This hub's session containers on one engine ("" = the local one)."""
+        host = ["-H", engine] if engine else []
+        ids = docker(*host, "ps", "-aq", "--filter", f"name=^/{self.prefix}").stdout.split()
+        if not ids:
+            return []
+        return json.loads(docker(*host, "inspect", *ids).stdout)
