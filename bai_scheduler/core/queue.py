@@ -621,7 +621,13 @@ class AdmissionQueue:
         self._settled = None
         self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
         self._res = Reservations()
-        self._failed: dict[tuple[int, int], int] = {}  # (cpu, mem) -> least quanta that failed
+        # Requests that did not fit in this pass, to rule out those no smaller in every way:
+        # (cpu, mem) -> least quanta that failed.  Under GPU backend limits or GPUs out of
+        # service a larger request may fit where a smaller one did not (a whole GPU on a "whole"
+        # node, where a fraction may not go), so failures then rule out the same size only:
+        # (cpu, mem, quanta) -> quanta.
+        self._failed: dict[tuple, int] = {}
+        self._exact = self.capacity.restricted
         self._reserved_count = 0
         self._maxfree_dirty = True
         self._maxfree = 0
@@ -668,7 +674,7 @@ class AdmissionQueue:
         smallest = min(pq)
         # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
         # so once a request of that size without CPU/memory failed, all the rest fail too
-        f = self._failed.get((0, 0))
+        f = None if self._exact else self._failed.get((0, 0))
         if f is not None and f <= smallest:
             return True
         if self._maxfree_dirty:
@@ -688,16 +694,11 @@ class AdmissionQueue:
             return None
         q, cpu, mem = req.quanta, req.cpu_millis, req.memory_bytes
         failed = self._failed
-        if failed:
-            f = failed.get((cpu, mem))
-            if f is not None and q >= f:
-                return None
-            for (c, m), fq in failed.items():
-                if q >= fq and cpu >= c and mem >= m:
-                    return None
+        if failed and self._dominated((q, cpu, mem)):
+            return None
         placement = self.capacity.place(req, self._res)
         if placement is None:
-            key = (cpu, mem)
+            key = (cpu, mem, q) if self._exact else (cpu, mem)
             if q < failed.get(key, q + 1):
                 failed[key] = q
             return None
@@ -735,10 +736,12 @@ class AdmissionQueue:
         return "pass"
 
     def _dominated(self, shape) -> bool:
-        """True if a request of ``shape`` cannot fit: one no bigger in every way failed."""
+        """True if a request of ``shape`` cannot fit: one no bigger in every way failed (of the
+        same size, under GPU backend limits)."""
         q, cpu, mem = shape
-        for (c, m), fq in self._failed.items():
-            if q >= fq and cpu >= c and mem >= m:
+        exact = self._exact
+        for key, fq in self._failed.items():
+            if cpu >= key[0] and mem >= key[1] and (q == fq if exact else q >= fq):
                 return True
         return False
 
