@@ -33,8 +33,9 @@ Reconcile (``reconcile``)
       ``orphan_grace`` seconds (e.g. the hub restarted while the container started, so it never
       saved that spawn), the container is removed and the share freed;
     * a record's container exited: it is removed, then the share is freed;
-    * no container: the share is freed once no spawner can still be making one (nobody waits
-      on it, and it was admitted more than ``admission_grace`` seconds ago);
+    * no container: the share is freed once no spawner can still be making one: nobody waits
+      on it, and it was admitted more than ``admission_grace`` seconds ago or the hub neither
+      runs nor starts its server;
     * a container no record knows (complete labels): it is adopted with the share its labels
       state; if its server has another live attempt, it is adopted as STOPPING and removed.
       An adopted share that does not fit sends the newest admissions not yet handed to a
@@ -683,7 +684,11 @@ class Service:
                 elif f is not None:
                     self._to_stopping(rec, changed, stopping)
                     report["exited"].append(str(rec.key))
-                elif not self._may_be_starting(rec, now):
+                elif not self._may_be_starting(rec, now) or (
+                        hub_servers is not None and rec.key not in hub_servers and not self._open_waits.get(rec.id)):
+                    # No container, and no spawner can make one: either the grace is over, or the
+                    # hub (asked after the listing began) neither runs nor starts that server (a
+                    # spawn that stopped while this service was away, so its release was lost).
                     pairs += sched.release(self._core(rec).key)
                     del self.records[rec.id]
                     if self.live.get(rec.key) == rec.id:

@@ -383,15 +383,18 @@ class ServiceModel(RuleBasedStateMachine):
 
     @rule()
     def reconcile(self):
+        hub = self.hub_servers()
         try:
-            self.run(self.svc.reconcile(self.engine.listing(), self.svc.begin_listing(), self.hub_servers()))
+            self.run(self.svc.reconcile(self.engine.listing(), self.svc.begin_listing(), hub))
         except StoreUnavailable:
             return
         self.pump()
-        self.every_share_has_a_reason()
+        self.every_share_has_a_reason(hub_answered=hub is not None)
 
-    def every_share_has_a_reason(self):
-        """Right after a reconcile: every share belongs to an attempt that still needs it."""
+    def every_share_has_a_reason(self, hub_answered: bool):
+        """Right after a reconcile: every share belongs to an attempt that still needs it.  A
+        recent admission without a container may wait for one only while the hub could not
+        say whether it still starts that server."""
         svc, now = self.svc, self.clock.now
         spawns = {s.attempt for s in self.hub.values()}
         for r in svc.records.values():
@@ -400,7 +403,8 @@ class ServiceModel(RuleBasedStateMachine):
             container = self.engine.containers.get(r.id)
             recent = now - (r.admitted_at or 0) <= ADMISSION_GRACE
             if r.state == "RUNNING":
-                assert container is not None or r.id in spawns or recent, f"{r.key} holds a share for nothing"
+                assert container is not None or r.id in spawns or (recent and not hub_answered), \
+                    f"{r.key} holds a share for nothing"
             else:
                 assert container is not None or (r.delivered and recent), f"stopping {r.key} holds a share for nothing"
 
