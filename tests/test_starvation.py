@@ -1,4 +1,4 @@
-"""No starvation with any queue order or head rule (bai_scheduler/queue.py, "Starvation guard").
+"""No starvation with any queue order or head rule (bai_scheduler/core/queue.py, "Starvation guard").
 
 Traces are replayed tick by tick: sessions that end leave first, then new requests arrive (each
 of those runs a scheduling pass); a session admitted at tick a ends at a + hold.  With L the
