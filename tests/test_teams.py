@@ -184,7 +184,7 @@ def test_presets_from_config_profile_list_shape():
     ], U)
     assert presets[0] == Preset("small-gpu", "Small GPU", "for notebooks", 2, 2000, 4 * GIB, default=True)
     assert presets[1] == Preset("train", "Training", "", 8, 4000, 16 * GIB, "bai/pytorch:2.13.0", "a100")
-    assert Preset.from_json(presets[1].to_json(U)) == presets[1]
+    assert Preset.from_json(presets[1].to_json()) == presets[1]
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -342,3 +342,19 @@ def test_a_stated_upper_bound_is_never_broken_in_trace_replay(order, head, gpus,
     policy = QueuePolicy(order=order, head=head, skip_after=1)
     for key, latest, start in replay_with_etas(policy, gpus, arrivals, lifetime, ticks):
         assert start is not None and start <= latest, (key, latest, start)
+
+
+def test_resolve_group_and_pools():
+    from bai_scheduler.core.quotas import resolve
+    policies = {"vision": GroupPolicy(pools=("a100",)), "nlp": GroupPolicy()}
+    pools = {"a100", "cheap"}
+    assert resolve(["vision", "nlp"], policies, pools) == ("vision", ("a100",))
+    assert resolve(["vision", "nlp"], policies, pools, "nlp") == ("nlp", ())
+    assert resolve(["vision", "nlp"], policies, pools, "nlp", "cheap") == ("nlp", ("cheap",))
+    with pytest.raises(ValueError, match="vision may not use pool 'cheap'; allowed: a100"):
+        resolve(["vision"], policies, pools, "", "cheap")
+    with pytest.raises(ValueError, match="no node pool 'gpu'"):
+        resolve(["nlp"], policies, pools, "", "gpu")
+    assert resolve(["staff"], policies, pools) == ("", ())
+    with pytest.raises(ValueError, match="in no group that may start sessions here"):
+        resolve(["staff"], policies, pools, ungrouped=False)

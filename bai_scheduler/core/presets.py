@@ -47,9 +47,9 @@ class Preset:
         return Request(RequestKey("", ""), self.quanta, self.cpu_millis, self.memory_bytes, self.image,
                        group=group, pools=pools)
 
-    def to_json(self, units: FgpuUnits) -> dict:
+    def to_json(self) -> dict:
         return {"slug": self.slug, "display_name": self.display_name, "description": self.description,
-                "fgpu": units.to_fgpu(self.quanta), "quanta": self.quanta, "cpu_millis": self.cpu_millis,
+                "quanta": self.quanta, "cpu_millis": self.cpu_millis,
                 "memory_bytes": self.memory_bytes, "image": self.image, "pool": self.pool,
                 "default": self.default}
 

@@ -112,3 +112,24 @@ def pick_group(user_groups: list[str], policies: dict[str, GroupPolicy], chosen:
             raise ValueError(f"You are not in a group named {chosen!r} that has a quota (yours: {mine}).")
         return chosen
     return known[0] if known else ""
+
+
+def resolve(user_groups: list[str], policies: dict[str, GroupPolicy], all_pools, chosen_group: str = "",
+            chosen_pool: str = "", ungrouped: bool = True) -> tuple[str, tuple[str, ...]]:
+    """(group, pools) a user's session counts against and may go to, or ValueError saying why not.
+
+    ``chosen_group``: the form's choice ("" = the first of the user's groups that has a policy);
+    ``chosen_pool``: one pool ("" = every pool the group may use); ``ungrouped``: whether a user in
+    no group with a policy may start sessions (counted against no group, any pool)."""
+    group = pick_group(user_groups, policies, chosen_group)
+    if not group and policies and not ungrouped:
+        raise ValueError("You are in no group that may start sessions here "
+                         f"({', '.join(sorted(policies))}); ask an admin to add you to one.")
+    allowed = tuple(sorted(policies[group].pools)) if group and policies[group].pools else ()
+    if not chosen_pool:
+        return group, allowed
+    if chosen_pool not in all_pools:
+        raise ValueError(f"There is no node pool {chosen_pool!r} (pools: {', '.join(sorted(all_pools))}).")
+    if allowed and chosen_pool not in allowed:
+        raise ValueError(f"{group or 'You'} may not use pool {chosen_pool!r}; allowed: {', '.join(allowed)}.")
+    return group, (chosen_pool,)
