@@ -356,3 +356,17 @@ def test_benchmark_quick_modes():
     res = scheduler_bench.main(["--quick", "--trace", "--json"])
     assert res["placement_failures"] == 0 and res["split_allocations"] == 0 and res["short_allocations"] == 0
     assert res["mean_utilization"] > 0.8
+
+
+def test_a_whole_gpu_still_starts_where_a_fraction_may_not():
+    """Under GPU backend limits a larger request may fit where a smaller one failed: a fraction
+    may not go on a "mig" node, a whole GPU may.  The pass must not give up after the fraction."""
+    nodes = simulated_nodes([{"name": "n0", "gpus": 1, "gpu_memory": "8GiB", "gpu_backend": "mig"},
+                             {"name": "n1", "gpus": 1, "gpu_memory": "8GiB", "gpu_backend": "hami"}], U)
+    for order in ("fifo", "drf"):
+        s = AdmissionQueue(Capacity(nodes, Q, units=U), QueuePolicy(order=order))
+        s.set_gpu_ready("n1", False)  # the node that could take the fraction is out of service
+        assert s.submit(R("a", "0.5")).state == "PENDING"
+        s.schedule()
+        d = s.submit(R("b", "2"))  # a whole GPU, which the mig node gives
+        assert d.state == "RUNNING" and d.placement.node == "n0", (order, d)

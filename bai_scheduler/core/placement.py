@@ -208,6 +208,12 @@ class Capacity:
             all(self._fractions) and all(self._mixed) and all(self._multi)
         )
 
+    @property
+    def restricted(self) -> bool:
+        """True if some node's GPU backend limits what a session may hold, or some node's GPUs
+        are out of service: a larger request may then fit where a smaller one does not."""
+        return self._restricted
+
     def set_gpu_ready(self, name: str, ready: bool) -> None:
         """Let placement use node ``name``'s GPUs (ready) or not (CPU-only requests still go there)."""
         self._gpu_off[self._node_idx[name]] = not ready

@@ -678,8 +678,13 @@ class AdmissionQueue:
         self._settled = None
         self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
         self._res = Reservations()
-        # (cpu, mem, pools) -> least quanta that failed
-        self._failed: dict[tuple[int, int, tuple], int] = {}
+        # Requests that did not fit in this pass, to rule out those no smaller in every way:
+        # (cpu, mem, pools) -> least quanta that failed.  Under GPU backend limits or GPUs out of
+        # service a larger request may fit where a smaller one did not (a whole GPU on a "whole"
+        # node, where a fraction may not go), so failures then rule out the same size only:
+        # (cpu, mem, pools, quanta) -> quanta.
+        self._failed: dict[tuple, int] = {}
+        self._exact = self.capacity.restricted
         self._reserved_count = 0
         self._maxfree_dirty = True
         self._maxfree = 0
@@ -726,7 +731,7 @@ class AdmissionQueue:
         smallest = min(pq)
         # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
         # so once a request of that size without CPU/memory failed, all the rest fail too
-        f = self._failed.get((0, 0, ()))
+        f = None if self._exact else self._failed.get((0, 0, ()))
         if f is not None and f <= smallest:
             return True
         if self._maxfree_dirty:
@@ -746,16 +751,11 @@ class AdmissionQueue:
             return None
         q, cpu, mem, pools = req.quanta, req.cpu_millis, req.memory_bytes, req.pools
         failed = self._failed
-        if failed:
-            f = failed.get((cpu, mem, pools))
-            if f is not None and q >= f:
-                return None
-            for (c, m, p), fq in failed.items():
-                if q >= fq and cpu >= c and mem >= m and _within(pools, p):
-                    return None
+        if failed and self._dominated((q, cpu, mem, pools)):
+            return None
         placement = self.capacity.place(req, self._res)
         if placement is None:
-            key = (cpu, mem, pools)
+            key = (cpu, mem, pools, q) if self._exact else (cpu, mem, pools)
             if q < failed.get(key, q + 1):
                 failed[key] = q
             return None
@@ -793,10 +793,13 @@ class AdmissionQueue:
         return "pass"
 
     def _dominated(self, shape) -> bool:
-        """True if a request of ``shape`` cannot fit: one no bigger in every way failed."""
+        """True if a request of ``shape`` cannot fit: one no bigger in every way, allowed on every
+        node this one is, failed (of the same size, under GPU backend limits)."""
         q, cpu, mem, pools = shape
-        for (c, m, p), fq in self._failed.items():
-            if q >= fq and cpu >= c and mem >= m and _within(pools, p):
+        exact = self._exact
+        for key, fq in self._failed.items():
+            if (cpu >= key[0] and mem >= key[1] and (q == fq if exact else q >= fq)
+                    and _within(pools, key[2])):
                 return True
         return False
 
