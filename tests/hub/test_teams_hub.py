@@ -1,9 +1,5 @@
-"""Teams and time through a real hub, scheduler service and Docker engine (issue 18).
-
-One hub: two nodes in two pools ("cheap", "fast"; both on the local engine), JupyterHub groups
-team-vision (quota 1 fGPU, pool fast) and team-nlp (pool cheap, sessions live 45 s), a default
-lifetime of one hour (so waiting requests get an upper bound), and two presets.
-"""
+"""Teams and time through a real hub, scheduler service and Docker engine (issue 18), on the
+teams hub of helpers.teams: pools, presets, group quota, lifetimes, the queue ETA."""
 import json
 import time
 
@@ -11,33 +7,14 @@ import pytest
 import requests
 
 from helpers import KERNEL_IMAGE
-from helpers.hub import Hub
+from helpers.teams import NLP_LIFETIME, teams_hub as make_teams_hub
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
-
-NLP_LIFETIME = 45
-TEAMS = {
-    "group_quotas": {"team-vision": {"fgpu": "1"}},
-    "group_pools": {"team-vision": ["fast"], "team-nlp": ["cheap"]},
-    "group_lifetimes": {"team-nlp": f"{NLP_LIFETIME}s"},
-    "session_lifetime": "1h",
-    "lifetime_notice": 3600,  # the notice shows from the start
-    "lifetime_check_interval": 2,
-    "presets": [
-        {"display_name": "Half GPU", "slug": "half", "fgpu": "0.5", "cpu": "0.5", "memory": "1GiB", "default": True},
-        {"display_name": "Whole fast GPU", "slug": "fast-full", "fgpu": "1", "cpu": "0.5", "memory": "1GiB",
-         "pool": "fast"},
-    ],
-}
-NODES = [{"name": "cheap", "docker_url": "", "gpus": 1, "gpu_memory": "8GiB", "pool": "cheap"},
-         {"name": "fast", "docker_url": "", "gpus": 1, "gpu_memory": "8GiB", "pool": "fast"}]
 
 
 @pytest.fixture(scope="module")
 def teams_hub(tmp_path_factory, kernel_images):
-    groups = {"team-vision": {"users": ["vic"]}, "team-nlp": {"users": ["nia"]}}
-    hub = Hub(tmp_path_factory.mktemp("teams-hub"), nodes=NODES,
-              extra={"BaiScheduler": TEAMS, "JupyterHub": {"load_groups": groups}})
+    hub = make_teams_hub(tmp_path_factory.mktemp("teams-hub"))
     try:
         hub.start()
         for user in ("vic", "nia"):
