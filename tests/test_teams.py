@@ -358,3 +358,33 @@ def test_resolve_group_and_pools():
     assert resolve(["staff"], policies, pools) == ("", ())
     with pytest.raises(ValueError, match="in no group that may start sessions here"):
         resolve(["staff"], policies, pools, ungrouped=False)
+
+
+def test_start_up_refuses_teams_that_could_never_run():
+    from traitlets.config import Config
+
+    from bai_scheduler.app import BaiScheduler, parse_duration
+
+    c = Config()
+    c.BaiScheduler.nodes = [{"name": "a0", "docker_url": "", "gpus": 1, "gpu_memory": "8GiB", "pool": "a100"}]
+    c.BaiScheduler.presets = [{"display_name": "Big", "fgpu": "1", "pool": "h100"}]
+    c.BaiScheduler.group_pools = {"t": ["gone"]}
+    c.BaiScheduler.group_quotas = {"t": {"fgpu": "0.5"}}
+    c.BaiScheduler.group_lifetimes = {"t": "8h"}
+    app = BaiScheduler(config=c)
+    app.node_list = app.build_nodes()
+    app.form_limits = app.session_limits()
+    app.groups = app.group_policies()
+    assert app.groups["t"] == GroupPolicy(Quota(max_quanta=1), ("gone",), 8 * 3600)
+    with pytest.raises(ValueError) as e:
+        app.check_teams(None)
+    assert str(e.value) == (
+        "Teams configuration: preset 'big' names pool 'h100', which no node has (pools: a100); "
+        "group 't' may use pool 'gone', which has no nodes (pools: a100); "
+        "group 't' may use none of the presets (their pools are not its pools).")
+    c.BaiScheduler.group_quotas = {"t": {"gpus": 1}}
+    with pytest.raises(ValueError, match=re.escape("group_quotas['t']: a dict of running, pending, fgpu")):
+        BaiScheduler(config=c).group_policies()
+    assert parse_duration("90m", "x") == 5400 and parse_duration(30, "x") == 30
+    with pytest.raises(ValueError, match="x: 'soon' is not a duration"):
+        parse_duration("soon", "x")
