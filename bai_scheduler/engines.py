@@ -58,6 +58,7 @@ def facts_from_labels(node: str, container_id: str, lab: dict, state: str) -> Co
         memory_bytes=int(lab.get(labels.MEMORY_BYTES, "0") or 0),
         image=lab.get(labels.IMAGE, ""),
         state=state,
+        group=lab.get(labels.GROUP, ""),
     )
 
 

@@ -48,14 +48,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable, Protocol
 
+from .core.eta import UNKNOWN, Eta, QueueEta
 from .core.model import Placement, Request, RequestKey, Share
 from .core.placement import Capacity
 from .core.queue import AdmissionQueue, QueuePolicy, UserLimits
+from .core.quotas import GroupPolicy, Usage, pending_reason
 from .core.units import FgpuUnits
 from .store import Record, Store, StoreUnavailable
 
@@ -85,6 +87,7 @@ class ContainerFacts:
     memory_bytes: int
     image: str
     state: str  # Docker's: created, running, paused, restarting, removing, exited, dead
+    group: str = ""
 
     @property
     def holds(self) -> bool:
@@ -121,6 +124,8 @@ class Service:
     GONE_KEPT = 10_000
     # Seconds between tries to remove a STOPPING attempt's container: first, at most.
     REMOVE_RETRY_S = (1.0, 30.0)
+    # Sessions that ended, kept for the queue ETA's estimate from recent departures.
+    DEPARTURES_KEPT = 50
 
     def __init__(
         self,
@@ -135,6 +140,8 @@ class Service:
         engines: Engines | None = None,
         admission_grace: float = 300.0,
         orphan_grace: float = 120.0,
+        groups: dict[str, GroupPolicy] | None = None,
+        default_lifetime: float = 0,
     ):
         self.nodes = list(nodes)
         self.units = units
@@ -146,6 +153,11 @@ class Service:
         self.engines = engines
         self.admission_grace = admission_grace
         self.orphan_grace = orphan_grace
+        # Teams: each group's quota, pools and session lifetime; the lifetime of the rest.
+        self.groups = dict(groups or {})
+        self.default_lifetime = default_lifetime
+        self.departures: deque[tuple[float, int]] = deque(maxlen=self.DEPARTURES_KEPT)
+        self._eta: tuple[tuple[int, int], QueueEta] | None = None
         self.records: dict[str, Record] = {}  # every attempt, by id
         self.live: dict[RequestKey, str] = {}  # server -> id of its PENDING or RUNNING attempt
         # The change counter. It starts from the clock so that it only ever grows across
@@ -178,7 +190,8 @@ class Service:
         )
         for name in self.gpu_not_ready:
             capacity.set_gpu_ready(name, False)
-        return AdmissionQueue(capacity, self.policy, self.limits)
+        return AdmissionQueue(capacity, self.policy, self.limits,
+                              {g: p.quota for g, p in self.groups.items()})
 
     @staticmethod
     def _core(rec: Record) -> Request:
@@ -322,6 +335,8 @@ class Service:
             "submitted_at": rec.submitted_at,
             "admitted_at": rec.admitted_at,
             "epoch": self.epoch,
+            "group": req.group,
+            "pools": list(req.pools),
         }
         if rec.state == "PENDING":
             core_key = Attempt(key.user, key.server, rec.id)
@@ -329,6 +344,12 @@ class Service:
             out["reason"] = self.queue.wait_reason(core_key, position)
             if req.quanta and self.gpu_not_ready:
                 out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
+            now = time.time()
+            out["eta"] = self.eta(rec, now).to_json(now)
+        deadline = self.deadline(rec)
+        if deadline is not None and rec.state == "RUNNING":
+            out["deadline"] = deadline
+            out["lifetime_notice"] = self.lifetime_notice(rec, deadline)
         if rec.state == "STOPPING":
             out["stop_error"] = rec.stop_error
         if rec.placement is not None:
@@ -353,6 +374,66 @@ class Service:
                 share.update(index=d.index, name=d.name, memory_bytes=d.memory_bytes,
                              sm_count=d.sm_count, capacity=d.quanta, mig_parent=d.mig_parent,
                              mig_profile=d.mig_profile)
+        return out
+
+    # -- teams and time ----------------------------------------------------------
+
+    def lifetime(self, group: str) -> float:
+        """Longest a session of ``group`` may run, in seconds (0: no limit)."""
+        policy = self.groups.get(group) if group else None
+        return (policy.lifetime_s if policy is not None and policy.lifetime_s else 0) or self.default_lifetime
+
+    def deadline(self, rec: Record) -> float | None:
+        """When an admitted session is stopped for its lifetime (None: never)."""
+        lifetime = self.lifetime(rec.request.group)
+        if not lifetime or rec.admitted_at is None:
+            return None
+        return rec.admitted_at + lifetime
+
+    # Seconds before the stop from which the notice is shown (c.BaiScheduler.lifetime_notice).
+    notice_before: float = 600.0
+
+    def lifetime_notice(self, rec: Record, deadline: float) -> str:
+        """The notice shown once a session is within ``notice_before`` of its lifetime ("" before)."""
+        left = deadline - time.time()
+        if left > self.notice_before:
+            return ""
+        when = time.strftime("%H:%M", time.localtime(deadline))
+        group = rec.request.group
+        return (f"This session reaches its lifetime{f' for {group}' if group else ''} and is stopped at {when} "
+                f"(in {max(0, round(left / 60))} min). Save your work; files in /home/jovyan are kept.")
+
+    def expired(self, now: float) -> list[Record]:
+        """Running sessions past their lifetime (to stop)."""
+        return [r for r in self.records.values()
+                if r.state == "RUNNING" and (d := self.deadline(r)) is not None and d <= now]
+
+    def max_lifetime(self) -> float | None:
+        """The longest a session admitted from now on may run (None: some may run for ever)."""
+        if not self.default_lifetime:
+            return None
+        return max([self.default_lifetime] + [p.lifetime_s for p in self.groups.values()])
+
+    def eta(self, rec: Record, now: float) -> Eta:
+        """When a waiting attempt starts (``core.eta``); one snapshot per change and second."""
+        if rec.state != "PENDING":
+            return UNKNOWN
+        stamp = (self.epoch, int(now))
+        if self._eta is None or self._eta[0] != stamp:
+            deadlines = {self._core(r).key: self.deadline(r) for r in self.holding()}
+            self._eta = (stamp, QueueEta(self.queue, deadlines, self.max_lifetime(), self.departures, now))
+        return self._eta[1].eta(self._core(rec))
+
+    def group_usage(self) -> dict[str, dict]:
+        """Per group with a quota: what it holds and has waiting, and its quota (admin view)."""
+        out = {}
+        for group, used in self.queue.group_usage().items():
+            quota = self.groups[group].quota
+            out[group] = {"running": used.running, "pending": used.pending, "quanta": used.quanta,
+                          "fgpu": self.units.to_fgpu(used.quanta), "cpu_millis": used.cpu, "memory_bytes": used.mem,
+                          "quota": {"running": quota.max_running, "pending": quota.max_pending,
+                                    "fgpu": self.units.to_fgpu(quota.max_quanta), "quanta": quota.max_quanta,
+                                    "cpu_millis": quota.max_cpu_millis, "memory_bytes": quota.max_memory_bytes}}
         return out
 
     def pending(self) -> list[Record]:
@@ -406,6 +487,8 @@ class Service:
         memory_bytes: int = 0,
         image: str = "",
         user_options: dict | None = None,
+        group: str = "",
+        pools: tuple[str, ...] = (),
     ) -> Record:
         """A new spawn attempt for server ``key``: queued or admitted at once.
 
@@ -413,7 +496,8 @@ class Service:
         place when the request is the same), an admitted one becomes STOPPING (its container,
         if any, is removed before its share is freed).
         """
-        request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image)
+        request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image,
+                          group=group, pools=tuple(sorted(pools)))
         async with self._lock:
             old = self.get(key)
             reason = self.queue.never_reason(request)
@@ -427,7 +511,14 @@ class Service:
                 n = lim.max_pending
                 raise Refused(f"user limit of {n} waiting session{'s' if n != 1 else ''} reached", 400)
             same = old is not None and (old.request.quanta, old.request.cpu_millis, old.request.memory_bytes,
-                                        old.request.image) == (quanta, cpu_millis, memory_bytes, image)
+                                        old.request.image, old.request.group, old.request.pools) == (
+                quanta, cpu_millis, memory_bytes, image, request.group, request.pools)
+            if group in self.groups:
+                group_waiting = sum(1 for r in self.records.values()
+                                    if r.state == "PENDING" and r.request.group == group and r is not old)
+                reason = pending_reason(group, self.groups[group].quota, Usage(pending=group_waiting))
+                if reason:
+                    raise Refused(reason, 400)
             rec = Record(id=uuid.uuid4().hex, request=request, state="PENDING",
                          user_options=dict(user_options or {}))
             changed, deleted, stopping, pairs = {rec.id: rec}, {}, [], []
@@ -482,6 +573,8 @@ class Service:
                 return []
             t0 = time.perf_counter()
             changed: dict = {}
+            if rec.holds_share:
+                self.departures.append((time.time(), rec.request.quanta))
             pairs = self.queue.release(self._core(rec).key)
             del self.records[rec.id]
             if self.live.get(rec.key) == rec.id:
@@ -743,7 +836,8 @@ class Service:
     def _adopt(self, f: ContainerFacts, now: float, changed: dict, stopping: list, report: dict) -> Record:
         """A container no record knows: account for it with the share its labels state."""
         live = self.get(f.key)
-        request = Request(f.key, sum(s.quanta for s in f.shares), f.cpu_millis, f.memory_bytes, f.image)
+        request = Request(f.key, sum(s.quanta for s in f.shares), f.cpu_millis, f.memory_bytes, f.image,
+                          group=f.group if f.group in self.groups else "")
         rec = Record(id=f.request_id, request=request, state="RUNNING" if live is None else "STOPPING",
                      placement=f.placement, submitted_at=now, admitted_at=now, delivered=True)
         try:

@@ -62,10 +62,13 @@ class RequestRow(Base):
     admitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     stop_error: Mapped[str] = mapped_column(Text, default="")
     delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    group_name: Mapped[str] = mapped_column(String(255), default="")
+    pools: Mapped[str] = mapped_column(Text, default="")  # comma-separated
 
 
 # Columns added after the first release, with the SQL default an older table gets.
-ADDED_COLUMNS = {"stop_error": ("TEXT", "''"), "delivered": ("BOOLEAN", "FALSE")}
+ADDED_COLUMNS = {"stop_error": ("TEXT", "''"), "delivered": ("BOOLEAN", "FALSE"),
+                 "group_name": ("VARCHAR(255)", "''"), "pools": ("TEXT", "''")}
 
 
 @dataclass
@@ -116,6 +119,8 @@ def _to_row(rec: Record) -> RequestRow:
         admitted_at=rec.admitted_at,
         stop_error=rec.stop_error,
         delivered=rec.delivered,
+        group_name=rec.request.group,
+        pools=",".join(rec.request.pools),
     )
 
 
@@ -127,6 +132,8 @@ def _from_row(row: RequestRow) -> Record:
         memory_bytes=row.memory_bytes,
         image=row.image,
         seq=row.seq,
+        group=row.group_name or "",
+        pools=tuple(p for p in (row.pools or "").split(",") if p),
     )
     placement = None
     if row.node is not None:

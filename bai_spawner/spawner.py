@@ -26,7 +26,7 @@ from bai_scheduler.contract import catalog as catalog_mod
 from bai_scheduler.contract.client import SchedulerClient, SchedulerError
 from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
 from bai_scheduler.contract.form import form_context
-from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract.options import FIELDS, FormError, Limits, SessionOptions, parse_options
 from bai_scheduler.core.units import GIB, FgpuUnits
 
 from .container import ContainerSpecError, Hardening, Session, make_container
@@ -273,13 +273,14 @@ class BaiSpawner(DockerSpawner):
             visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
             capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
             capacity_url=service + "capacity.json", static_url=service + "static/",
+            user_groups=[g.name for g in self.user.groups],
         ))
 
     def options_from_form(self, formdata):
         # Parsed in start() with the live units, limits and catalog: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
         return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
-                if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
+                if k in FIELDS}
 
     async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, catalog_mod.CatalogImage]:
         """The request as validated: options whose ``image`` is the catalog entry's
@@ -411,6 +412,8 @@ class BaiSpawner(DockerSpawner):
         last = None
         while status["state"] == "PENDING":
             message = status.get("reason") or f"Waiting in queue (position {status.get('position')})"
+            if status.get("eta"):
+                message += f". Expected start: {status['eta']['text']}"
             if message != last:
                 self._emit(10, message)
                 last = message
@@ -446,7 +449,7 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(400, str(e)) from None
         self.image = image.ref
         self._gpu = spec
-        self._opts = opts
+        self._opts = replace(opts, group=status.get("group", ""))  # the group the service counted it against
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")

@@ -33,6 +33,8 @@ def check_scheduler(res: dict):
     assert res["short_allocations"] == 0, res
     if res["mode"] == "pass":
         assert res["admitted"] + res["pending_after"] == res["requests"], res
+    else:  # the queue ETA: a stated upper bound is never broken
+        assert res["eta_bounds_stated"] > 0 and res["eta_bound_breaks"] == 0, res
 
 
 def check_admission(res: dict):

@@ -68,7 +68,8 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
     monkeypatch.setattr(pages, "node_rows", lambda *args: [])  # only the reading is under test
     node = Node("local", "", (Device("GPU-1", 0, "real", 2, 1, 4),))
     handler = types.SimpleNamespace(
-        service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: []),
+        service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: [],
+                                      group_usage=lambda: {}, groups={}),
         settings={"readiness": {}}, notices=types.SimpleNamespace(for_user=lambda user: []),
     )
 

@@ -159,7 +159,7 @@ IMAGES = [image("bai/sklearn:1.5.2", "scikit-learn", "1.5.2"), image("bai/sklear
           image("bai/pytorch:2.5", "PyTorch", "2.5", python="3.12"),
           image("bai-private/ann:exp", "scikit-learn", "1.6.1", kind="private", owner="ann")]
 LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16), default_cpu=Decimal(1),
-                default_memory_gib=Decimal(2), max_sessions=4)
+                default_memory_gib=Decimal(2), max_sessions=4, presets=(), custom=True)
 NOTE = {"level": "success", "text": "Free now: 2 of 2 fGPU. Nobody is waiting. This session would start at once."}
 
 

@@ -451,3 +451,30 @@ async def test_finding_7_restored_requests_that_can_never_fit_are_dropped_with_a
     assert await again.wait(big.id, 0, 1) is None
     assert again.attempt(small.id).state == "PENDING"
     assert {r.id for r in make(url, gpus=1).records.values()} == {r.id for r in again.records.values()}
+
+
+async def test_teams_group_pools_lifetime_and_eta_survive_a_restart(db):
+    """Group and pools are stored with the request; a group's pending quota refuses at the door;
+    a running session has its group's deadline; a waiting one an ETA; a restart keeps all of it."""
+    from bai_scheduler.core.quotas import GroupPolicy, Quota
+
+    groups = {"vision": GroupPolicy(Quota(max_quanta=WHOLE, max_pending=1), ("default",), lifetime_s=60)}
+    svc = make(db, groups=groups, default_lifetime=3600)
+    run = await svc.submit(key(1), WHOLE, group="vision", pools=("default",))
+    assert run.state == "RUNNING" and svc.deadline(run) == pytest.approx(run.admitted_at + 60)
+    wait = await svc.submit(key(2), ONE_FGPU, group="vision", pools=("default",))
+    status = svc.status(wait)
+    assert status["reason"] == "Waiting: vision uses 2 of 2 fGPU"
+    assert (status["group"], status["pools"]) == ("vision", ["default"])
+    # the oldest, but a quota may hold it back: no bound; nothing departed yet: no estimate
+    assert (status["eta"]["basis"], status["eta"]["text"]) == ("unknown", "unknown")
+    with pytest.raises(Refused, match="vision already has 1 of 1 waiting session"):
+        await svc.submit(key(3), ONE_FGPU, group="vision")
+    assert svc.expired(run.admitted_at + 61) == [run]
+    svc.close()
+    again = make(db, groups=groups, default_lifetime=3600)
+    assert again.get(key(2)).request.group == "vision" and again.get(key(2)).request.pools == ("default",)
+    assert again.queue.group_usage()["vision"].quanta == WHOLE
+    await again.release(again.get(key(1)).id)
+    assert again.get(key(2)).state == "RUNNING" and len(again.departures) == 1
+    again.close()

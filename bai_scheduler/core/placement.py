@@ -22,6 +22,8 @@ Placement rules
 * A node's GPU backend (``Node.gpu``) limits what one session may hold there: "whole" and "mig"
   nodes give whole devices only, "mps" nodes no fraction next to whole GPUs (one SM percentage
   per process), "mig" nodes one device per session (CUDA enumerates one MIG instance per process).
+* A request with ``pools`` goes only to nodes of those pools (``Node.pool``); every rule above
+  holds within them.
 * ``set_gpu_ready(node, False)`` takes a node's GPUs out of placement (its backend cannot enforce
   shares now); CPU-only requests still go there.  Allocations already made are kept.
 
@@ -161,22 +163,44 @@ class Capacity:
         self._gpu_off = [False] * n
         self._restricted = False
         self._update_restricted()
-        # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
-        # fractions allowed, fraction next to whole GPUs allowed, several devices allowed)
-        self._shapes = sorted(
+        self._shapes = self._node_shapes(range(n))
+        # Node pools: the nodes a request limited to some pools may use (see allowed_nodes)
+        self._pool_nodes: dict[str, set[int]] = {}
+        for ni, node in enumerate(self.nodes):
+            self._pool_nodes.setdefault(node.pool, set()).add(ni)
+        self._allowed: dict[tuple[str, ...], frozenset[int] | None] = {(): None}
+
+    def _node_shapes(self, indexes) -> list[tuple]:
+        """Node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
+        fractions allowed, fraction next to whole GPUs allowed, several devices allowed)."""
+        Q = self.quanta_per_gpu
+        return sorted(
             {
                 (
-                    sum(1 for d in devs if self._cap[d] == Q),
-                    max((self._cap[d] for d in devs), default=0),
+                    sum(1 for d in self._node_devs[ni] if self._cap[d] == Q),
+                    max((self._cap[d] for d in self._node_devs[ni]), default=0),
                     self._cpu_cap[ni],
                     self._mem_cap[ni],
                     self._fractions[ni],
                     self._mixed[ni],
                     self._multi[ni],
                 )
-                for ni, devs in enumerate(self._node_devs)
+                for ni in indexes
             }
         )
+
+    def allowed_nodes(self, pools: tuple[str, ...]) -> frozenset[int] | None:
+        """Internal indexes of the nodes in ``pools``; None when that is every node (no limit).
+        An unknown pool has no nodes."""
+        found = self._allowed.get(pools, False)
+        if found is False:
+            nodes = frozenset().union(*(self._pool_nodes.get(p, ()) for p in pools))
+            found = self._allowed[pools] = None if len(nodes) == len(self.nodes) else nodes
+        return found
+
+    def pools(self) -> dict[str, list[str]]:
+        """Pool name -> names of its nodes."""
+        return {p: [self.nodes[ni].name for ni in sorted(nis)] for p, nis in sorted(self._pool_nodes.items())}
 
     def _update_restricted(self):
         # Fast path: with no backend limits and every node ready, placement skips the checks.
@@ -272,22 +296,23 @@ class Capacity:
         mem = request.memory_bytes
         if q < 0 or cpu < 0 or mem < 0:
             return None
+        allowed = self.allowed_nodes(request.pools) if request.pools else None
         if q == 0:
-            ni = self._place_cpu_only(cpu, mem, reserved)
+            ni = self._place_cpu_only(cpu, mem, reserved, allowed)
             if ni is None:
                 return None
             return Placement(self.nodes[ni].name, (), cpu, mem)
         if q <= self.quanta_per_gpu:
-            found = self._place_fraction(q, cpu, mem, reserved)
+            found = self._place_fraction(q, cpu, mem, reserved, allowed)
             if found is None:
                 return None
             ni, di = found
             return Placement(self.nodes[ni].name, (Share(self._dev_uuid[di], q),), cpu, mem)
-        return self._place_multi(q, cpu, mem, reserved)
+        return self._place_multi(q, cpu, mem, reserved, allowed)
 
-    def _place_cpu_only(self, cpu, mem, res):
+    def _place_cpu_only(self, cpu, mem, res, allowed):
         best = None
-        for ni in range(len(self.nodes)):
+        for ni in range(len(self.nodes)) if allowed is None else sorted(allowed):
             if self._room(ni, cpu, mem, res):
                 if self._concentrate:
                     return ni
@@ -295,7 +320,7 @@ class Capacity:
                     best = ni
         return best
 
-    def _place_fraction(self, q, cpu, mem, res):
+    def _place_fraction(self, q, cpu, mem, res, allowed):
         heaps = self._heaps
         count = self._count
         free = self._free
@@ -319,7 +344,8 @@ class Capacity:
                     self._entries -= 1
                     continue
                 if (di in excl or (check_room and not self._room(ni, cpu, mem, res))
-                        or (restricted and self._refuses(ni, di, q))):
+                        or (restricted and self._refuses(ni, di, q))
+                        or (allowed is not None and ni not in allowed)):
                     if stash is None:
                         stash = []
                     stash.append(heappop(h))
@@ -333,7 +359,7 @@ class Capacity:
                 return found
         return None
 
-    def _place_multi(self, q, cpu, mem, res):
+    def _place_multi(self, q, cpu, mem, res, allowed):
         Q = self.quanta_per_gpu
         k, r = divmod(q, Q)
         if r and self.span == "whole-only":
@@ -356,7 +382,8 @@ class Capacity:
                     heappop(h)
                     self._entries -= 1
                     continue
-                found = self._multi_on_node(ni, k, r, cpu, mem, res)
+                found = None if allowed is not None and ni not in allowed else self._multi_on_node(
+                    ni, k, r, cpu, mem, res)
                 if found is not None:
                     break
                 if stash is None:
@@ -419,7 +446,8 @@ class Capacity:
         For up to one GPU: the device (not yet reserved) with the most free quanta.  Above one
         GPU: the node with the most free quanta and its freest devices.  Without GPU: the first
         node that could host it.  The node's CPU and memory the request needs are held too.
-        ``only_nodes`` and ``only_devices`` (internal indexes) limit the choice.  The reservation
+        ``only_nodes`` and ``only_devices`` (internal indexes) limit the choice, as do the
+        request's pools.  The reservation
         is added to ``reserved`` when given.  None when nothing could host the request.
 
         The choice never changes when capacity outside the chosen devices is taken (a device
@@ -432,8 +460,10 @@ class Capacity:
         if only_devices is not None:
             excl.update(d for d in range(len(self._cap)) if d not in only_devices)
 
+        allowed = self.allowed_nodes(request.pools) if request.pools else None
+
         def could_host(ni):
-            return (only_nodes is None or ni in only_nodes) and (
+            return (only_nodes is None or ni in only_nodes) and (allowed is None or ni in allowed) and (
                 not cpu or not self._cpu_cap[ni] or self._cpu_cap[ni] >= cpu) and (
                 not mem or not self._mem_cap[ni] or self._mem_cap[ni] >= mem
             )
@@ -517,8 +547,13 @@ class Capacity:
 
     def hosts(self, ni: int, request: Request) -> bool:
         """True if node ``ni`` could run ``request`` when nothing else runs there (its GPU
-        backend's limits included; whether its GPUs are ready now is not asked)."""
+        backend's limits and the request's pools included; whether its GPUs are ready now is not
+        asked)."""
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
+        if request.pools:
+            allowed = self.allowed_nodes(request.pools)
+            if allowed is not None and ni not in allowed:
+                return False
         if (cpu and self._cpu_cap[ni] and self._cpu_cap[ni] < cpu) or (
                 mem and self._mem_cap[ni] and self._mem_cap[ni] < mem):
             return False
@@ -539,7 +574,18 @@ class Capacity:
         return self._gpu_off[ni]
 
     def can_ever_fit(self, request: Request) -> str | None:
-        """None if ``request`` fits on some node when that node is empty, else why not."""
+        """None if ``request`` fits on some node (of its pools) when that node is empty, else why not."""
+        if request.pools:
+            allowed = self.allowed_nodes(request.pools)
+            if allowed is not None:
+                where = f"pool{'s' if len(request.pools) > 1 else ''} {', '.join(request.pools)}"
+                if not allowed:
+                    return f"there are no nodes in {where}"
+                reason = self._can_ever_fit(request, self._node_shapes(sorted(allowed)))
+                return f"{reason} (in {where})" if reason else None
+        return self._can_ever_fit(request, self._shapes)
+
+    def _can_ever_fit(self, request: Request, all_shapes: list[tuple]) -> str | None:
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
         Q = self.quanta_per_gpu
         if q < 0 or cpu < 0 or mem < 0:
@@ -551,13 +597,13 @@ class Capacity:
             c, m = shape[2], shape[3]
             return (not cpu or not c or c >= cpu) and (not mem or not m or m >= mem)
 
-        shapes = [s for s in self._shapes if host_cpu_mem(s)]
+        shapes = [s for s in all_shapes if host_cpu_mem(s)]
         if not shapes:
-            if cpu and all(s[2] and s[2] < cpu for s in self._shapes):
-                biggest = max(s[2] for s in self._shapes)
+            if cpu and all(s[2] and s[2] < cpu for s in all_shapes):
+                biggest = max(s[2] for s in all_shapes)
                 return f"asks for {_cores(cpu)} CPU but the largest node has {_cores(biggest)} CPU"
-            if mem and all(s[3] and s[3] < mem for s in self._shapes):
-                biggest = max(s[3] for s in self._shapes)
+            if mem and all(s[3] and s[3] < mem for s in all_shapes):
+                biggest = max(s[3] for s in all_shapes)
                 return (
                     f"asks for {format_bytes(mem)} memory but the largest node has "
                     f"{format_bytes(biggest)}"
@@ -568,8 +614,8 @@ class Capacity:
             )
         if q == 0:
             return None
-        if self.total_quanta == 0:
-            return f"asks for {self.fmt(q)} but this cluster has no GPU"
+        if not any(s[1] for s in all_shapes):
+            return f"asks for {self.fmt(q)} but {'this cluster has' if all_shapes is self._shapes else 'these nodes have'} no GPU"
         if q <= Q:
             if any(s[1] >= q and (s[4] or q == s[1]) for s in shapes):
                 return None
@@ -602,7 +648,7 @@ class Capacity:
                 f"nodes with room ('mps' or 'whole') cannot enforce; ask for a multiple of {self.fmt(Q)}"
             )
         biggest = max(s[0] for s in shapes) * Q
-        all_biggest = max(s[0] for s in self._shapes) * Q
+        all_biggest = max(s[0] for s in all_shapes) * Q
         if all_biggest >= q:
             return (
                 f"asks for {self.fmt(q)} with {_cores(cpu)} CPU and {format_bytes(mem)} memory; "
@@ -748,6 +794,7 @@ class Capacity:
                     "simulated": node.simulated,
                     "gpu_backend": node.gpu.name,
                     "gpu_ready": not self._gpu_off[ni],
+                    "pool": node.pool,
                     "cpu_millis_total": self._cpu_cap[ni],
                     "cpu_millis_used": self._cpu_used[ni],
                     "memory_bytes_total": self._mem_cap[ni],

@@ -34,10 +34,12 @@ Starvation guard (every order and head rule)
   other requests first (DRF) or a head rule that lets others pass (skip, backfill) can delay it
   only until then.  ``tests/test_starvation.py`` checks this on adversarial and random traces.
 
-User limits (``UserLimits``, 0 = unlimited) never block other users: a request held back by its
-own user's limit is passed over (its wait reason says which limit) without reserving anything.
-A request that exceeds a limit on its own, or a user already at ``max_pending`` waiting
-requests, is refused at submit.
+User limits (``UserLimits``, 0 = unlimited) and group quotas (``quotas.Quota`` of the group a
+request names) never block other users or groups: a request held back by its own user's limit or
+its group's quota is passed over (its wait reason says which limit) without reserving anything.
+A request that exceeds a limit or quota on its own, or a user or group already at ``max_pending``
+waiting requests, is refused at submit.  A request with ``pools`` is placed only on nodes of
+those pools (``Capacity``); the passes' shortcuts (shapes, failures) tell pools apart.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from dataclasses import dataclass, replace
 
 from .model import Placement, Request, RequestKey
 from .placement import Capacity, Reservation, Reservations
+from .quotas import Quota, Usage, held_reason, never_reason, pending_reason
 from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
@@ -108,6 +111,11 @@ def ordinal(n: int) -> str:
 NEVER = float("inf")
 
 
+def _within(pools: tuple, other: tuple) -> bool:
+    """True if the nodes of ``pools`` are among those of ``other`` (() means every node)."""
+    return not other or pools == other or (bool(pools) and set(pools).issubset(other))
+
+
 class _Ages:
     """For each of n slots (nodes or devices), its sessions in admission order, so the oldest
     one still running is found at once; sessions that ended are dropped lazily."""
@@ -136,42 +144,30 @@ class _Ages:
         return q[0][0] if q else NEVER
 
 
-@dataclass
-class _Usage:
-    running: int = 0
-    quanta: int = 0
-    cpu: int = 0
-    mem: int = 0
-    pending: int = 0
-
-    def add(self, r: Request, sign: int = 1):
-        self.running += sign
-        self.quanta += sign * r.quanta
-        self.cpu += sign * r.cpu_millis
-        self.mem += sign * r.memory_bytes
-
-
 class AdmissionQueue:
     """Queue + admission on top of a ``Capacity``.  Never admits a request twice, never loses one."""
 
-    def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None):
+    def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None,
+                 quotas: dict[str, Quota] | None = None):
         self.capacity = capacity
         self.policy = policy or QueuePolicy()
         self.limits = limits or UserLimits()
+        self.quotas = {g: q for g, q in (quotas or {}).items() if q != Quota()}
+        self._group_usage: dict[str, Usage] = {}
         self._seq = 0
         self._pending: dict[RequestKey, Request] = {}
         self._order: list[int] = []  # pending seqs, ascending
         self._by_seq: dict[int, RequestKey] = {}
         self._req_by_seq: dict[int, Request] = {}
         self._admitted: dict[RequestKey, tuple[Request, Placement]] = {}
-        self._usage: dict[str, _Usage] = {}
+        self._usage: dict[str, Usage] = {}
         # skip head: seq -> rounds it failed (capped at skip_after + 1), and the round last counted
         self._fails: dict[int, int] = {}
         self._fail_round: dict[int, int] = {}
         self._round = 0  # +1 each time capacity is given back
         self._pending_q: Counter = Counter()  # quanta of pending requests
-        # pending seqs by (quanta, cpu, memory): a pass skips a whole shape once one such fails
-        self._by_shape: dict[tuple[int, int, int], list[int]] = {}
+        # pending seqs by (quanta, cpu, memory, pools): a pass skips a whole shape once one such fails
+        self._by_shape: dict[tuple[int, int, int, tuple], list[int]] = {}
         self._drf_cache: list[Request] | None = None
         self._drf_pos: dict[RequestKey, int] | None = None
         # Starvation guard: sessions are numbered as admitted (``_clock``); a pending request
@@ -192,22 +188,35 @@ class AdmissionQueue:
         lim = self.limits
         self._has_limits = bool(
             lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes
-        )
+        ) or any(q.holds for q in self.quotas.values())
 
     # ------------------------------------------------------------------ helpers
-    def _user(self, user: str) -> _Usage:
+    def _user(self, user: str) -> Usage:
         u = self._usage.get(user)
         if u is None:
-            u = self._usage[user] = _Usage()
+            u = self._usage[user] = Usage()
         return u
+
+    def _group(self, req: Request) -> Usage | None:
+        """The usage of ``req``'s group, if that group has a quota."""
+        if not req.group or req.group not in self.quotas:
+            return None
+        g = self._group_usage.get(req.group)
+        if g is None:
+            g = self._group_usage[req.group] = Usage()
+        return g
+
+    def group_usage(self) -> dict[str, Usage]:
+        """What each group with a quota holds and has waiting now."""
+        return {g: self._group_usage.get(g, Usage()) for g in self.quotas}
 
     def _check_duplicate(self, key: RequestKey):
         if key in self._pending or key in self._admitted:
             raise DuplicateRequest(f"{key} already has a pending or running session")
 
     @staticmethod
-    def _shape(req: Request) -> tuple[int, int, int]:
-        return (req.quanta, req.cpu_millis, req.memory_bytes)
+    def _shape(req: Request) -> tuple[int, int, int, tuple]:
+        return (req.quanta, req.cpu_millis, req.memory_bytes, req.pools)
 
     @staticmethod
     def _insert(lst: list[int], seq: int):
@@ -232,6 +241,9 @@ class AdmissionQueue:
             lst = self._by_shape[shape] = []
         self._insert(lst, req.seq)
         self._user(req.key.user).pending += 1
+        g = self._group(req)
+        if g is not None:
+            g.pending += 1
         self._pending_q[req.quanta] += 1
         self._changed_order()
 
@@ -255,6 +267,9 @@ class AdmissionQueue:
         self._fails.pop(req.seq, None)
         self._fail_round.pop(req.seq, None)
         self._user(req.key.user).pending -= 1
+        g = self._group(req)
+        if g is not None:
+            g.pending -= 1
         c = self._pending_q[req.quanta] - 1
         if c:
             self._pending_q[req.quanta] = c
@@ -265,6 +280,9 @@ class AdmissionQueue:
     def _admit(self, req: Request, placement: Placement):
         self._admitted[req.key] = (req, placement)
         self._user(req.key.user).add(req)
+        g = self._group(req)
+        if g is not None:
+            g.add(req)
         self._clock += 1
         self._born[req.key] = self._clock
         self._node_born.add(self.capacity.node_index(placement.node), self._clock, req.key)
@@ -275,6 +293,9 @@ class AdmissionQueue:
     def _unadmit(self, key: RequestKey) -> tuple[Request, Placement]:
         req, placement = self._admitted.pop(key)
         self._user(key.user).add(req, -1)
+        g = self._group(req)
+        if g is not None:
+            g.add(req, -1)
         del self._born[key]
         self._node_born.remove(self.capacity.node_index(placement.node))
         for share in placement.shares:
@@ -363,6 +384,11 @@ class AdmissionQueue:
                 f"asks for {format_bytes(req.memory_bytes)} memory but the per-user limit is "
                 f"{format_bytes(lim.max_memory_bytes)}"
             )
+        quota = self.quotas.get(req.group) if req.group else None
+        if quota is not None:
+            reason = never_reason(req.group, quota, req, cap.units)
+            if reason:
+                return reason
         return cap.can_ever_fit(req)
 
     def never_reason(self, request: Request) -> str | None:
@@ -371,7 +397,17 @@ class AdmissionQueue:
         return self._never_reason(request)
 
     def _limit_reason(self, req: Request) -> str | None:
-        """Why the user's own limits hold ``req`` back right now, or None."""
+        """Why the user's own limits or its group's quota hold ``req`` back right now, or None."""
+        reason = self._user_limit_reason(req)
+        if reason is None and req.group:
+            quota = self.quotas.get(req.group)
+            if quota is not None and quota.holds:
+                reason = held_reason(req.group, quota, self._group(req), req, self.capacity.units)
+                if reason:
+                    reason = "Waiting: " + reason
+        return reason
+
+    def _user_limit_reason(self, req: Request) -> str | None:
         lim = self.limits
         u = self._usage.get(req.key.user)
         if u is None:
@@ -387,7 +423,7 @@ class AdmissionQueue:
             return f"Waiting: user limit of {format_bytes(lim.max_memory_bytes)} memory in use"
         return None
 
-    def _dominant(self, u: _Usage | None, extra: Request | None = None) -> float:
+    def _dominant(self, u: Usage | None, extra: Request | None = None) -> float:
         cap = self.capacity
         q = (u.quanta if u else 0) + (extra.quanta if extra else 0)
         c = (u.cpu if u else 0) + (extra.cpu_millis if extra else 0)
@@ -419,6 +455,10 @@ class AdmissionQueue:
                 reason=f"user limit of {n} waiting session{'s' if n != 1 else ''} reached",
                 request=request,
             )
+        g = self._group(request)
+        reason = g is not None and pending_reason(request.group, self.quotas[request.group], g)
+        if reason:
+            return Decision("REFUSED", reason=reason, request=request)
         self._seq += 1
         req = replace(request, seq=self._seq)
         self._add_pending(req)
@@ -534,6 +574,23 @@ class AdmissionQueue:
         return dict(self._admitted)
 
     @property
+    def has_limits(self) -> bool:
+        """Whether any user limit or group quota may hold a request back."""
+        return self._has_limits
+
+    def may_be_held(self, req: Request) -> bool:
+        """Whether its user's limits or its group's quota could ever hold ``req`` back."""
+        lim = self.limits
+        if lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes:
+            return True
+        quota = self.quotas.get(req.group) if req.group else None
+        return quota is not None and quota.holds
+
+    def request_by_seq(self, seq: int) -> Request | None:
+        """The pending request with ``seq``, or None."""
+        return self._req_by_seq.get(seq)
+
+    @property
     def pin(self) -> tuple[RequestKey, Reservation] | None:
         """The senior request's pinned reservation (see the module docstring), or None."""
         return self._pin
@@ -578,7 +635,7 @@ class AdmissionQueue:
         if self._drf_cache is not None:
             return self._drf_cache
         first = self._pending.get(self._pin[0]) if self._pin is not None else None
-        usage: dict[str, _Usage] = {}
+        usage: dict[str, Usage] = {}
         keyed = []
         for s in self._order:
             r = self._req_by_seq[s]
@@ -587,7 +644,7 @@ class AdmissionQueue:
             u = usage.get(r.key.user)
             if u is None:
                 have = self._usage.get(r.key.user)
-                u = usage[r.key.user] = _Usage(have.running, have.quanta, have.cpu, have.mem) if have else _Usage()
+                u = usage[r.key.user] = Usage(have.running, have.quanta, have.cpu, have.mem) if have else Usage()
             keyed.append((self._dominant(u), s, r))
             u.add(r)
         keyed.sort(key=lambda k: (k[0], k[1]))
@@ -622,10 +679,10 @@ class AdmissionQueue:
         self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
         self._res = Reservations()
         # Requests that did not fit in this pass, to rule out those no smaller in every way:
-        # (cpu, mem) -> least quanta that failed.  Under GPU backend limits or GPUs out of
+        # (cpu, mem, pools) -> least quanta that failed.  Under GPU backend limits or GPUs out of
         # service a larger request may fit where a smaller one did not (a whole GPU on a "whole"
         # node, where a fraction may not go), so failures then rule out the same size only:
-        # (cpu, mem, quanta) -> quanta.
+        # (cpu, mem, pools, quanta) -> quanta.
         self._failed: dict[tuple, int] = {}
         self._exact = self.capacity.restricted
         self._reserved_count = 0
@@ -674,7 +731,7 @@ class AdmissionQueue:
         smallest = min(pq)
         # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
         # so once a request of that size without CPU/memory failed, all the rest fail too
-        f = None if self._exact else self._failed.get((0, 0))
+        f = None if self._exact else self._failed.get((0, 0, ()))
         if f is not None and f <= smallest:
             return True
         if self._maxfree_dirty:
@@ -692,13 +749,13 @@ class AdmissionQueue:
         """Place and take ``req`` if it fits outside the reservations; None otherwise."""
         if self._all_fail:
             return None
-        q, cpu, mem = req.quanta, req.cpu_millis, req.memory_bytes
+        q, cpu, mem, pools = req.quanta, req.cpu_millis, req.memory_bytes, req.pools
         failed = self._failed
-        if failed and self._dominated((q, cpu, mem)):
+        if failed and self._dominated((q, cpu, mem, pools)):
             return None
         placement = self.capacity.place(req, self._res)
         if placement is None:
-            key = (cpu, mem, q) if self._exact else (cpu, mem)
+            key = (cpu, mem, pools, q) if self._exact else (cpu, mem, pools)
             if q < failed.get(key, q + 1):
                 failed[key] = q
             return None
@@ -736,12 +793,13 @@ class AdmissionQueue:
         return "pass"
 
     def _dominated(self, shape) -> bool:
-        """True if a request of ``shape`` cannot fit: one no bigger in every way failed (of the
-        same size, under GPU backend limits)."""
-        q, cpu, mem = shape
+        """True if a request of ``shape`` cannot fit: one no bigger in every way, allowed on every
+        node this one is, failed (of the same size, under GPU backend limits)."""
+        q, cpu, mem, pools = shape
         exact = self._exact
         for key, fq in self._failed.items():
-            if cpu >= key[0] and mem >= key[1] and (q == fq if exact else q >= fq):
+            if (cpu >= key[0] and mem >= key[1] and (q == fq if exact else q >= fq)
+                    and _within(pools, key[2])):
                 return True
         return False
 
@@ -870,9 +928,11 @@ class AdmissionQueue:
             self.capacity.take(placement)
             self._admit(req, placement)
             self._remove_pending(req)
-            if self._has_limits and self._user(req.key.user).pending:
-                # The user's other waiting requests may now be held by a limit: a full pass
-                # would then skip them (no reservation, no senior) where the last one did not.
+            g = self._group(req)
+            if self._has_limits and (self._user(req.key.user).pending or (g is not None and g.pending)):
+                # The user's (or group's) other waiting requests may now be held by a limit: a
+                # full pass would then skip them (no reservation, no senior) where the last one
+                # did not.
                 self._settled = None
             return placement
         head = self.policy.head

@@ -14,6 +14,7 @@ from tornado import web
 
 from ..contract.options import FormError, Limits, parse_options
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
+from ..core.quotas import resolve
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
 from .base import APIHandler, ReadOnlyGetMixin, log
@@ -76,12 +77,62 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
         "span": service.span,
         "nodes": nodes,
         "usage": usage,
+        **teams_model(service, usage, admin),
         "overcommitted": service.overcommitted(),
         "queue_length": queue_length,
         "simulated": any(n.simulated for n in service.nodes),
         "limits": limits.to_json(),
         "note": {"quanta": quanta, "count": count, "level": level, "text": text},
     }
+
+
+def teams_model(service, usage: list[dict], admin: bool) -> dict:
+    """Pools (their nodes and free fGPU), the groups' policies, and for admins each group's use."""
+    units = service.units
+    pools: dict[str, dict] = {}
+    for node in usage:
+        p = pools.setdefault(node.get("pool", "default"), {"nodes": [], "capacity_quanta": 0, "free_quanta": 0})
+        p["nodes"].append(node["name"])
+        p["capacity_quanta"] += node["capacity_quanta"]
+        p["free_quanta"] += max(0, node["capacity_quanta"] - node["used_quanta"])
+    for p in pools.values():
+        p["capacity_fgpu"], p["free_fgpu"] = units.to_fgpu(p["capacity_quanta"]), units.to_fgpu(p["free_quanta"])
+    out = {
+        "pools": pools,
+        "groups": {name: {"pools": list(g.pools), "lifetime_s": g.lifetime_s or service.default_lifetime,
+                          "quota": {"running": g.quota.max_running, "pending": g.quota.max_pending,
+                                    "fgpu": units.to_fgpu(g.quota.max_quanta), "cpu_millis": g.quota.max_cpu_millis,
+                                    "memory_bytes": g.quota.max_memory_bytes}}
+                   for name, g in service.groups.items()},
+        "default_lifetime_s": service.default_lifetime,
+    }
+    if admin:
+        out["group_usage"] = service.group_usage()
+    return out
+
+
+async def user_groups(hub: HubAPI, user: str) -> list[str]:
+    """The user's JupyterHub groups, in the hub's order (web.HTTPError if the hub cannot say)."""
+    try:
+        model = await hub.get_user(user)
+    except (HubAPIError, OSError) as e:
+        raise web.HTTPError(503, f"Cannot read {user}'s groups from the hub ({e}); try again.") from None
+    return list((model or {}).get("groups") or [])
+
+
+async def team_of(service, hub: HubAPI, user: str, options: dict, ungrouped: bool) -> tuple[str, tuple[str, ...]]:
+    """(group, pools) of a session from its options' group and pool (web.HTTPError 400 if not allowed)."""
+    group, pool = options.get("group") or "", options.get("pool") or ""
+    if not isinstance(group, str) or not isinstance(pool, str):
+        raise web.HTTPError(400, "group and pool must be names.")
+    if not service.groups and not pool:
+        return "", ()
+    groups = await user_groups(hub, user) if service.groups else []
+    pools = {n.pool for n in service.nodes}
+    try:
+        return resolve(groups, service.groups, pools, group, pool, ungrouped)
+    except ValueError as e:
+        raise web.HTTPError(400, str(e)) from None
 
 
 class HealthHandler(APIHandler):
@@ -151,8 +202,10 @@ class RequestHandler(APIHandler):
         options = body.get("user_options", {})
         if not isinstance(image, str) or not isinstance(options, dict):
             raise web.HTTPError(400, "image must be a string and user_options an object.")
+        group, pools = await team_of(self.service, self.hub, user, options, self.bai.allow_ungrouped)
         try:
-            rec = await self.service.submit(self.key(user, server), image=image, user_options=options, **nums)
+            rec = await self.service.submit(self.key(user, server), image=image, user_options=options,
+                                            group=group, pools=pools, **nums)
         except Refused as e:
             raise web.HTTPError(e.status, str(e)) from None
         self.write_json(self.service.status(rec), 201)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
+from dataclasses import replace
 from decimal import Decimal
 
 from tornado import web
@@ -23,10 +24,10 @@ from tornado import web
 from .. import inventory
 from ..contract import catalog as catalog_mod
 from ..contract.form import chosen_shape, form_context
-from ..contract.options import FormError, SessionOptions, parse_options
+from ..contract.options import FIELDS, FormError, parse_options
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
-from .api import capacity_model, launch_sessions, stop_session
+from .api import capacity_model, launch_sessions, stop_session, user_groups
 from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, log
 
 POLL_SECONDS = 2
@@ -145,8 +146,10 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             since = (r or {}).get("admitted_at") or _iso_to_epoch((s or {}).get("started"))
         else:
             since = (r or {}).get("submitted_at")
+        eta = notice = stops_at = ""
         if state == "PENDING":
             detail = r.get("reason") or "Waiting in the queue"
+            eta = (r.get("eta") or {}).get("text", "")
         elif state == "STARTING":
             detail = (f"Admitted on {placement['node']}; starting the container" if placement
                       else "Asking the scheduler for a place")
@@ -157,6 +160,9 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             detail = "Stopping; its share is freed when the container is gone"
         else:
             detail = ""
+        if r is not None and r.get("deadline") and state in ("RUNNING", "STARTING"):
+            stops_at = time.strftime("%H:%M", time.localtime(r["deadline"]))
+            notice = r.get("lifetime_notice") or ""
         color, label = STATES[state]
         rows.append({
             "user": user,
@@ -179,6 +185,10 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             "can_stop": state != "STOPPING",
             "known_to_hub": s is not None,
             "request_id": (r or {}).get("id"),
+            "group": (r or {}).get("group", ""),
+            "eta": eta,
+            "stops_at": stops_at,
+            "lifetime_notice": notice,
         })
     rows.sort(key=lambda x: (STATE_ORDER[x["state"]], x["position"] or 0, x["user"], x["server"]))
     return rows
@@ -249,6 +259,29 @@ def node_rows(usage: list[dict], units: FgpuUnits, live: dict | None = None,
     return out
 
 
+def group_rows(usage: dict, policies: dict) -> list[dict]:
+    """Per group with a quota: what it holds against each limit (admin capacity view).
+    ``usage``: ``Service.group_usage()``; ``policies``: group -> ``GroupPolicy``."""
+    out = []
+    for name, u in sorted(usage.items()):
+        q = u["quota"]
+        limits = []
+        if q["running"]:
+            limits.append(f"{u['running']} of {q['running']} sessions")
+        if q["quanta"]:
+            limits.append(f"{u['fgpu']} of {q['fgpu']} fGPU")
+        if q["cpu_millis"]:
+            limits.append(f"{u['cpu_millis'] / 1000:g} of {q['cpu_millis'] / 1000:g} CPU")
+        if q["memory_bytes"]:
+            limits.append(f"{format_bytes(u['memory_bytes'])} of {format_bytes(q['memory_bytes'])} memory")
+        policy = policies.get(name)
+        out.append({"name": name, "limits": limits, "pending": u["pending"],
+                    "pools": ", ".join(policy.pools) if policy is not None and policy.pools else "any",
+                    "full": bool(q["quanta"] and u["quanta"] >= q["quanta"])
+                    or bool(q["running"] and u["running"] >= q["running"])})
+    return out
+
+
 class Notices:
     """Short messages shown to a user on their next page view (after a POST redirect,
     or a background launch that the hub refused). In memory; each lives a minute."""
@@ -301,11 +334,13 @@ class PageHandler(BaseHandler):
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
         rows = session_rows(statuses, users, units=units)
-        nodes = []
+        nodes, groups = [], []
         if who["admin"]:
             live = await asyncio.to_thread(inventory.live_stats, self.service.nodes)  # NVML calls block
             nodes = node_rows(self.service.capacity(), units, live, self.settings["readiness"])
-        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": self.notices.for_user(who["name"])}
+            groups = group_rows(self.service.group_usage(), self.service.groups)
+        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "groups": groups,
+                "notices": self.notices.for_user(who["name"])}
 
     def fragments(self, who: dict, data: dict) -> dict:
         """The parts of the page its script replaces on every poll."""
@@ -330,9 +365,15 @@ class PageHandler(BaseHandler):
             log.warning("Sessions page: cannot build the launch form: %s", e)
             return {"form_error": f"The image catalog is unavailable (the Docker engine did not answer: "
                                   f"{type(e).__name__})."}
+        groups = []
+        if self.service.groups and who["name"]:
+            try:
+                groups = await user_groups(self.hub, who["name"])
+            except web.HTTPError as e:  # the hub is down: the form offers the default group
+                log.warning("Sessions page: %s", e.log_message)
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
-                            static_url=self.settings["static_url_prefix"], values=values)
+                            static_url=self.settings["static_url_prefix"], values=values, user_groups=groups)
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
         data = await self.page_data(who)
@@ -390,7 +431,7 @@ class StopHandler(PageHandler):
 class NewSessionsHandler(PageHandler):
     """Launch N sessions of one shape: validate like the spawn form, then start named servers."""
 
-    FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
+    FIELDS = FIELDS
 
     async def post(self):
         who = self.identity()
@@ -410,7 +451,7 @@ class NewSessionsHandler(PageHandler):
             self.set_status(400)
             await self.render_page(who, values=values, error=str(e))
             return
-        one = SessionOptions(image.ref, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
+        one = replace(opts, image=image.ref, sessions=1).to_user_options()
         n = opts.sessions
         self.notices.add(who["name"], "info",
                          f"Launching {n} session{'s' if n != 1 else ''} of {image.display_name} with "
