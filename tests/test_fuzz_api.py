@@ -84,7 +84,9 @@ class Service:
     def state(self) -> dict:
         code, _, body = self.raw.call("GET", PREFIX + "api/requests", token=self.token)
         assert code == 200, body
-        reqs = {f"{r['user']}/{r['server']}": {k: v for k, v in r.items() if k != "epoch"}
+        # The epoch counts wake-ups and the ETA is recomputed from the clock: neither is state a
+        # request could change.
+        reqs = {f"{r['user']}/{r['server']}": {k: v for k, v in r.items() if k not in ("epoch", "eta")}
                 for r in json.loads(body)["requests"]}
         code, _, body = self.raw.call("GET", PREFIX + "api/capacity", token=self.token)
         assert code == 200, body
