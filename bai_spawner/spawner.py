@@ -28,7 +28,7 @@ from bai_scheduler.contract import catalog as catalog_mod
 from bai_scheduler.contract.client import SchedulerClient, SchedulerError
 from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
 from bai_scheduler.contract.form import form_context
-from bai_scheduler.contract.options import LAUNCHED, FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract.options import FIELDS, LAUNCHED, FormError, Limits, SessionOptions, parse_options
 from bai_scheduler.core.units import GIB, FgpuUnits
 
 from . import pipconf
@@ -339,7 +339,9 @@ class BaiSpawner(DockerSpawner):
         return FgpuUnits(cap["fgpu_per_gpu"], Decimal(cap["fgpu_step"]))
 
     async def _catalog(self):
-        return await catalog_mod.load_catalog(self.client)
+        # Making a client negotiates the API version over the socket: in the executor too.
+        client = await asyncio.wrap_future(self.executor.submit(lambda: self.client))
+        return await catalog_mod.load_catalog(client)
 
     async def get_options_form(self):
         template = TEMPLATES.get_template("options_form.html")
@@ -357,13 +359,14 @@ class BaiSpawner(DockerSpawner):
             capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
             capacity_url=service + "capacity.json", static_url=service + "static/",
             values=BaiSpawner._refused_forms.pop(self.user.name, None), admin=bool(self.user.admin),
+            user_groups=[g.name for g in self.user.groups],
         ))
 
     def options_from_form(self, formdata):
         # Parsed in start() with the live units, limits and catalog: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
         values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
-                  if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
+                  if k in FIELDS}
         BaiSpawner._refused_forms[self.user.name] = {k: v for k, v in values.items() if isinstance(v, str)}
         return values
 
@@ -510,12 +513,14 @@ class BaiSpawner(DockerSpawner):
             # The reason says what the request lacks; its place in the queue goes beside it.
             place = f"#{status['position']} in queue" if status.get("position") else "in the queue"
             message = f"{status['reason']} ({place})" if status.get("reason") else f"Waiting {place}"
+            if status.get("eta"):
+                message += f". Expected start: {status['eta']['text']}"
             if message != last:
                 self._emit(10, message)
                 last = message
             status = await self._wait_once(status)
             if status.get("state") == "GONE" or (status.get("id") and status["id"] != self.request_id):
-                raise web.HTTPError(409, "The queued request was cancelled.")
+                raise web.HTTPError(409, status.get("reason") or "The queued request was cancelled.")
         placement = status["placement"]
         self.placement = placement
         self.node_url = placement.get("docker_url", "")
@@ -530,7 +535,7 @@ class BaiSpawner(DockerSpawner):
         delay = 0.5
         while True:
             try:
-                return await self.scheduler.wait(self.user.name, self.name, status["epoch"], self.wait_poll_seconds)
+                return await self.scheduler.wait(self.request_id, status["epoch"], self.wait_poll_seconds)
             except SchedulerError as e:
                 if e.status not in (502, 503, 599) or asyncio.get_running_loop().time() > deadline:
                     raise web.HTTPError(503, f"Lost the scheduler while queued: {e}") from None
@@ -545,24 +550,39 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(400, str(e)) from None
         self.image = image.ref
         self._gpu = spec
-        self._opts = opts
+        self._opts = replace(opts, group=status.get("group", ""))  # the group the service counted it against
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
         try:
+            # DockerSpawner reads self.client on the loop; making it blocks (API version
+            # negotiation), so the node's client is made in the executor first.
+            await asyncio.wrap_future(self.executor.submit(lambda: self.client))
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
-        except ENGINE_ERRORS as e:
-            await self._remove_quietly()
-            raise web.HTTPError(503, f"The Docker engine failed to start the session: {engine_message(e)}") from None
+        except (asyncio.TimeoutError, *ENGINE_ERRORS) as e:
+            what = (f"did not start the session within {self.container_start_timeout} s"
+                    if isinstance(e, asyncio.TimeoutError) else f"failed to start the session: {engine_message(e)}")
+            await self._remove_half_made(engine_message(e) if not isinstance(e, asyncio.TimeoutError) else what)
+            raise web.HTTPError(503, f"The Docker engine {what}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
 
-    async def _remove_quietly(self):
+    async def _remove_half_made(self, error: str):
+        """Remove a container that failed to start.  If that fails too, it may still exist
+        (created containers hold their share): the scheduler keeps the share and removes the
+        container itself, and this spawn no longer releases it."""
         try:
-            if self.object_id:
-                await self.remove_object()
-        except Exception as e:  # the engine may be down; reconcile cleans up later
+            await self.docker("remove_container", self.object_name, force=True, v=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except Exception as e:  # the engine may be down
             self.log.warning("Could not remove half-made container %s: %s", self.object_name, e)
+        try:
+            await self.scheduler.stop_failed(self.request_id, error)
+            self.request_id = ""  # the scheduler owns the attempt now
+        except SchedulerError as e:
+            self.log.error("Could not hand %s's half-made container to the scheduler: %s", self._log_name, e)
 
     async def _extra(self, value) -> dict:
         """An ``extra_*`` option as dockerspawner reads it: a dict, or a callable (maybe async) of the spawner."""
@@ -594,10 +614,11 @@ class BaiSpawner(DockerSpawner):
         return await self.docker("create_container", **create)
 
     async def _release(self):
+        """This attempt's container is gone (or was never made): its share can go."""
         if not self.request_id:
             return
         try:
-            await self.scheduler.release(self.user.name, self.name, self.request_id)
+            await self.scheduler.release(self.request_id)
         except SchedulerError as e:
             # The engine's events and the service's reconcile free it later.
             self.log.error("Could not release %s's share now: %s", self._log_name, e)
@@ -615,15 +636,30 @@ class BaiSpawner(DockerSpawner):
         request_id, launched = self.request_id, self.launched  # DockerSpawner.stop clears the state
         try:
             if self.object_id:
-                await super().stop(now=now)
+                await super().stop(now=now)  # docker stop, then remove
         except docker.errors.NotFound:
-            pass
-        finally:
-            self.request_id = request_id
-            await self._release()
+            pass  # gone already
+        except ENGINE_ERRORS as e:
+            # The container may still run, so its share stays held: the service shows the
+            # engine's message ("stopping failed") and removes the container itself, retrying.
+            self.log.error("Could not stop the container of %s: %s", self._log_name, e)
+            try:
+                message = engine_message(e)
+                if message != e.__class__.__name__:
+                    message = f"{e.__class__.__name__}: {message}"
+                await self.scheduler.stop_failed(request_id, message)
+            except SchedulerError as err:
+                # The service's reconcile finds the container later: the hub no longer knows it.
+                self.log.error("Could not tell the scheduler that %s did not stop: %s", self._log_name, err)
             if launched:
                 await self._remove_when_stopped()
             self.clear_state()
+            return
+        self.request_id = request_id
+        await self._release()
+        if launched:
+            await self._remove_when_stopped()
+        self.clear_state()
 
     async def _remove_when_stopped(self):
         try:
