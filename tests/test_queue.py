@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import Placement, Request, RequestKey, Share
 from bai_scheduler.core.placement import Capacity
-from bai_scheduler.core.queue import AdmissionQueue, Decision, DuplicateRequest, QueuePolicy, UserLimits, ordinal
+from bai_scheduler.core.queue import AdmissionQueue, Decision, DuplicateRequest, QueuePolicy, UserLimits
 from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
@@ -223,11 +223,6 @@ def test_restore():
     d = s.submit(R("d", "0.5"))
     assert d.request.seq > 9
     assert [r.key.user for r, _ in s.release(K("a"))] == ["b", "c"]
-
-
-def test_ordinal():
-    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
-        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
 
 
 def test_policy_validation():

@@ -100,14 +100,6 @@ class Decision:
     also_admitted: tuple = ()
 
 
-def ordinal(n: int) -> str:
-    if 10 <= n % 100 <= 20:
-        suffix = "th"
-    else:
-        suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
 NEVER = float("inf")
 
 
