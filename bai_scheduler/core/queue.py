@@ -233,10 +233,10 @@ class AdmissionQueue:
             insort(lst, seq)
 
     def _changed_user(self, user: str):
-        """``user``'s sessions or waiting requests changed: so may their places in DRF order."""
-        if self.policy.order == "drf":
-            self._drf_stale.add(user)
-            self._drf_cache = None
+        """``user``'s sessions or waiting requests changed: so may their places in DRF order
+        (kept under FIFO too, at the cost of a set of names, so the order may change later)."""
+        self._drf_stale.add(user)
+        self._drf_cache = None
 
     def _add_pending(self, req: Request):
         self._pending[req.key] = req
