@@ -4,12 +4,13 @@ import sys
 from decimal import Decimal
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.model import Placement, Request, RequestKey, Share
 from bai_scheduler.core.placement import Capacity
 from bai_scheduler.core.queue import AdmissionQueue, Decision, DuplicateRequest, QueuePolicy, UserLimits
+from bai_scheduler.core.quotas import Quota
 from bai_scheduler.core.units import FgpuUnits
 
 U = FgpuUnits(fgpu_per_gpu=2, fgpu_step=Decimal("0.5"))  # 4 quanta per GPU
@@ -340,6 +341,142 @@ def test_strict_fifo_admits_in_submission_order(steps):
             keys = sorted(s.admitted(), key=str)
             order += [r.seq for r, _ in s.release(keys[pick % len(keys)])]
     assert order == sorted(order)
+
+
+def plain_drf_order(s: AdmissionQueue, live: dict[RequestKey, Request]) -> list[Request]:
+    """DRF order by its definition, from scratch: the pinned senior first, then progressive
+    filling (the user with the smallest dominant share of what they hold plus their requests
+    ahead goes next; ties to the oldest next request).  ``live``: the requests submitted and
+    not released (as the test saw them), pending unless admitted."""
+    cap = s.capacity
+    held: dict[str, list[int]] = {}
+    for r, _ in s.admitted().values():
+        h = held.setdefault(r.key.user, [0, 0, 0])
+        h[0] += r.quanta
+        h[1] += r.cpu_millis
+        h[2] += r.memory_bytes
+
+    def share(user):
+        q, c, m = held.get(user, (0, 0, 0))
+        parts = [q / cap.total_quanta if cap.total_quanta else 0.0]
+        parts += [c / cap.total_cpu_millis] if cap.total_cpu_millis else []
+        parts += [m / cap.total_memory_bytes] if cap.total_memory_bytes else []
+        return max(parts)
+
+    pending = sorted((r for k, r in live.items() if k not in s.admitted()), key=lambda r: r.seq)
+    first = [r for r in pending if s.pin is not None and r.key == s.pin[0]]
+    waiting: dict[str, list[Request]] = {}
+    for r in pending:
+        if r not in first:
+            waiting.setdefault(r.key.user, []).append(r)
+    out = list(first)
+    while waiting:
+        user = min(waiting, key=lambda u: (share(u), waiting[u][0].seq))
+        r = waiting[user].pop(0)
+        if not waiting[user]:
+            del waiting[user]
+        out.append(r)
+        h = held.setdefault(user, [0, 0, 0])
+        h[0] += r.quanta
+        h[1] += r.cpu_millis
+        h[2] += r.memory_bytes
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    head=st.sampled_from(["strict", "skip", "backfill"]),
+    layout=st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=3),
+    cpu=st.sampled_from([0, 2]),
+    steps=st.lists(st.tuples(
+        st.sampled_from(["submit"] * 5 + ["end"] * 4 + ["cancel", "schedule", "rename", "requeue"]),
+        st.integers(min_value=0, max_value=4),  # user
+        st.sampled_from([0, 1, 2, 4, 4, 5, 8, 8]),  # quanta
+        st.sampled_from([0, 0, 500, 1500]),  # cpu
+        st.sampled_from(["", "", "team"]),  # group (its quota holds 1 running session)
+        st.integers(min_value=0, max_value=1000),  # which key
+    ), max_size=150),
+)
+def test_drf_positions_equal_a_plain_recomputation(head, layout, cpu, steps):
+    """The DRF order is kept per user (only a changed user's requests move): after every call,
+    pending() and each position equal the order recomputed from scratch."""
+    nodes = simulated_nodes(
+        [{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": cpu} for i, g in enumerate(layout)], U)
+    s = AdmissionQueue(Capacity(nodes, Q, units=U), QueuePolicy(order="drf", head=head),
+                       quotas={"team": Quota(max_running=1)})
+    live: dict[RequestKey, Request] = {}
+    n = 0
+    pinned = 0
+    for op, user, q, c, group, pick in steps:
+        admitted = sorted(s.admitted(), key=str)
+        pending = sorted((k for k in live if k not in s.admitted()), key=str)
+        if op == "submit":
+            n += 1
+            d = s.submit(Request(K(f"u{user}", str(n)), q, cpu_millis=c, group=group))
+            if d.state != "REFUSED":
+                live[d.request.key] = d.request
+        elif op == "end" and admitted:
+            s.release(admitted[pick % len(admitted)])
+            del live[admitted[pick % len(admitted)]]
+        elif op == "cancel" and pending:
+            s.release(pending[pick % len(pending)])
+            del live[pending[pick % len(pending)]]
+        elif op == "rename" and pending:
+            n += 1
+            renamed = s.rename_pending(pending[pick % len(pending)], K(f"u{user}", str(n)))
+            del live[pending[pick % len(pending)]]
+            live[renamed.key] = renamed
+        elif op == "requeue" and admitted:
+            requeued = s.requeue(admitted[pick % len(admitted)])
+            live[requeued.key] = requeued
+        else:
+            s.schedule()
+        assert_drf_order_is_plain(s, live)
+        pinned += s.pin is not None and bool(s.pending())
+    event(f"steps with a pinned request: {min(pinned, 5)}{'+' if pinned >= 5 else ''}")
+
+
+def assert_drf_order_is_plain(s: AdmissionQueue, live: dict[RequestKey, Request]):
+    expected = plain_drf_order(s, live)
+    assert s.pending() == expected
+    assert [s.position(r.key) for r in expected] == list(range(1, len(expected) + 1))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    head=st.sampled_from(["strict", "skip", "backfill"]),
+    layout=st.sampled_from([(1,), (2,), (2, 2), (1, 2)]),
+    arrivals=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 4), st.sampled_from([1, 2, 4, 4, 8]),
+                                st.integers(1, 20)), min_size=5, max_size=80),
+)
+def test_drf_positions_follow_the_pin_in_replayed_traces(head, layout, arrivals):
+    """Sessions that end and start tick by tick make the starvation guard pin the senior, which
+    is then shown first: the kept order follows the pin as it comes and goes."""
+    nodes = simulated_nodes([{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB"} for i, g in enumerate(layout)], U)
+    s = AdmissionQueue(Capacity(nodes, Q, units=U), QueuePolicy(order="drf", head=head, skip_after=1))
+    ends: dict[int, list] = {}
+    holds = {}
+    live: dict[RequestKey, Request] = {}
+    pinned = 0
+    for t in range(200):
+        admitted = []
+        for key in ends.pop(t, ()):
+            admitted += [r for r, _ in s.release(key)]
+            del live[key]
+            assert_drf_order_is_plain(s, live)
+        for n, (_, user, q, hold) in enumerate(a for a in arrivals if a[0] == t):
+            key = K(f"u{user}", f"{t}.{n}")
+            holds[key] = hold
+            d = s.submit(Request(key, q))
+            if d.state != "REFUSED":  # asks for more than a node has
+                live[key] = d.request
+            admitted += [d.request] if d.state == "RUNNING" else []
+            admitted += [r for r, _ in d.also_admitted]
+            assert_drf_order_is_plain(s, live)
+        for r in admitted:
+            ends.setdefault(t + holds[r.key], []).append(r.key)
+        pinned += s.pin is not None
+    event(f"ticks with a pinned request: {min(pinned, 5)}{'+' if pinned >= 5 else ''}")
 
 
 def test_benchmark_quick_modes():

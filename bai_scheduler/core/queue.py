@@ -160,8 +160,15 @@ class AdmissionQueue:
         self._pending_q: Counter = Counter()  # quanta of pending requests
         # pending seqs by (quanta, cpu, memory, pools): a pass skips a whole shape once one such fails
         self._by_shape: dict[tuple[int, int, int, tuple], list[int]] = {}
+        # DRF display order (``_drf_order``), kept per user: a change to one user's sessions or
+        # waiting requests moves only that user's entries, so positions stay cheap to read.
+        self._user_pending: dict[str, dict[int, Request]] = {}  # user -> seq -> pending request
+        self._drf_keys: list[tuple[float, int]] = []  # (share, seq) of each pending but the pinned, sorted
+        self._drf_key: dict[int, tuple[float, int]] = {}  # seq -> its entry in _drf_keys
+        self._drf_user_keys: dict[str, list[tuple[float, int]]] = {}  # user -> their entries
+        self._drf_stale: set[str] = set()  # users whose entries are out of date
+        self._drf_first: tuple[int, str] | None = None  # (seq, user) of the pinned request shown first
         self._drf_cache: list[Request] | None = None
-        self._drf_pos: dict[RequestKey, int] | None = None
         # Starvation guard: sessions are numbered as admitted (``_clock``); a pending request
         # remembers the number when it arrived (``_mark``), each node its sessions in admission
         # order (``_node_born``, stale entries dropped lazily).
@@ -217,9 +224,11 @@ class AdmissionQueue:
         else:
             insort(lst, seq)
 
-    def _changed_order(self):
+    def _changed_user(self, user: str):
+        """``user``'s sessions or waiting requests changed: so may their places in DRF order
+        (kept under FIFO too, at the cost of a set of names, so the order may change later)."""
+        self._drf_stale.add(user)
         self._drf_cache = None
-        self._drf_pos = None
 
     def _add_pending(self, req: Request):
         self._pending[req.key] = req
@@ -227,6 +236,7 @@ class AdmissionQueue:
         self._req_by_seq[req.seq] = req
         self._mark[req.seq] = self._clock
         self._insert(self._order, req.seq)
+        self._user_pending.setdefault(req.key.user, {})[req.seq] = req
         shape = self._shape(req)
         lst = self._by_shape.get(shape)
         if lst is None:
@@ -237,7 +247,7 @@ class AdmissionQueue:
         if g is not None:
             g.pending += 1
         self._pending_q[req.quanta] += 1
-        self._changed_order()
+        self._changed_user(req.key.user)
 
     def _remove_pending(self, req: Request, deferred: set | None = None):
         """Forget a pending request.  With ``deferred`` (inside a pass) its seq stays in the
@@ -247,6 +257,7 @@ class AdmissionQueue:
         del self._by_seq[req.seq]
         del self._req_by_seq[req.seq]
         del self._mark[req.seq]
+        self._forget_user_pending(req.key.user, req.seq)
         if deferred is not None:
             deferred.add(req.seq)
         else:
@@ -267,7 +278,13 @@ class AdmissionQueue:
             self._pending_q[req.quanta] = c
         else:
             del self._pending_q[req.quanta]
-        self._changed_order()
+        self._changed_user(req.key.user)
+
+    def _forget_user_pending(self, user: str, seq: int):
+        mine = self._user_pending[user]
+        del mine[seq]
+        if not mine:
+            del self._user_pending[user]
 
     def _admit(self, req: Request, placement: Placement):
         self._admitted[req.key] = (req, placement)
@@ -280,7 +297,7 @@ class AdmissionQueue:
         self._node_born.add(self.capacity.node_index(placement.node), self._clock, req.key)
         for share in placement.shares:
             self._dev_born.add(self.capacity.device_index(share.device_uuid), self._clock, req.key)
-        self._changed_order()
+        self._changed_user(req.key.user)
 
     def _unadmit(self, key: RequestKey) -> tuple[Request, Placement]:
         req, placement = self._admitted.pop(key)
@@ -292,7 +309,7 @@ class AdmissionQueue:
         self._node_born.remove(self.capacity.node_index(placement.node))
         for share in placement.shares:
             self._dev_born.remove(self.capacity.device_index(share.device_uuid))
-        self._changed_order()
+        self._changed_user(key.user)
         return req, placement
 
     def _fresh(self, req: Request, empty_too: bool = False) -> tuple[set[int], set[int]]:
@@ -521,13 +538,16 @@ class AdmissionQueue:
         self._pending[new_key] = req
         self._by_seq[req.seq] = new_key
         self._req_by_seq[req.seq] = req
+        self._forget_user_pending(key.user, req.seq)
+        self._user_pending.setdefault(new_key.user, {})[req.seq] = req
         if key.user != new_key.user:
             self._user(key.user).pending -= 1
             self._user(new_key.user).pending += 1
         if self._pin is not None and self._pin[0] == key:
             self._pin = (new_key, self._pin[1])
         self._settled = None
-        self._changed_order()
+        self._changed_user(key.user)
+        self._changed_user(new_key.user)
         return req
 
     def move_admitted(self, key: RequestKey, placement: Placement) -> None:
@@ -593,8 +613,11 @@ class AdmissionQueue:
         if req is None:
             return None
         if self.policy.order == "drf":
-            self._drf_order()
-            return self._drf_pos[key]
+            self._drf_refresh()
+            first = self._drf_first
+            if first is not None and first[0] == req.seq:
+                return 1
+            return bisect_left(self._drf_keys, self._drf_key[req.seq]) + 1 + (first is not None)
         return bisect_left(self._order, req.seq) + 1
 
     def wait_reason(self, key: RequestKey, position: int | None = None) -> str | None:
@@ -623,33 +646,64 @@ class AdmissionQueue:
 
     # ------------------------------------------------------------------ order
     def _drf_order(self) -> list[Request]:
-        """Pending requests in DRF order (the pinned senior first), cached with positions.
+        """Pending requests in DRF order (the pinned senior first), cached until a change.
 
         Progressive filling: the user with the smallest dominant share goes next, counting
         their requests ahead as granted.  A user's share only grows with each request, so this
         is the same as sorting every request by (its user's dominant share with the user's
-        earlier requests granted, seq): one sort instead of a heap merge."""
-        if self._drf_cache is not None:
-            return self._drf_cache
-        first = self._pending.get(self._pin[0]) if self._pin is not None else None
-        usage: dict[str, Usage] = {}
-        keyed = []
-        for s in self._order:
-            r = self._req_by_seq[s]
-            if r is first:
-                continue
-            u = usage.get(r.key.user)
-            if u is None:
-                have = self._usage.get(r.key.user)
-                u = usage[r.key.user] = Usage(have.running, have.quanta, have.cpu, have.mem) if have else Usage()
-            keyed.append((self._dominant(u), s, r))
-            u.add(r)
-        keyed.sort(key=lambda k: (k[0], k[1]))
-        out = [first] if first is not None else []
-        out += [r for _, _, r in keyed]
-        self._drf_cache = out
-        self._drf_pos = {r.key: i + 1 for i, r in enumerate(out)}
+        earlier requests granted, seq): the sorted ``_drf_keys``."""
+        self._drf_refresh()
+        if self._drf_cache is None:
+            reqs = self._req_by_seq
+            out = [reqs[self._drf_first[0]]] if self._drf_first is not None else []
+            out += [reqs[s] for _, s in self._drf_keys]
+            self._drf_cache = out
+        return self._drf_cache
+
+    def _drf_entries(self, user: str, pinned_seq: int | None) -> list[tuple[float, int]]:
+        """``user``'s sort keys in DRF order: (dominant share with the user's earlier waiting
+        requests granted, seq), the pinned request left out (it is shown first, uncounted)."""
+        have = self._usage.get(user)
+        granted = Usage(have.running, have.quanta, have.cpu, have.mem) if have else Usage()
+        out = []
+        mine = self._user_pending.get(user, {})
+        for s in sorted(mine):
+            if s != pinned_seq:
+                out.append((self._dominant(granted), s))
+                granted.add(mine[s])
         return out
+
+    def _drf_refresh(self):
+        """Bring the DRF keys up to date: only the users that changed (and those of the pinned
+        request before and now) are recomputed; when many entries move, one sort is cheaper."""
+        pinned = self._pending.get(self._pin[0]) if self._pin is not None else None
+        first = (pinned.seq, pinned.key.user) if pinned is not None else None
+        stale = self._drf_stale
+        if first != self._drf_first:
+            stale.update(f[1] for f in (first, self._drf_first) if f is not None)
+            self._drf_first = first
+            self._drf_cache = None
+        if not stale:
+            return
+        fresh = {user: self._drf_entries(user, first[0] if first else None) for user in stale}
+        stale.clear()
+        old = [self._drf_user_keys.pop(user, []) for user in fresh]
+        keys, by_seq = self._drf_keys, self._drf_key
+        resort = sum(map(len, old)) + sum(map(len, fresh.values())) > len(keys) // 16 + 32
+        for entries in old:  # all removals first: a renamed request's seq moves between users
+            for e in entries:
+                del by_seq[e[1]]
+                if not resort:
+                    del keys[bisect_left(keys, e)]
+        for user, entries in fresh.items():
+            if entries:
+                self._drf_user_keys[user] = entries
+                for e in entries:
+                    by_seq[e[1]] = e
+                    if not resort:
+                        insort(keys, e)
+        if resort:
+            self._drf_keys = sorted(by_seq.values())
 
     # ------------------------------------------------------------------ the pass
     def schedule(self) -> list[tuple[Request, Placement]]:
