@@ -40,7 +40,7 @@ def image_groups(visible, selected: str) -> list[dict]:
     if private:
         out.append({"label": "My private images", "options": [{
             "value": img.ref,
-            "label": img.ref + (f" (from {img.source_image})" if img.source_image else "")
+            "label": (img.short_ref or img.ref) + (f" (from {img.source_image})" if img.source_image else "")
             + (f" · {img.created[:10]}" if img.created else ""),
             "selected": img.ref == default,
         } for img in private]})
@@ -77,13 +77,32 @@ def per_process_note(capacity: dict) -> str:
             "Keep one GPU process per session.")
 
 
+def volumes_shared(explicit: bool | None, driver: str, options: dict) -> bool:
+    """Whether every node sees the same home folder (c.BaiSpawner.volumes_shared, else: a volume
+    driver other than 'local', or driver options such as NFS's)."""
+    if explicit is not None:
+        return bool(explicit)
+    return bool(options) or driver != "local"
+
+
+def home_note(shared: bool, nodes: list[str], home: str = "/home/jovyan") -> str:
+    """Where a user's files live, when the nodes do not share home folders (nothing to say on one
+    node, or when they do)."""
+    if shared or len(nodes) < 2:
+        return ""
+    return (f"Your home folder {home} is kept on each node separately ({', '.join(nodes)}): a session sees the "
+            "files saved by earlier sessions on its own node only. Keep what matters in the kernel image (a "
+            "snapshot), a git repository or MLflow.")
+
+
 def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits: Limits, note: dict,
-                 capacity_url: str, static_url: str, values: dict | None = None) -> dict:
+                 capacity_url: str, static_url: str, values: dict | None = None, home_note: str = "") -> dict:
     """Variables of ``session_form.html``.
 
     ``capacity``: ``api/capacity``'s answer (its devices); ``note``: ``{"level", "text"}`` for the
     chosen shape; ``capacity_url``: where the script polls the note; ``static_url``: the service's
-    static folder (the form's script and style); ``values``: raw values of a refused post, shown again.
+    static folder (the form's script and style); ``values``: raw values of a refused post, shown again;
+    ``home_note``: where the user's files live (``home_note()``), when that needs saying.
     """
     values = values or {}
     devices = [d for n in capacity.get("nodes", []) for d in n.get("devices", [])]
@@ -108,4 +127,5 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
         "note": note,
         "capacity_url": capacity_url,
         "form_static": static_url,
+        "home_note": home_note,
     }

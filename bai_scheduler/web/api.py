@@ -1,4 +1,4 @@
-"""The REST API under ``{prefix}api/``: capacity, requests, the spawner's long-poll, launches.
+"""The REST API under ``{prefix}api/``: capacity, the catalog, requests, the spawner's long-poll, launches.
 
 The spawner's calls (register, wait, release) need the service's own token
 (``is_internal``); users and admins read through hub API tokens or the hub's
@@ -11,7 +11,9 @@ import re
 
 from tornado import web
 
+from ..contract.catalog import visible_to
 from ..contract.options import FormError, Limits, parse_options
+from ..contract.registry import RegistryError
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
@@ -108,6 +110,23 @@ class CapacityHandler(ReadOnlyGetMixin, APIHandler):
         count = self._whole("count", 1, limits.max_sessions) or 1
         self.set_header("Cache-Control", "no-store")
         self.write_json(capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count))
+
+
+class CatalogHandler(APIHandler):
+    """GET api/catalog: the images the caller may launch, read from the registry (cached for
+    ``c.BaiRegistry.catalog_ttl``): kernel images and the caller's own private images; admins and
+    the hub's spawner (which checks each spawn's image against it) get every image."""
+
+    async def get(self):
+        who = self.identity()
+        try:
+            images = await self.settings["catalog"].get()
+        except RegistryError as e:
+            raise web.HTTPError(503, e.message) from None
+        if not who["internal"]:
+            images = visible_to(images, who["name"], who["admin"])
+        self.set_header("Cache-Control", "no-store")
+        self.write_json({"images": [c.to_json() for c in images], "registry": self.settings["registry"].host})
 
 
 class RequestsHandler(APIHandler):
@@ -272,6 +291,7 @@ default_handlers = [
     (r"api/health", HealthHandler),
     (r"api/capacity", CapacityHandler),
     (r"capacity\.json", CapacityHandler),
+    (r"api/catalog", CatalogHandler),
     (r"api/requests", RequestsHandler),
     (rf"api/requests/{NAME}/?([^/]*)/wait", WaitHandler),
     (rf"api/requests/{NAME}/?([^/]*)", RequestHandler),

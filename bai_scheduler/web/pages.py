@@ -22,8 +22,9 @@ from tornado import web
 
 from .. import inventory
 from ..contract import catalog as catalog_mod
-from ..contract.form import chosen_shape, form_context
+from ..contract.form import chosen_shape, form_context, home_note
 from ..contract.options import FormError, SessionOptions, parse_options
+from ..contract.registry import RegistryError
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
 from .api import capacity_model, launch_sessions
@@ -309,13 +310,13 @@ class PageHandler(BaseHandler):
         cap = capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count)
         try:
             images = catalog_mod.visible_to(await self.settings["catalog"].get(), who["name"], is_admin=False)
-        except Exception as e:  # Docker down: the rest of the page still works
+        except RegistryError as e:  # the registry is down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
-            return {"form_error": f"The image catalog is unavailable (the Docker engine did not answer: "
-                                  f"{type(e).__name__})."}
+            return {"form_error": f"The image catalog is unavailable. {e.message}"}
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
-                            static_url=self.settings["static_url_prefix"], values=values)
+                            static_url=self.settings["static_url_prefix"], values=values,
+                            home_note=home_note(self.bai.home_shared(), [n.name for n in self.service.nodes]))
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
         data = await self.page_data(who)
@@ -387,9 +388,9 @@ class NewSessionsHandler(PageHandler):
         try:
             opts = parse_options(raw, self.service.units, self.settings["limits"])
             try:
-                images = await self.settings["catalog"].get(max_age=0)
-            except Exception as e:
-                raise web.HTTPError(503, f"The image catalog is unavailable ({type(e).__name__}); try again shortly.") from None
+                images = await self.settings["catalog"].get()
+            except RegistryError as e:
+                raise web.HTTPError(503, f"The image catalog is unavailable. {e.message} Nothing was started.") from None
             image = catalog_mod.resolve_image(images, who["name"], opts.image, is_admin=False)
         except (FormError, catalog_mod.ImageNotAllowed) as e:
             self.set_status(400)
