@@ -39,10 +39,13 @@ class CatalogCache:
         self._images: list[CatalogImage] | None = None
         self._at = 0.0
         self._loading: asyncio.Future | None = None
+        self._warned: set[str] = set()  # images already reported as outside their owner's namespace
 
     def invalidate(self) -> None:
-        """Read the registry again on the next ``get`` (after a snapshot or a deletion here)."""
+        """Read the registry again on the next ``get`` (after a snapshot or a deletion here); a
+        read already under way may have missed the change, so it is not waited for."""
         self._images = None
+        self._loading = None
 
     async def get(self, max_age: float | None = None) -> list[CatalogImage]:
         """The catalog, at most ``max_age`` seconds old (default ``c.BaiRegistry.catalog_ttl``).
@@ -61,14 +64,17 @@ class CatalogCache:
 
     async def _load(self) -> list[CatalogImage]:
         started = time.monotonic()
+        mine = asyncio.current_task()
         found = await asyncio.to_thread(self.client.images)
         catalog = catalog_from_registry(found, self.registry.host)
         kept = [c for c in catalog if in_owners_namespace(c, self.private_repo)]
         for c in catalog:
-            if c not in kept:
+            if c not in kept and c.id not in self._warned:
+                self._warned.add(c.id)
                 log.warning("Catalog: %s is labelled private to %s but is not in %s; nobody may launch it",
                             c.short_ref, c.owner, private_repository(self.private_repo, c.owner or ""))
-        self._images, self._at = kept, started
+        if self._loading is mine:  # not invalidated meanwhile: this is the freshest read
+            self._images, self._at = kept, started
         return kept
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import docker
 import requests
+import urllib3
 
 from bai_scheduler.contract.registry import split_name
 from bai_scheduler.contract.transfer import Transfer, TransferFailed
@@ -56,8 +57,9 @@ def engine_message(e: Exception) -> str:
 
 def failure_reason(e: Exception, registry_host: str) -> str:
     """Why a pull failed and what to do, for the user (never an engine's address)."""
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)) or (
-            isinstance(e, docker.errors.DockerException) and not isinstance(e, docker.errors.APIError)):
+    answered = isinstance(e, (docker.errors.APIError, TransferFailed))  # APIError is a requests error too
+    if not answered and isinstance(e, (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError,
+                                       docker.errors.DockerException)):
         return (f"the node's Docker engine stopped answering ({e.__class__.__name__}); start the session again, "
                 "and tell an admin if it happens again")
     said = engine_message(e)

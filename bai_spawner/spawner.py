@@ -545,7 +545,16 @@ class BaiSpawner(DockerSpawner):
         finally:
             stop.set()
             hold.cancel()
-        if await self._blocking(local_id, self.client, image.ref) != image.id:
+        try:
+            have = await self._blocking(local_id, self.client, image.ref)
+        except ENGINE_ERRORS as e:
+            raise web.HTTPError(502, f"Pulling {name} on node {node} failed: {failure_reason(e, self.registry.host)}. "
+                                     "Your share was returned.") from None
+        if have is None:
+            raise web.HTTPError(502, f"Pulling {name} on node {node} failed: the pull ended without the image (the "
+                                     "node's engine may have restarted); start the session again. Your share was "
+                                     "returned.")
+        if have != image.id:
             raise web.HTTPError(409, f"{name} changed in the registry since it was chosen (it was rebuilt or "
                                      "replaced); nothing was started and your share was returned. Start the "
                                      "session again to use the new image.")

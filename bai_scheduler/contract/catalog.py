@@ -55,6 +55,10 @@ class CatalogImage:
     names: tuple[str, ...] = ()          # every tag without the registry's host
     layers: tuple[tuple[str, int], ...] = ()   # (digest, bytes) a pull downloads
 
+    def __post_init__(self):
+        if not self.short_ref:  # an image named without a registry: its name is its reference
+            object.__setattr__(self, "short_ref", self.ref)
+
     @property
     def is_private(self) -> bool:
         return self.kind == L.KIND_PRIVATE

@@ -22,11 +22,12 @@ TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 
 def image_groups(visible, selected: str) -> list[dict]:
     """The picker's ``<optgroup>``s: kernel images by framework (newest first), then the
-    user's private images; the selected image, else the first one, is marked."""
+    user's private images; the selected image, else the first one, is marked. Values are the
+    names users see (``bai/sklearn:1.6.1``, without the registry's host)."""
     groups = catalog_mod.group_by_framework([i for i in visible if i.kind == "kernel"])
     private = [i for i in visible if i.kind == "private"]
-    refs = [i.ref for imgs in groups.values() for i in imgs] + [i.ref for i in private]
-    default = selected if selected in refs else (refs[0] if refs else "")
+    names = [i.short_ref for imgs in groups.values() for i in imgs] + [i.short_ref for i in private]
+    default = selected if selected in names else (names[0] if names else "")
     out = []
     for framework, images in groups.items():
         options = []
@@ -35,14 +36,14 @@ def image_groups(visible, selected: str) -> list[dict]:
             if img.version and img.version not in label.split():
                 label += f" ({img.version})"
             label += (f" · Python {img.python}" if img.python else "") + (" · newest" if n == 0 and len(images) > 1 else "")
-            options.append({"value": img.ref, "label": label, "selected": img.ref == default})
+            options.append({"value": img.short_ref, "label": label, "selected": img.short_ref == default})
         out.append({"label": framework or "Other", "options": options})
     if private:
         out.append({"label": "My private images", "options": [{
-            "value": img.ref,
-            "label": (img.short_ref or img.ref) + (f" (from {img.source_image})" if img.source_image else "")
+            "value": img.short_ref,
+            "label": img.short_ref + (f" (from {img.source_image})" if img.source_image else "")
             + (f" · {img.created[:10]}" if img.created else ""),
-            "selected": img.ref == default,
+            "selected": img.short_ref == default,
         } for img in private]})
     return out
 

@@ -86,8 +86,10 @@ def _gpu_text(placement: dict | None, units: FgpuUnits | None) -> str:
 
 
 def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnits | None = None,
-                 now: float | None = None) -> list[dict]:
-    """One row per session, joining the scheduler's records and the hub's servers.
+                 now: float | None = None, registry_host: str = "") -> list[dict]:
+    """One row per session, joining the scheduler's records and the hub's servers. ``image`` is
+    the name users picked (``bai/sklearn:1.6.1``, without ``registry_host``); ``reference`` is what
+    the container runs, that very image in the registry (``127.0.0.1:5000/bai/sklearn:1.6.1``).
 
     ``statuses``: ``Service.status()`` dicts. ``hub_users``: hub user
     models with their ``servers``. A session is RUNNING when the hub says its
@@ -120,7 +122,9 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
         else:
             continue
         opts = (s or {}).get("user_options") or {}
-        image = (r or {}).get("image") or opts.get("image") or ""
+        reference = (r or {}).get("image") or opts.get("image") or ""
+        image = reference[len(registry_host) + 1:] if registry_host and reference.startswith(registry_host + "/") \
+            else reference
         if r is not None:
             fgpu = r.get("fgpu", "")
             cpu_millis, memory = r.get("cpu_millis", 0), r.get("memory_bytes", 0)
@@ -155,6 +159,7 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             "position": (r or {}).get("position") if state == "PENDING" else None,
             "detail": detail,
             "image": image,
+            "reference": reference,
             "fgpu": str(fgpu) if fgpu not in (None, "") else "0",
             "gpus": _gpu_text(placement, units),
             "node": (placement or {}).get("node", ""),
@@ -286,7 +291,7 @@ class PageHandler(BaseHandler):
         users = await self.hub_users(who)
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
-        rows = session_rows(statuses, users, units=units)
+        rows = session_rows(statuses, users, units=units, registry_host=self.settings["registry"].host)
         nodes = (node_rows(self.service.capacity(), units, inventory.live_stats(self.service.nodes),
                            self.settings["readiness"]) if who["admin"] else [])
         return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": self.notices.for_user(who["name"])}

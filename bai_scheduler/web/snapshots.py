@@ -106,7 +106,7 @@ class SnapshotsPage(SnapshotsBase):
                                      "session into a private image.")
         mgr = self.snapshots
         self.finish(self.render_template("snapshots.html", who, bai_active="snapshots", repo=mgr.repo, cap=mgr.cap,
-                                         pause=mgr.pause))
+                                         pause=mgr.pause, registry=mgr.registry.host))
 
 
 default_handlers = [

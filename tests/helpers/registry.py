@@ -101,3 +101,17 @@ def delete_from(registry: BaiRegistry, name: str) -> bool:
     repo, tag = split_name(registry.name_of(name))
     digest = client.digest(repo, tag)
     return digest is not None and client.delete(repo, digest)
+
+
+def forget(prefix: str) -> None:
+    """Remove what a test made under ``prefix`` (bai-test-…): its repositories in the shared registry
+    (their manifests; the registry's garbage collection frees the space) and the engine's tags of them."""
+    client = SHARED.client()
+    for repository in client.repositories():
+        if repository.startswith(prefix):
+            for tag in client.tags(repository):
+                delete_from(SHARED, f"{repository}:{tag}")
+    tags = [t for t in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+            if t.startswith(reference(prefix))]
+    if tags:
+        docker("rmi", "-f", *tags)

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import KERNEL_IMAGE, OLD_IMAGE
+from helpers.registry import reference
 from helpers.hub import docker
 from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, ROUTE_NAMES, SPECIAL_NAMES, any_json,  # noqa: F401
                           bad_auth_headers, json_bytes, narrow_scopes, path_part, print_counts)
@@ -360,7 +361,7 @@ def test_fuzz_hub_image_fields(hub, image_values):
                 assert r.status_code in (201, 202), f"{what} -> {r.status_code}: {r.text[:300]}"
                 c = hub.wait_for(lambda: hub.session_container(user, server, running_only=True), 120,
                                  what=f"{what}: the container")
-                assert (c["Config"]["Image"], c["Image"]) == (expected, image_id(expected)), what
+                assert (c["Config"]["Image"], c["Image"]) == (reference(expected), image_id(expected)), what
         finally:
             hub.stop_server(user, server)
             hub.wait_gone(user, server, timeout=90)
