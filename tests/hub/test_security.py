@@ -19,6 +19,7 @@ from helpers import KERNEL_IMAGE
 from helpers.fuzz import ACCESS
 from helpers.hub import docker
 from helpers.images import commit_image
+from helpers.registry import SHARED, delete_from, reference
 from helpers.service import Raw, expanded_scopes
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
@@ -184,8 +185,9 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
     owner, otok = users("owner")
     thief, ttok = users("thief")
     ref = f"{hub.prefix}private/{owner}:sec"
+    # In the registry, as a snapshot puts it: the catalog lists it, and only its owner may launch it.
     image_id = commit_image(hub, KERNEL_IMAGE, ref, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
-                            f"{L.DISPLAY_NAME}=sec-private")
+                            f"{L.DISPLAY_NAME}=sec-private", pushed=True)
     try:
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
@@ -211,7 +213,8 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
             assert hub.session_container(thief, server) is None
             assert f"{thief}/{server}" not in hub.requests()
     finally:
-        docker("rmi", "-f", ref)
+        delete_from(SHARED, ref)
+        docker("rmi", "-f", ref, reference(ref))
 
 
 # -- the hub's internal API, engine addresses, metrics, tokens of narrower scope, bad headers ----------
