@@ -119,6 +119,15 @@ def commit_image(hub, source: str, ref: str, *label_changes: str, pushed: bool =
     return image_id(ref)
 
 
+def wait_listed(hub, *names: str, timeout: float = 60) -> None:
+    """Until the service's catalog lists ``names`` (pushed from outside the hub, which announces
+    nothing: the service reads the registry again after ``c.BaiRegistry.catalog_ttl``)."""
+    def listed():
+        r = hub.service("GET", "api/catalog")
+        return r.status_code == 200 and set(names) <= {i["short_ref"] for i in r.json()["images"]}
+    hub.wait_for(listed, timeout, 1.0, what=f"{', '.join(names)} in the service's catalog")
+
+
 @contextmanager
 def choice_images(hub):
     """Every way of naming an image a spawn may meet: name -> (value, the reference
@@ -132,6 +141,7 @@ def choice_images(hub):
     # In the registry and on the engine, runnable, but no catalog image: its kind label is cleared.
     plain = f"{hub.prefix}plain:1"
     plain_id = commit_image(hub, KERNEL_IMAGE, plain, f"{L.KIND}=", pushed=True)
+    wait_listed(hub, private)  # so that the catalog's rules, not a stale cache, refuse it
     try:
         yield {
             "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import KERNEL_IMAGE, OLD_IMAGE
-from helpers.images import commit_image, image_id
+from helpers.images import commit_image, image_id, wait_listed
 from helpers.registry import SHARED, delete_from, reference
 from helpers.hub import docker
 from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, ROUTE_NAMES, SPECIAL_NAMES, any_json,  # noqa: F401
@@ -287,6 +287,7 @@ def image_values(hub):
     commit_image(hub, KERNEL_IMAGE, mine, *private, f"{L.OWNER}={user}", pushed=True)
     theirs_id = commit_image(hub, KERNEL_IMAGE, theirs, *private, f"{L.OWNER}=fuzzowner", pushed=True)
     plain_id = commit_image(hub, KERNEL_IMAGE, plain, f"{L.KIND}=", pushed=True)
+    wait_listed(hub, mine, theirs)
     try:
         yield user, {
             "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),

@@ -24,7 +24,7 @@ from bai_spawner.images.layout import KERNEL_ENV
 from helpers import ARTIFACTS, KERNEL_IMAGE, OLD_IMAGE, ROOT
 from helpers.engine import ExtraEngine
 from helpers.hub import docker, running_hub
-from helpers.images import commit_image, image_id, make_wheel
+from helpers.images import commit_image, image_id, make_wheel, wait_listed
 from helpers.registry import SHARED, delete_from, reference
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
@@ -111,12 +111,6 @@ def follow_progress(hub, user, server, pattern, timeout=300) -> list[str]:
             if time.time() > deadline:
                 break
     raise AssertionError(f"no progress message matched {pattern!r}: {messages}")
-
-
-def wait_in_catalog(hub, name, token=None):
-    """Until the service's catalog (cached for c.BaiRegistry.catalog_ttl) lists ``name``."""
-    hub.wait_for(lambda: name in [i["short_ref"] for i in hub.service("GET", "api/catalog", token=token)
-                                  .json()["images"]], 60, 1.0, what=f"{name} in the catalog")
 
 
 def login(page, hub, name):
@@ -255,7 +249,7 @@ def test_a_pull_that_fails_says_why_and_returns_the_share(hub2, node2):
     name = f"{hub.prefix}gone/sklearn:1"
     commit_image(hub, KERNEL_IMAGE, name, f"{L.DISPLAY_NAME}=soon gone", pushed=True)
     try:
-        wait_in_catalog(hub, name)
+        wait_listed(hub, name)
         for server in ("fill1", "fill2"):
             assert hub.start_server(erin, server, {**FULL, "image": KERNEL_IMAGE}).status_code in (201, 202)
         hub.wait_ready(erin, "fill1", timeout=180)

@@ -18,7 +18,7 @@ from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
 from helpers.fuzz import ACCESS
 from helpers.hub import docker
-from helpers.images import commit_image
+from helpers.images import commit_image, wait_listed
 from helpers.registry import SHARED, delete_from, reference
 from helpers.service import Raw, expanded_scopes
 
@@ -189,6 +189,7 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
     image_id = commit_image(hub, KERNEL_IMAGE, ref, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
                             f"{L.DISPLAY_NAME}=sec-private", pushed=True)
     try:
+        wait_listed(hub, ref)
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
         assert ref not in json.dumps(hub.service("GET", "api/images", token=ttok).json())
