@@ -193,10 +193,11 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
         assert ref not in json.dumps(hub.service("GET", "api/images", token=ttok).json())
-        # The spawn form's catalog logic agrees.
-        images = catalog.build_catalog(json.loads(docker("image", "inspect", ref, KERNEL_IMAGE).stdout))
-        assert catalog.resolve_image(images, owner, ref).ref == ref
-        for r_ in (ref, image_id, image_id[:19], ref.split(":")[0] + ":latest"):
+        # The spawn form's catalog logic agrees, on the catalog the spawner gets (every image).
+        images = [catalog.CatalogImage.from_json(i) for i in hub.service("GET", "api/catalog").json()["images"]]
+        allowed = catalog.resolve_image(images, owner, ref)
+        assert (allowed.short_ref, allowed.ref, allowed.id) == (ref, reference(ref), image_id)
+        for r_ in (ref, reference(ref), image_id, image_id[:19], ref.split(":")[0] + ":latest"):
             with pytest.raises(catalog.ImageNotAllowed):
                 catalog.resolve_image(images, thief, r_)
         # Through the hub: by name, by id and by id prefix, refused before anything is made.
