@@ -97,20 +97,28 @@ def failed_spawn_message(hub, user, server, timeout=300) -> str:
     return hub.api("GET", f"/users/{user}/servers/{server}/progress").text
 
 
-def follow_progress(hub, user, server, pattern, timeout=300) -> list[str]:
-    """The spawn's progress messages as the spawn page receives them, until one matches ``pattern``."""
-    messages = []
+def follow_progress(hub, user, server, pattern, timeout=300, then=None, until=None) -> list[str]:
+    """The spawn's progress messages as the spawn page receives them, until one matches ``pattern``;
+    with ``then``, that is called at the match and the messages are followed on until one matches
+    ``until`` (a failed first spawn of a named server removes the server, and its progress with it:
+    the spawn page's live stream is where its last message is read)."""
+    messages, matched = [], False
     deadline = time.time() + timeout
     with requests.get(f"{hub.url}/hub/api/users/{user}/servers/{server}/progress", stream=True, timeout=timeout,
                       headers={"Authorization": f"token {hub.admin_token}"}) as r:
         for line in r.iter_lines():
             if line.startswith(b"data:"):
                 messages.append(json.loads(line[5:]).get("message", ""))
-                if re.search(pattern, messages[-1]):
+                if not matched and re.search(pattern, messages[-1]):
+                    matched = True
+                    if then is None:
+                        return messages
+                    then()
+                elif matched and re.search(until, messages[-1]):
                     return messages
             if time.time() > deadline:
                 break
-    raise AssertionError(f"no progress message matched {pattern!r}: {messages}")
+    raise AssertionError(f"no progress message matched {until if matched else pattern!r}: {messages}")
 
 
 def login(page, hub, name):
@@ -247,7 +255,7 @@ def test_a_pull_that_fails_says_why_and_returns_the_share(hub2, node2):
     erin = "regerin"
     hub.add_user(erin)
     name = f"{hub.prefix}gone/sklearn:1"
-    commit_image(hub, KERNEL_IMAGE, name, f"{L.DISPLAY_NAME}=soon gone", pushed=True)
+    commit_image(hub, KERNEL_IMAGE, name, f'{L.DISPLAY_NAME}="soon gone"', pushed=True)
     try:
         wait_listed(hub, name)
         for server in ("fill1", "fill2"):
@@ -258,9 +266,12 @@ def test_a_pull_that_fails_says_why_and_returns_the_share(hub2, node2):
         on_node2 = next(s for s in ("fill1", "fill2") if placement_node(hub, erin, s) == "node2")
         assert hub.start_server(erin, "late", {**FULL, "image_name": name}).status_code in (201, 202)
         hub.wait_for(lambda: hub.requests().get(f"{erin}/late", {}).get("state") == "PENDING", 60, what="queued")
-        assert delete_from(SHARED, name)
-        stop(hub, erin, on_node2)
-        message = failed_spawn_message(hub, erin, "late")
+
+        def delete_then_free_node2():
+            assert delete_from(SHARED, name)
+            stop(hub, erin, on_node2)
+
+        message = follow_progress(hub, erin, "late", "in queue", then=delete_then_free_node2, until="failed")[-1]
         assert (f"Pulling {name} on node node2 failed: the registry has no such image any more (it was deleted or "
                 "replaced); pick another image in the form. Your share was returned.") in message, message
         assert f"{erin}/late" not in hub.requests()
@@ -283,9 +294,8 @@ def test_a_node_that_stops_answering_during_a_pull(hub2, node2):
         hub.wait_ready(fay, "fill", timeout=180)
         assert placement_node(hub, fay, "fill") == "local"
         assert hub.start_server(fay, "tf", {**FULL, "image": TF_IMAGE}).status_code in (201, 202)
-        follow_progress(hub, fay, "tf", rf"Pulling {re.escape(TF_IMAGE)} on node2: [\d.]+ [kMG]?B of ")
-        node2.proc.kill()
-        message = failed_spawn_message(hub, fay, "tf")
+        message = follow_progress(hub, fay, "tf", rf"Pulling {re.escape(TF_IMAGE)} on node2: [\d.]+ [kMG]?B of ",
+                                  then=node2.proc.kill, until="failed")[-1]
         assert re.search(rf"Pulling {re.escape(TF_IMAGE)} on node node2 failed: the node's Docker engine stopped "
                          r"answering \(\w+\); start the session again.*Your share was returned\.", message), message
         assert f"{fay}/tf" not in hub.requests()
