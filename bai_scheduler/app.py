@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from decimal import Decimal, InvalidOperation
 from urllib.parse import urlparse
 
@@ -28,10 +29,12 @@ from . import engines, images, inventory, readiness
 from .contract.form import volumes_shared
 from .contract.options import Limits
 from .contract.registry import BaiRegistry
-from .core.model import GPU_BACKENDS, GpuBackend, Node
+from .core.model import GPU_BACKENDS, GpuBackend, Node, RequestKey
 from .core.nodes import nodes_from_config, parse_bytes
-from .core.placement import SPANS, STRATEGIES
+from .core.placement import SPANS, STRATEGIES, Capacity
+from .core.presets import check_teams, presets_from_config
 from .core.queue import HEADS, ORDERS, QueuePolicy, UserLimits
+from .core.quotas import GroupPolicy, Quota
 from .core.units import FgpuUnits
 from .hubapi import HubAPI, HubAPIError
 from .service import Service
@@ -46,6 +49,23 @@ from .web.base import MAX_BODY, STATIC, NotFoundHandler, template_env
 # names from the same config file, with a warning (BaiSpawner warns too).
 MOVED_FROM_SPAWNER = ("default_cpu", "max_cpu", "default_memory_gib", "max_memory_gib", "max_sessions_per_launch",
                       "gpu_backend", "hami_library", "mps_pipe_directory")
+
+
+_DURATION = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value, where: str) -> int:
+    """Seconds from 3600, "90m", "8h" or "2d" (0: no limit); ValueError naming ``where``."""
+    text = str(value).strip().lower()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):].strip()
+    try:
+        seconds = Decimal(number.strip()) * _DURATION[unit]
+    except (InvalidOperation, KeyError):
+        raise ValueError(f"{where}: {value!r} is not a duration; use seconds or e.g. '90m', '8h', '2d'") from None
+    if not seconds.is_finite() or seconds < 0:
+        raise ValueError(f"{where}: a duration cannot be negative ({value!r})")
+    return int(seconds)
 
 
 def _positive_decimal(name: str, value) -> str:
@@ -170,6 +190,73 @@ class BaiScheduler(Application):
     max_cpu_per_user = Float(0, config=True, help="CPUs a user may hold at once (0 = no limit).")
     max_memory_per_user = Unicode("0", config=True, help="Memory a user may hold at once, e.g. '32GiB' (0 = no limit).")
     wait_timeout = Float(30, config=True, help="Seconds a spawner's long-poll for its request is held open.")
+
+    # -- teams and time (groups are the hub's groups; core/quotas.py, core/presets.py, core/eta.py) --
+    group_quotas = Dict(
+        config=True,
+        help="""What each JupyterHub group's members may hold together, checked beside the per-user
+        limits: {"team-vision": {"running": 4, "pending": 8, "fgpu": "8", "cpu": 16, "memory": "64GiB"}}
+        (each key optional, 0 = no limit). A session counts against one group: the one its user picks
+        in the form, by default the first of the user's groups named in group_quotas, group_pools or
+        group_lifetimes. A request its group's quota holds waits ("team-vision uses 8 of 8 fGPU")
+        without blocking other groups.""",
+    )
+    group_pools = Dict(
+        config=True,
+        help="""Node pools each group may use: {"team-vision": ["a100"]}. A node's pool is "pool" in its
+        entry of c.BaiScheduler.nodes ("default" if not set). A group not named here may use every pool.""",
+    )
+    group_lifetimes = Dict(
+        config=True,
+        help="""Longest a session of each group may run: {"team-vision": "8h"} (seconds, or with m, h, d).
+        Groups not named here get session_lifetime.""",
+    )
+    session_lifetime = Unicode(
+        "0", config=True,
+        help="Longest any other session may run, e.g. '24h' (0 = no limit). After it the session is "
+        "stopped through the hub; from lifetime_notice before, the sessions page and the server's "
+        "spawn progress say when. With a lifetime for everyone, the queue ETA can state an upper bound.",
+    )
+    lifetime_notice = Float(
+        600, config=True, help="Seconds before a session's lifetime ends from which its notice is shown.",
+    )
+    lifetime_check_interval = Float(
+        30, config=True, help="Seconds between checks for sessions that reached their lifetime.",
+    )
+    allow_ungrouped = Bool(
+        True, config=True,
+        help="Whether users in none of the groups named in group_quotas/group_pools/group_lifetimes may "
+        "start sessions (counted against no group quota, in any pool). False: they are told to ask an admin.",
+    )
+    presets = List(
+        Dict(), config=True,
+        help="""Resource presets offered first in the spawn form and in POST api/launch (KubeSpawner's
+        profile_list shape): [{"display_name": "Small GPU", "slug": "small", "description": "...",
+        "default": True, "fgpu": "0.5", "cpu": "2", "memory": "4GiB", "image": "", "pool": ""}]. "image"
+        and "pool" are optional. Checked at start-up: an unknown pool or image, a pool with no nodes or a
+        group quota smaller than every preset stops the service with a message.""",
+    )
+    allow_custom_resources = Bool(
+        True, config=True,
+        help="Whether users may ask for their own fGPU/CPU/memory besides the presets (False: presets only).",
+    )
+    db_timeout = Float(
+        5, config=True,
+        help="Seconds the database may take to connect, or to run one statement (including waiting "
+        "for another writer's lock), before a change fails with 'database unavailable'.",
+    )
+    admission_grace = Float(
+        300, config=True,
+        help="Seconds after an admission during which its container may still be being made: a "
+        "reconcile that finds no container frees the share only after this (or at once when no "
+        "spawner ever got the admission). Keep it above c.BaiSpawner.container_start_timeout.",
+    )
+    orphan_grace = Float(
+        120, config=True,
+        help="Seconds a session container may run while the hub does not know its server (e.g. the "
+        "hub restarted while the container was starting, so it never saved that spawn). After that "
+        "the service removes the container and frees its share.",
+    )
     authenticate_prometheus = Bool(
         True, config=True,
         help="Whether {prefix}metrics needs a token with the read:metrics scope (as the hub's own "
@@ -273,6 +360,37 @@ class BaiScheduler(Application):
             max_memory_bytes=parse_bytes(self.max_memory_per_user),
         )
 
+    def group_policies(self) -> dict[str, GroupPolicy]:
+        """Every group named in group_quotas, group_pools or group_lifetimes; ValueError naming what is wrong."""
+        out = {}
+        for name in sorted({*self.group_quotas, *self.group_pools, *self.group_lifetimes}):
+            q = self.group_quotas.get(name) or {}
+            if not isinstance(q, dict) or set(q) - {"running", "pending", "fgpu", "cpu", "memory"}:
+                raise ValueError(f"c.BaiScheduler.group_quotas[{name!r}]: a dict of running, pending, fgpu, "
+                                 f"cpu, memory (got {q!r})")
+            try:
+                quota = Quota(
+                    max_running=int(q.get("running", 0)), max_pending=int(q.get("pending", 0)),
+                    max_quanta=self.units.to_quanta(q.get("fgpu", 0)),
+                    max_cpu_millis=int(Decimal(str(q.get("cpu", 0))) * 1000),
+                    max_memory_bytes=parse_bytes(q.get("memory", 0)))
+            except (ValueError, InvalidOperation) as e:
+                raise ValueError(f"c.BaiScheduler.group_quotas[{name!r}]: {e}") from None
+            pools = self.group_pools.get(name, [])
+            if not isinstance(pools, (list, tuple)) or not all(isinstance(p, str) for p in pools):
+                raise ValueError(f"c.BaiScheduler.group_pools[{name!r}]: a list of pool names (got {pools!r})")
+            lifetime = parse_duration(self.group_lifetimes.get(name, 0), f"c.BaiScheduler.group_lifetimes[{name!r}]")
+            out[name] = GroupPolicy(quota, tuple(sorted(pools)), lifetime)
+        return out
+
+    def check_teams(self, images: set[str] | None) -> None:
+        """Refuse to start (ValueError, one line per problem) with presets or groups that could never run."""
+        capacity = Capacity(self.node_list, self.units.quanta_per_gpu, span=self.span, units=self.units)
+        problems = check_teams(self.form_limits.presets, self.groups, capacity.pools(), self.units, images,
+                               capacity.can_ever_fit)
+        if problems:
+            raise ValueError("Teams configuration: " + "; ".join(problems) + ".")
+
     def session_limits(self) -> Limits:
         """One session's limits; fGPU up to the largest node's GPUs."""
         limits = Limits(
@@ -282,7 +400,12 @@ class BaiScheduler(Application):
             default_cpu=Decimal(self.default_cpu),
             default_memory_gib=Decimal(self.default_memory_gib),
             max_sessions=self.max_sessions_per_launch,
+            presets=presets_from_config(self.presets, self.units),
+            custom=self.allow_custom_resources,
         )
+        if not limits.presets and not limits.custom:
+            raise ValueError("BaiScheduler.allow_custom_resources is False but no presets are set: nobody "
+                             "could start a session. Set c.BaiScheduler.presets, or allow custom resources.")
         for what in ("cpu", "memory_gib"):
             if getattr(limits, f"default_{what}") > getattr(limits, f"max_{what}"):
                 raise ValueError(f"BaiScheduler.default_{what} ({getattr(limits, f'default_{what}')}) is above "
@@ -321,12 +444,21 @@ class BaiScheduler(Application):
         if self.check_gpus_only:
             return  # no database, service or hub needed
         self.form_limits = self.session_limits()
-        self.store = Store(self.db_url)
+        self.groups = self.group_policies()
+        self.default_lifetime = parse_duration(self.session_lifetime, "c.BaiScheduler.session_lifetime")
+        self.check_teams(None)  # images: once the catalog is read (serve)
+        self.store = Store(self.db_url, timeout=self.db_timeout)
+        self.engines = engines.DockerEngines(self.node_list, self.hub_id)
         self.service = Service(
             self.node_list, self.units, self.store,
             policy=QueuePolicy(order=self.queue_order, head=self.queue_head, skip_after=self.skip_after),
             limits=self.user_limits(), span=self.span, strategy=self.strategy,
+            engines=self.engines, admission_grace=self.admission_grace, orphan_grace=self.orphan_grace,
+            groups=self.groups, default_lifetime=self.default_lifetime,
         )
+        self.service.notice_before = self.lifetime_notice
+        self._reconciling = asyncio.Lock()
+        self._lifetime_stops: dict[str, float] = {}  # attempt id -> when its lifetime stop was asked
         self.hub = HubAPI()
         self.internal_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
         self.service.on_orphan_admitted = self.start_orphan
@@ -342,7 +474,7 @@ class BaiScheduler(Application):
     async def start_orphan(self, rec, attempts: int = 60):
         """Ask the hub to start a server admitted while nobody waited for it."""
         for _ in range(attempts):
-            if self.service.get(rec.key) is not rec or self.service.is_attached(rec.key):
+            if self.service.get(rec.key) is not rec or self.service.is_attached(rec):
                 return
             try:
                 await self.hub.start_server(rec.key.user, rec.key.server, rec.user_options)
@@ -367,22 +499,29 @@ class BaiScheduler(Application):
             await self.reconcile_all()
 
     async def reconcile_all(self, *_):
-        facts = []
-        for node in self.node_list:
+        async with self._reconciling:
+            since = self.service.begin_listing()
+            names = [n.name for n in self.node_list]
+            listed = await asyncio.gather(*(self.engines.list(n) for n in names), return_exceptions=True)
+            listing = {}
+            for name, facts in zip(names, listed):
+                if isinstance(facts, BaseException):
+                    self.log.error("Cannot list containers on node %s (%s): its sessions are left as they are",
+                                   name, facts)
+                    facts = None
+                listing[name] = facts
             try:
-                # make_client negotiates the API version over the socket: in the thread too.
-                facts += await asyncio.to_thread(
-                    lambda n=node: engines.session_containers(engines.make_client(n), n.name, self.hub_id))
-            except Exception as e:
-                self.log.error("Cannot list containers on node %s (%s): skipping reconcile", node.name, e)
+                hub_servers = {RequestKey(u, s) for u, s in await self.hub.active_servers()}
+            except (HubAPIError, OSError, KeyError, TypeError) as e:
+                self.log.warning("The hub's servers are unknown (%s): no container is removed as unknown to it", e)
+                hub_servers = None
+            try:
+                result = await self.service.reconcile(listing, since, hub_servers)
+            except StoreUnavailable as e:
+                self.log.error("Reconcile postponed: %s", e)
                 return
-        try:
-            result = await self.service.reconcile(facts)
-        except StoreUnavailable as e:
-            self.log.error("Reconcile postponed: %s", e)
-            return
-        if any(result.values()):
-            self.log.warning("Reconciled with the engines: %s", result)
+            if any(result.values()):
+                self.log.warning("Reconciled with the engines: %s", {k: v for k, v in result.items() if v})
 
     async def read_node_images(self) -> None:
         """Which images each node holds (for placement's preference); a node that does not answer
@@ -424,6 +563,47 @@ class BaiScheduler(Application):
             except StoreUnavailable as e:
                 self.log.error("Scheduling after a GPU node became ready postponed: %s", e)
 
+    async def stop_expired(self) -> None:
+        """Stop, through the hub, every session past its lifetime (its notice was shown before).
+        A stop asked for is asked again only after a minute (the hub may still be stopping it)."""
+        now = time.time()
+        asked = self._lifetime_stops
+        for attempt_id in [i for i, t in asked.items() if now - t > 60 or self.service.attempt(i) is None]:
+            del asked[attempt_id]
+        for rec in self.service.expired(now):
+            if rec.id in asked:
+                continue
+            asked[rec.id] = now
+            self.log.info("Stopping %s: it reached its lifetime", rec.key)
+            try:
+                await self.hub.stop_server(rec.key.user, rec.key.server)
+                hub_stops_it = True
+            except (HubAPIError, OSError) as e:
+                self.log.warning("Hub stop of %s (lifetime) failed: %s; stopping it here", rec.key, e)
+                hub_stops_it = False
+            try:
+                await api.stop_session(self.service, rec, hub_stops_it)
+            except StoreUnavailable as e:
+                self.log.error("Could not record the lifetime stop of %s: %s", rec.key, e)
+
+    async def stop_expired_forever(self):
+        while True:
+            await asyncio.sleep(self.lifetime_check_interval)
+            await self.stop_expired()
+
+    async def check_images(self) -> None:
+        """Presets naming an image must name one the catalog has (checked once the registry answers)."""
+        if not any(p.image for p in self.form_limits.presets):
+            return
+        try:
+            images = await self.catalog.get()
+        except Exception as e:  # the registry is down: said at start-up, checked by the form later
+            self.log.warning("Could not read the image catalog to check the presets' images: %s", e)
+            return
+        # Every name the form accepts for an image (resolve_image): the catalog name users see,
+        # the registry's reference, each tag.
+        self.check_teams({n for i in images for n in (i.ref, i.short_ref, *i.names, *i.tags)})
+
     def check_gpu_node(self, node: Node) -> readiness.Readiness:
         try:
             client = engines.make_client(node)
@@ -436,13 +616,17 @@ class BaiScheduler(Application):
             await asyncio.sleep(self.readiness_interval)
             await self.check_gpus()
 
-    async def container_gone(self, facts):
+    async def container_event(self, facts, what: str):
+        """An engine event about a session container: "removed" frees its share; "exited" has
+        the service remove the container first."""
         try:
-            freed = await self.service.release(facts.key, facts.request_id)
+            if what == "removed":
+                freed = await self.service.container_gone(facts.request_id)
+                self.log.info("Container of %s removed; admitted %s", facts.key, [str(r.key) for r in freed])
+            else:
+                await self.service.container_exited(facts.request_id)
         except StoreUnavailable as e:
-            self.log.error("Could not record that %s ended: %s", facts.key, e)
-            return
-        self.log.info("Container of %s ended; admitted %s", facts.key, [str(r.key) for r in freed])
+            self.log.error("Could not record that the container of %s ended: %s", facts.key, e)
 
     def make_app(self) -> web.Application:
         """The tornado app: every web module's ``default_handlers`` under the service's prefix,
@@ -487,19 +671,21 @@ class BaiScheduler(Application):
 
     async def serve(self):
         url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))
+        await self.check_images()
         await self.check_gpus()
         await self.read_node_images()
         await self.reconcile_all()
         recovering = asyncio.ensure_future(self.snapshots.recover())
         loop = asyncio.get_running_loop()
         self.watchers = [
-            engines.EventWatcher(n, loop, self.container_gone, self.reconcile_all, self.hub_id) for n in self.node_list
+            engines.EventWatcher(n, loop, self.container_event, self.reconcile_all, self.hub_id) for n in self.node_list
         ]
         for w in self.watchers:
             w.start()
         sweeper = asyncio.ensure_future(self.reconcile_forever())
         gpu_checks = asyncio.ensure_future(self.check_gpus_forever())
         image_reads = asyncio.ensure_future(self.read_node_images_forever())
+        lifetimes = asyncio.ensure_future(self.stop_expired_forever())
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
         self.log.info("bai-scheduler listening on %s%s", url.geturl(), self.prefix)
@@ -513,8 +699,10 @@ class BaiScheduler(Application):
         gpu_checks.cancel()
         image_reads.cancel()
         recovering.cancel()
+        lifetimes.cancel()
         for w in self.watchers:
             w.stop()
+        self.service.close()
 
 
 def main(argv=None):

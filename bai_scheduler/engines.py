@@ -1,7 +1,8 @@
 """Docker engines as scheduler nodes: clients, session containers, events.
 
 Blocking docker-py calls live here and are only ever called from threads
-(``asyncio.to_thread`` or the event-watcher thread), never on the event loop.
+(``asyncio.to_thread``, ``DockerEngines`` or the event-watcher thread), never on
+the event loop.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from .service import ContainerFacts
 
 log = logging.getLogger("bai_scheduler")
 
-# Engine events after which a session container no longer holds its share.
-GONE_EVENTS = {"die", "destroy", "stop"}
+# Engine events that end a session container: removed, or exited (then this service removes
+# it before its share is freed).  "pause", "restart" and the like keep the share.
+REMOVED_EVENTS = {"destroy"}
+EXITED_EVENTS = {"die", "stop"}
 
 
 def make_client(node: Node, timeout: int = 30) -> docker.APIClient:
@@ -35,7 +38,7 @@ def make_client(node: Node, timeout: int = 30) -> docker.APIClient:
     return docker.APIClient(**kwargs)
 
 
-def facts_from_labels(node: str, container_id: str, lab: dict, running: bool) -> ContainerFacts | None:
+def facts_from_labels(node: str, container_id: str, lab: dict, state: str) -> ContainerFacts | None:
     """Read a session container's allocation back from its labels (None if not ours)."""
     user = lab.get(labels.USER)
     request_id = lab.get(labels.REQUEST_ID)
@@ -54,17 +57,58 @@ def facts_from_labels(node: str, container_id: str, lab: dict, running: bool) ->
         cpu_millis=int(lab.get(labels.CPU_MILLIS, "0") or 0),
         memory_bytes=int(lab.get(labels.MEMORY_BYTES, "0") or 0),
         image=lab.get(labels.IMAGE, ""),
-        running=running,
+        state=state,
+        group=lab.get(labels.GROUP, ""),
     )
 
 
 def session_containers(client: docker.APIClient, node: str, hub_id: str) -> list[ContainerFacts]:
     out = []
     for c in client.containers(all=True, filters={"label": [labels.REQUEST_ID, f"{labels.HUB}={hub_id}"]}):
-        facts = facts_from_labels(node, c["Id"], c.get("Labels") or {}, c.get("State") == "running")
+        facts = facts_from_labels(node, c["Id"], c.get("Labels") or {}, c.get("State") or "")
         if facts is not None:
             out.append(facts)
     return out
+
+
+def remove_attempt(client: docker.APIClient, request_id: str, hub_id: str) -> int:
+    """Force-remove every container of one spawn attempt; returns how many there were."""
+    ids = [c["Id"] for c in client.containers(
+        all=True, filters={"label": [f"{labels.REQUEST_ID}={request_id}", f"{labels.HUB}={hub_id}"]})]
+    for cid in ids:
+        try:
+            client.remove_container(cid, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code != 409 or "already in progress" not in str(e):
+                raise
+    return len(ids)
+
+
+class DockerEngines:
+    """The service's blocking Docker calls, each in a worker thread; one client per node."""
+
+    def __init__(self, nodes, hub_id: str, timeout: int = 30):
+        self.nodes = {n.name: n for n in nodes}
+        self.hub_id = hub_id
+        self.timeout = timeout
+        self._clients: dict[str, docker.APIClient] = {}
+        self._client_lock = threading.Lock()
+
+    def client(self, name: str) -> docker.APIClient:
+        """Blocking (the API version is negotiated over the socket): call it in a thread."""
+        with self._client_lock:
+            client = self._clients.get(name)
+            if client is None:
+                client = self._clients[name] = make_client(self.nodes[name], self.timeout)
+            return client
+
+    async def list(self, name: str) -> list[ContainerFacts]:
+        return await asyncio.to_thread(lambda: session_containers(self.client(name), name, self.hub_id))
+
+    async def remove(self, node: str, request_id: str) -> int:
+        return await asyncio.to_thread(lambda: remove_attempt(self.client(node), request_id, self.hub_id))
 
 
 class EventWatcher:
@@ -74,11 +118,11 @@ class EventWatcher:
     reconcile (events missed while disconnected are recovered from state).
     """
 
-    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, on_gone, on_reconnect, hub_id: str):
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop, on_event, on_reconnect, hub_id: str):
         self.node = node
         self.hub_id = hub_id
         self.loop = loop
-        self.on_gone = on_gone  # coroutine fn(ContainerFacts)
+        self.on_event = on_event  # coroutine fn(ContainerFacts, "removed" | "exited")
         self.on_reconnect = on_reconnect  # coroutine fn(node_name)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"events-{node.name}", daemon=True)
@@ -101,11 +145,13 @@ class EventWatcher:
                 for ev in stream:
                     if self._stop.is_set():
                         return
-                    if ev.get("status") in GONE_EVENTS or ev.get("Action") in GONE_EVENTS:
+                    action = ev.get("Action") or ev.get("status")
+                    what = "removed" if action in REMOVED_EVENTS else "exited" if action in EXITED_EVENTS else None
+                    if what:
                         attrs = (ev.get("Actor") or {}).get("Attributes") or {}
-                        facts = facts_from_labels(self.node.name, ev.get("id", ""), attrs, False)
+                        facts = facts_from_labels(self.node.name, ev.get("id", ""), attrs, action)
                         if facts is not None:
-                            asyncio.run_coroutine_threadsafe(self.on_gone(facts), self.loop)
+                            asyncio.run_coroutine_threadsafe(self.on_event(facts, what), self.loop)
             except Exception as e:  # engine down or restarting
                 log.warning("Lost events from node %s (%s); retrying", self.node.name, e)
                 first = False

@@ -46,6 +46,19 @@ class HubAPI:
     async def get_user(self, user: str):
         return await self.request("GET", f"/users/{quote(user, safe='')}")
 
+    async def active_servers(self, page: int = 200) -> set[tuple[str, str]]:
+        """(user, server name) of every server the hub runs or is starting or stopping."""
+        out, offset = set(), 0
+        while True:
+            users = await self.request("GET", f"/users?state=active&offset={offset}&limit={page}") or []
+            if isinstance(users, dict):  # a paginated answer
+                users = users.get("items", [])
+            for u in users:
+                out.update((u["name"], name) for name in (u.get("servers") or {}))
+            if len(users) < page:
+                return out
+            offset += page
+
 
 class HubAPIError(Exception):
     def __init__(self, code: int, text: str):

@@ -1,8 +1,46 @@
 """The scheduler service's state machine, without HTTP.
 
-Wraps the pure ``AdmissionQueue`` with durability (``Store``), wake-ups for the
-spawners waiting on their request, and repair from the Docker engine's labels.
-Every method runs on the event loop; nothing here blocks on Docker.
+Wraps the pure ``AdmissionQueue`` with durability (``Store``), wake-ups for the spawners waiting on
+their attempt, and repair from the Docker engines.
+
+Spawn attempts
+    Every registration is a new attempt with a fresh id: the spawner labels its container with
+    it, and every event, release and reconcile names the attempt it is about, so nothing about
+    an older attempt of the same server can touch a newer one.  A server has at most one *live*
+    attempt (PENDING or RUNNING); a new registration replaces it, keeping its place in the queue
+    when the request is the same.  A replaced RUNNING attempt becomes STOPPING.
+
+Shares
+    A share is released only when its container is known gone: removed (engine ``destroy``),
+    or exited and then removed by this service, or never made (the spawner says so, or nothing
+    shows on the engine long after the admission).  Paused, restarting and created containers
+    hold theirs.  STOPPING attempts hold their share while this service removes their container
+    through ``engines`` (retrying, with the engine's message in ``stop_error`` meanwhile).
+
+Concurrency
+    Every change runs under one lock: memory is changed first, then written to the database in
+    the database thread (the loop stays free meanwhile).  If the write fails, memory goes back
+    to what was last written.  Waiters are woken, and engine work is started, only after the
+    write, and only the waiters of the attempts that changed.
+
+Reconcile (``reconcile``)
+    Listings of the engines are taken while the service keeps working: a record changed after
+    the listing began, or an attempt released after it began, is left alone.  Only changed
+    records are written.  Rules for what the engines show:
+
+    * a record's container is running, paused, restarting or created: it keeps its share (the
+      labels win if they say otherwise); when the hub has not known the server for
+      ``orphan_grace`` seconds (e.g. the hub restarted while the container started, so it never
+      saved that spawn), the container is removed and the share freed;
+    * a record's container exited: it is removed, then the share is freed;
+    * no container: the share is freed once no spawner can still be making one: nobody waits
+      on it, and it was admitted more than ``admission_grace`` seconds ago or the hub neither
+      runs nor starts its server;
+    * a container no record knows (complete labels): it is adopted with the share its labels
+      state; if its server has another live attempt, it is adopted as STOPPING and removed.
+      An adopted share that does not fit sends the newest admissions not yet handed to a
+      spawner on those devices back to the queue; what still does not fit is an over-commit,
+      logged and shown (``overcommitted``, the admin capacity view, ``/metrics``).
 """
 from __future__ import annotations
 
@@ -10,16 +48,23 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, Protocol
 
+from .core.eta import UNKNOWN, Eta, QueueEta
 from .core.model import Placement, Request, RequestKey, Share
 from .core.placement import Capacity
-from .core.queue import AdmissionQueue, DuplicateRequest, QueuePolicy, UserLimits
+from .core.queue import AdmissionQueue, QueuePolicy, UserLimits
+from .core.quotas import GroupPolicy, Usage, pending_reason
 from .core.units import FgpuUnits
 from .store import Record, Store, StoreUnavailable
 
 log = logging.getLogger("bai_scheduler")
+
+# Docker container states in which a session may still use its GPU share.
+HOLDING_STATES = frozenset({"created", "running", "paused", "restarting", "removing"})
 
 
 class Refused(Exception):
@@ -32,7 +77,7 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class ContainerFacts:
-    """What the engine says about one session container (from its labels)."""
+    """What the engine says about one session container (from its labels and state)."""
 
     request_id: str
     key: RequestKey
@@ -41,12 +86,46 @@ class ContainerFacts:
     cpu_millis: int
     memory_bytes: int
     image: str
-    running: bool
+    state: str  # Docker's: created, running, paused, restarting, removing, exited, dead
+    group: str = ""
+
+    @property
+    def holds(self) -> bool:
+        return self.state in HOLDING_STATES
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.node, self.shares, self.cpu_millis, self.memory_bytes)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The scheduler core's key for one attempt (a server may have a live and a stopping one)."""
+
+    user: str
+    server: str
+    id: str
+
+    def __str__(self):
+        return f"{self.user}/{self.server}" if self.server else self.user
+
+
+class Engines(Protocol):
+    async def remove(self, node: str, request_id: str) -> int:
+        """Remove every container of attempt ``request_id`` on ``node`` (running or not);
+        returns how many there were.  Raises when the engine cannot do it."""
 
 
 class Service:
     # A spawner long-poll that returned this recently still counts as attached.
     WAITER_GRACE_S = 5.0
+    # Released attempts remembered (for a clear GONE answer, and so that a listing taken
+    # before a release does not bring the attempt back).
+    GONE_KEPT = 10_000
+    # Seconds between tries to remove a STOPPING attempt's container: first, at most.
+    REMOVE_RETRY_S = (1.0, 30.0)
+    # Sessions that ended, kept for the queue ETA's estimate from recent departures.
+    DEPARTURES_KEPT = 50
 
     def __init__(
         self,
@@ -57,6 +136,12 @@ class Service:
         limits: UserLimits | None = None,
         span: str = "whole-then-fraction",
         strategy: str = "concentrate",
+        *,
+        engines: Engines | None = None,
+        admission_grace: float = 300.0,
+        orphan_grace: float = 120.0,
+        groups: dict[str, GroupPolicy] | None = None,
+        default_lifetime: float = 0,
     ):
         self.nodes = list(nodes)
         self.units = units
@@ -65,16 +150,33 @@ class Service:
         self.limits = limits or UserLimits()
         self.span = span
         self.strategy = strategy
-        self.records: dict[RequestKey, Record] = {}
-        self.epoch = 0
-        self._changed = asyncio.Condition()
-        self._attached: dict[RequestKey, float] = {}
-        self._open_waits: dict[RequestKey, int] = {}
+        self.engines = engines
+        self.admission_grace = admission_grace
+        self.orphan_grace = orphan_grace
+        # Teams: each group's quota, pools and session lifetime; the lifetime of the rest.
+        self.groups = dict(groups or {})
+        self.default_lifetime = default_lifetime
+        self.departures: deque[tuple[float, int]] = deque(maxlen=self.DEPARTURES_KEPT)
+        self._eta: tuple[tuple[int, int], QueueEta] | None = None
+        self.records: dict[str, Record] = {}  # every attempt, by id
+        self.live: dict[RequestKey, str] = {}  # server -> id of its PENDING or RUNNING attempt
+        # The change counter. It starts from the clock so that it only ever grows across
+        # restarts: a spawner still waiting with an epoch from before sees every change.
+        self.epoch = time.time_ns() // 1000
+        self._lock = asyncio.Lock()
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="bai-db")
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._open_waits: dict[str, int] = {}
+        self._seen: dict[str, float] = {}  # attempt id -> when its spawner last waited
+        self._orphan_since: dict[str, float] = {}  # attempt id -> when the hub was seen not to know it
+        self._gone: OrderedDict[str, tuple[int, str]] = OrderedDict()  # id -> (epoch, reason)
+        self._removals: dict[str, asyncio.Task] = {}
         # Called with each record admitted while no spawner waits for it
         # (e.g. the hub was down): the app asks the hub to start that server.
         self.on_orphan_admitted: Callable[[Record], Awaitable[None]] | None = None
         self.admission_latencies: list[float] = []
         self.degraded: str | None = None
+        self._fgpu_text: dict[int, str] = {}
         # Nodes whose GPUs get no new share: real GPUs start here until their backend is
         # checked (bai_scheduler.readiness); CPU-only requests still go there.
         self.gpu_not_ready: set[str] = {n.name for n in self.nodes if n.devices and not n.simulated}
@@ -92,33 +194,68 @@ class Service:
             capacity.set_gpu_ready(name, False)
         for name, refs in self.node_images.items():
             capacity.set_node_images(name, refs)
-        return AdmissionQueue(capacity, self.policy, self.limits)
+        return AdmissionQueue(capacity, self.policy, self.limits,
+                              {g: p.quota for g, p in self.groups.items()})
 
-    def _rebuild(self, records: Iterable[Record]) -> None:
-        """Make the in-memory scheduler match ``records`` exactly (no pass is run)."""
+    @staticmethod
+    def _core(rec: Record) -> Request:
+        return replace(rec.request, key=Attempt(rec.key.user, rec.key.server, rec.id))
+
+    def _rebuild(self, records: Iterable[Record]) -> list[tuple[Record, str]]:
+        """Make memory match ``records`` exactly (no pass is run).  Returns the records that
+        cannot be kept, with why (their node is gone, or they can never fit any more)."""
         self.queue = self._new_queue()
-        self.records = {}
+        self.records, self.live = {}, {}
+        dropped = []
         known_nodes = {n.name for n in self.nodes}
-        for rec in sorted(records, key=lambda r: r.request.seq):
-            if rec.state == "RUNNING" and rec.placement is not None:
-                if rec.placement.node not in known_nodes:
-                    log.warning("Dropping %s: node %s is no longer configured", rec.key, rec.placement.node)
-                    continue
-                try:
-                    self.queue.restore_admitted(rec.request, rec.placement)
-                except ValueError as e:
-                    log.error("Cannot restore %s on %s: %s", rec.key, rec.placement.node, e)
-                    continue
-            else:
-                rec.state = "PENDING"
-                rec.placement = None
-                self.queue.restore_pending(rec.request)
-            self.records[rec.key] = rec
+        records = list(records)
+        holders = sorted((r for r in records if r.holds_share), key=lambda r: (r.admitted_at or 0, r.request.seq))
+        for rec in holders:
+            if rec.placement is None or rec.placement.node not in known_nodes:
+                dropped.append((rec, f"its node {rec.placement.node if rec.placement else '?'} is no longer configured"))
+                continue
+            try:
+                self._restore_share(rec)
+            except ValueError as e:  # a device that is no longer there
+                dropped.append((rec, f"its share cannot be restored: {e}"))
+                continue
+            self.records[rec.id] = rec
+        for rec in sorted((r for r in records if r.state == "PENDING"), key=lambda r: r.request.seq):
+            reason = self.queue.never_reason(rec.request)
+            if reason:
+                dropped.append((rec, f"it can never start here any more: it {reason}"))
+                continue
+            rec.request = replace(rec.request, seq=self.queue.restore_pending(self._core(rec)).seq)
+            self.records[rec.id] = rec
+        for rec in self.records.values():
+            if rec.state in ("PENDING", "RUNNING"):
+                self.live[rec.key] = rec.id
+        for rec in self.records.values():
+            rec.changed = self.epoch
+        return dropped
+
+    def _restore_share(self, rec: Record) -> None:
+        try:
+            self.queue.restore_admitted(self._core(rec), rec.placement)
+        except ValueError:
+            if not self._fits_somehow(rec.placement):
+                raise
+            self.queue.restore_admitted(self._core(rec), rec.placement, force=True)
+            log.error("Over-commit: %s holds %s on %s beyond its capacity; shown on the capacity view "
+                      "and in /metrics until sessions there end", rec.key, rec.placement.shares, rec.placement.node)
+
+    def _fits_somehow(self, placement: Placement) -> bool:
+        """True if ``placement`` names known devices of its node (only capacity is short)."""
+        node = next((n for n in self.nodes if n.name == placement.node), None)
+        if node is None:
+            return False
+        uuids = {d.uuid for d in node.devices}
+        return all(s.device_uuid in uuids and s.quanta > 0 for s in placement.shares)
 
     def set_gpu_ready(self, node: str, ready: bool) -> None:
         """Let placement use ``node``'s GPUs or not; run ``schedule()`` after a node became ready."""
         (self.gpu_not_ready.discard if ready else self.gpu_not_ready.add)(node)
-        self.queue.capacity.set_gpu_ready(node, ready)
+        self.queue.set_gpu_ready(node, ready)
 
     def set_node_images(self, node: str, refs: frozenset[str]) -> None:
         """The image references ``node`` holds now (placement prefers it for those images)."""
@@ -126,54 +263,104 @@ class Service:
         self.queue.capacity.set_node_images(node, refs)
 
     def reload(self) -> None:
-        """Throw away memory and rebuild from the database."""
-        self._rebuild(self.store.load())
-        self._committed = {k: replace(r) for k, r in self.records.items()}
+        """Throw away memory and rebuild from the database (at start-up, before serving)."""
+        dropped = self._rebuild(self.store.load())
+        for rec, why in dropped:
+            log.error("Dropping the request of %s (%s): %s", rec.key, rec.state.lower(), why)
+            self._forget(rec.id, f"The request was dropped: {why}.")
+        if dropped:
+            self.store.apply([], [r.id for r, _ in dropped])
+        self._committed = {r.id: replace(r) for r in self.records.values()}
 
-    def _persist(self, upserts=(), deletes=()) -> None:
-        """Write a change; if the database fails, memory goes back to the last
-        state that was written (kept in ``_committed``), so no share is granted
-        or freed that the database does not know of."""
-        upserts, deletes = list(upserts), list(deletes)
+    def _forget(self, attempt_id: str, reason: str) -> None:
+        self.epoch += 1
+        self._gone[attempt_id] = (self.epoch, reason)
+        self._gone.move_to_end(attempt_id)
+        while len(self._gone) > self.GONE_KEPT:
+            self._gone.popitem(last=False)
+        self._seen.pop(attempt_id, None)
+        self._orphan_since.pop(attempt_id, None)
+
+    async def _commit(self, changed: dict[str, Record], deleted: dict[str, tuple[Record, str]]) -> None:
+        """Write a change in the database thread.  If it fails, memory goes back to the last
+        state that was written, so no share is granted or freed that the database does not
+        know of, and StoreUnavailable is raised."""
+        changed = {i: r for i, r in changed.items() if i not in deleted}
+        rows = [replace(r) for r in changed.values()]
         try:
-            self.store.apply(upserts, [r.id for r in deletes])
+            await asyncio.get_running_loop().run_in_executor(
+                self._db, self.store.apply, rows, list(deleted))
         except StoreUnavailable as e:
             self.degraded = str(e)
+            gone = dict(self._gone)
             self._rebuild([replace(r) for r in self._committed.values()])
+            self._gone = OrderedDict(gone)
             raise
         self.degraded = None
-        for r in deletes:
-            if self._committed.get(r.key) is not None and self._committed[r.key].id == r.id:
-                del self._committed[r.key]
-        for r in upserts:
-            self._committed[r.key] = replace(r)
+        for attempt_id, (rec, reason) in deleted.items():
+            self._committed.pop(attempt_id, None)
+            self._forget(attempt_id, reason)
+        for rec in changed.values():
+            self.epoch += 1
+            rec.changed = self.epoch
+            self._committed[rec.id] = replace(rec)
+        for attempt_id in (*changed, *deleted):
+            for fut in self._waiters.pop(attempt_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
     # -- queries -------------------------------------------------------------
 
     def get(self, key: RequestKey) -> Record | None:
-        return self.records.get(key)
+        """The live (PENDING or RUNNING) attempt of a server."""
+        attempt_id = self.live.get(key)
+        return self.records.get(attempt_id) if attempt_id else None
+
+    def attempt(self, attempt_id: str) -> Record | None:
+        return self.records.get(attempt_id)
+
+    def gone_reason(self, attempt_id: str) -> str | None:
+        """Why an attempt that is no longer known went away (None if never heard of)."""
+        gone = self._gone.get(attempt_id)
+        return gone[1] if gone else None
 
     def status(self, rec: Record) -> dict:
-        """The public view of one request."""
+        """The public view of one attempt."""
+        req = rec.request
+        key = req.key
+        fgpu = self._fgpu_text.get(req.quanta)
+        if fgpu is None:
+            fgpu = self._fgpu_text[req.quanta] = self.units.to_fgpu(req.quanta)
         out = {
             "id": rec.id,
-            "user": rec.key.user,
-            "server": rec.key.server,
+            "user": key.user,
+            "server": key.server,
             "state": rec.state,
-            "image": rec.request.image,
-            "quanta": rec.request.quanta,
-            "fgpu": self.units.to_fgpu(rec.request.quanta),
-            "cpu_millis": rec.request.cpu_millis,
-            "memory_bytes": rec.request.memory_bytes,
+            "image": req.image,
+            "quanta": req.quanta,
+            "fgpu": fgpu,
+            "cpu_millis": req.cpu_millis,
+            "memory_bytes": req.memory_bytes,
             "submitted_at": rec.submitted_at,
             "admitted_at": rec.admitted_at,
             "epoch": self.epoch,
+            "group": req.group,
+            "pools": list(req.pools),
         }
         if rec.state == "PENDING":
-            out["position"] = self.queue.position(rec.key)
-            out["reason"] = self.queue.wait_reason(rec.key)
-            if rec.request.quanta and self.gpu_not_ready:
+            core_key = Attempt(key.user, key.server, rec.id)
+            out["position"] = position = self.queue.position(core_key)
+            out["reason"] = self.queue.wait_reason(core_key, position)
+            if req.quanta and self.gpu_not_ready:
                 out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
+            now = time.time()
+            out["eta"] = self.eta(rec, now).to_json(now)
+        deadline = self.deadline(rec)
+        if deadline is not None and rec.state == "RUNNING":
+            out["deadline"] = deadline
+            out["lifetime_notice"] = self.lifetime_notice(rec, deadline)
+        if rec.state == "STOPPING":
+            out["stop_error"] = rec.stop_error
         if rec.placement is not None:
             out["placement"] = self.placement_details(rec.placement)
         return out
@@ -198,13 +385,108 @@ class Service:
                              mig_profile=d.mig_profile)
         return out
 
+    # -- teams and time ----------------------------------------------------------
+
+    def lifetime(self, group: str) -> float:
+        """Longest a session of ``group`` may run, in seconds (0: no limit)."""
+        policy = self.groups.get(group) if group else None
+        return (policy.lifetime_s if policy is not None and policy.lifetime_s else 0) or self.default_lifetime
+
+    def deadline(self, rec: Record) -> float | None:
+        """When an admitted session is stopped for its lifetime (None: never)."""
+        lifetime = self.lifetime(rec.request.group)
+        if not lifetime or rec.admitted_at is None:
+            return None
+        return rec.admitted_at + lifetime
+
+    # Seconds before the stop from which the notice is shown (c.BaiScheduler.lifetime_notice).
+    notice_before: float = 600.0
+
+    def lifetime_notice(self, rec: Record, deadline: float) -> str:
+        """The notice shown once a session is within ``notice_before`` of its lifetime ("" before)."""
+        left = deadline - time.time()
+        if left > self.notice_before:
+            return ""
+        when = time.strftime("%H:%M", time.localtime(deadline))
+        group = rec.request.group
+        return (f"This session reaches its lifetime{f' for {group}' if group else ''} and is stopped at {when} "
+                f"(in {max(0, round(left / 60))} min). Save your work; files in /home/jovyan are kept.")
+
+    def expired(self, now: float) -> list[Record]:
+        """Running sessions past their lifetime (to stop)."""
+        return [r for r in self.records.values()
+                if r.state == "RUNNING" and (d := self.deadline(r)) is not None and d <= now]
+
+    def max_lifetime(self) -> float | None:
+        """The longest a session admitted from now on may run (None: some may run for ever)."""
+        if not self.default_lifetime:
+            return None
+        return max([self.default_lifetime] + [p.lifetime_s for p in self.groups.values()])
+
+    def eta(self, rec: Record, now: float) -> Eta:
+        """When a waiting attempt starts (``core.eta``); one snapshot per change and second."""
+        if rec.state != "PENDING":
+            return UNKNOWN
+        stamp = (self.epoch, int(now))
+        if self._eta is None or self._eta[0] != stamp:
+            deadlines = {self._core(r).key: self.deadline(r) for r in self.holding()}
+            self._eta = (stamp, QueueEta(self.queue, deadlines, self.max_lifetime(), self.departures, now))
+        return self._eta[1].eta(self._core(rec))
+
+    def group_usage(self) -> dict[str, dict]:
+        """Per group with a quota: what it holds and has waiting, and its quota (admin view)."""
+        out = {}
+        for group, used in self.queue.group_usage().items():
+            quota = self.groups[group].quota
+            out[group] = {"running": used.running, "pending": used.pending, "quanta": used.quanta,
+                          "fgpu": self.units.to_fgpu(used.quanta), "cpu_millis": used.cpu, "memory_bytes": used.mem,
+                          "quota": {"running": quota.max_running, "pending": quota.max_pending,
+                                    "fgpu": self.units.to_fgpu(quota.max_quanta), "quanta": quota.max_quanta,
+                                    "cpu_millis": quota.max_cpu_millis, "memory_bytes": quota.max_memory_bytes}}
+        return out
+
     def pending(self) -> list[Record]:
-        return [self.records[r.key] for r in self.queue.pending() if r.key in self.records]
+        return [self.records[r.key.id] for r in self.queue.pending() if r.key.id in self.records]
 
     def running(self) -> list[Record]:
+        """Live admitted attempts (their containers run or are being made)."""
         return [r for r in self.records.values() if r.state == "RUNNING"]
 
+    def holding(self) -> list[Record]:
+        """Every attempt that holds a share (RUNNING and STOPPING)."""
+        return [r for r in self.records.values() if r.holds_share]
+
+    def capacity(self) -> list[dict]:
+        return self.queue.capacity.usage()
+
+    def overcommitted(self) -> dict[str, int]:
+        """Quanta in use beyond capacity, by device uuid (the engines run more than fits)."""
+        return self.queue.capacity.overcommitted()
+
     # -- changes ---------------------------------------------------------------
+
+    def _admitted(self, pairs, changed: dict) -> list[Record]:
+        now = time.time()
+        out = []
+        for request, placement in pairs:
+            rec = self.records[request.key.id]
+            rec.state = "RUNNING"
+            rec.placement = placement
+            rec.admitted_at = now
+            changed[rec.id] = rec
+            out.append(rec)
+        return out
+
+    def _after(self, admitted: list[Record], stopping: Iterable[Record] = ()) -> None:
+        """What follows a written change: removals to start, servers to start."""
+        for rec in stopping:
+            self._ensure_removal(rec)
+        if self.on_orphan_admitted is None:
+            return
+        for rec in admitted:
+            if rec.state == "RUNNING" and not self.is_attached(rec):
+                log.info("Admitted %s while no spawner waits: asking the hub to start it", rec.key)
+                asyncio.ensure_future(self.on_orphan_admitted(rec))
 
     async def submit(
         self,
@@ -214,198 +496,396 @@ class Service:
         memory_bytes: int = 0,
         image: str = "",
         user_options: dict | None = None,
-        reattach: bool = False,
+        group: str = "",
+        pools: tuple[str, ...] = (),
     ) -> Record:
-        """Queue or admit a request.
+        """A new spawn attempt for server ``key``: queued or admitted at once.
 
-        ``reattach``: the spawner (re)starting this server takes over an existing
-        record of the same shape instead of being refused as a duplicate.
+        It replaces the server's live attempt: a waiting one is dropped (the new one keeps its
+        place when the request is the same), an admitted one becomes STOPPING (its container,
+        if any, is removed before its share is freed).
         """
-        existing = self.records.get(key)
-        if existing is not None:
-            same = (
-                existing.request.quanta == quanta
-                and existing.request.cpu_millis == cpu_millis
-                and existing.request.memory_bytes == memory_bytes
-                and existing.request.image == image
-            )
-            if reattach and same:
-                self.attach(key)
-                return existing
-            if reattach:
-                # A changed request for the same server replaces the old one.
-                await self.release(key)
+        request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image,
+                          group=group, pools=tuple(sorted(pools)))
+        async with self._lock:
+            old = self.get(key)
+            reason = self.queue.never_reason(request)
+            if reason:
+                raise Refused(reason, 400)
+            lim = self.limits
+            waiting = sum(1 for r in self.records.values() if r.state == "PENDING" and r.key.user == key.user)
+            if old is not None and old.state == "PENDING":
+                waiting -= 1
+            if lim.max_pending and waiting >= lim.max_pending:
+                n = lim.max_pending
+                raise Refused(f"user limit of {n} waiting session{'s' if n != 1 else ''} reached", 400)
+            same = old is not None and (old.request.quanta, old.request.cpu_millis, old.request.memory_bytes,
+                                        old.request.image, old.request.group, old.request.pools) == (
+                quanta, cpu_millis, memory_bytes, image, request.group, request.pools)
+            if group in self.groups:
+                group_waiting = sum(1 for r in self.records.values()
+                                    if r.state == "PENDING" and r.request.group == group and r is not old)
+                reason = pending_reason(group, self.groups[group].quota, Usage(pending=group_waiting))
+                if reason:
+                    raise Refused(reason, 400)
+            rec = Record(id=uuid.uuid4().hex, request=request, state="PENDING",
+                         user_options=dict(user_options or {}))
+            changed, deleted, stopping, pairs = {rec.id: rec}, {}, [], []
+            sched = self.queue
+            if old is not None:
+                log.info("%s registers again (attempt %s replaces %s)", key, rec.id[:8], old.id[:8])
+            if old is not None and old.state == "PENDING" and same:
+                core = sched.rename_pending(self._core(old).key, self._core(rec).key)
+                rec.request = replace(request, seq=core.seq)
+                rec.submitted_at = old.submitted_at
+                del self.records[old.id]
+                deleted[old.id] = (old, "A newer spawn of this server replaced this request.")
+                self.records[rec.id] = rec
+                pairs += sched.schedule()
             else:
-                raise Refused(f"{key} already has a {existing.state.lower()} request", 409)
-        request = Request(key=key, quanta=quanta, cpu_millis=cpu_millis, memory_bytes=memory_bytes, image=image)
-        try:
-            decision = self.queue.submit(request)
-        except DuplicateRequest:
-            raise Refused(f"{key} already has a request", 409) from None
-        if decision.state == "REFUSED":
-            raise Refused(decision.reason, 400)
-        request = decision.request
-        rec = Record(
-            id=uuid.uuid4().hex,
-            request=request,
-            state=decision.state,
-            placement=decision.placement,
-            user_options=dict(user_options or {}),
-        )
-        if decision.state == "RUNNING":
-            rec.admitted_at = time.time()
-        self.records[key] = rec
-        self.attach(key)
-        # The same pass may admit others (e.g. a skipped head now behind us).
-        others = self._mark_admitted(decision.also_admitted)
-        self._persist(upserts=[rec, *others])
-        await self._notify()
-        self._start_orphans(others)
+                if old is not None and old.state == "PENDING":
+                    pairs += sched.release(self._core(old).key)
+                    del self.records[old.id]
+                    deleted[old.id] = (old, "A newer spawn of this server replaced this request.")
+                elif old is not None:
+                    old.state = "STOPPING"
+                    changed[old.id] = old
+                    stopping.append(old)
+                self.records[rec.id] = rec
+                if same:  # keeps the replaced admission's place in the queue
+                    core = sched.restore_pending(replace(self._core(rec), seq=old.request.seq))
+                    rec.request = replace(request, seq=core.seq)
+                    pairs += sched.schedule()
+                else:
+                    decision = sched.submit(self._core(rec))
+                    assert decision.state != "REFUSED", decision.reason  # checked above
+                    rec.request = replace(request, seq=decision.request.seq)
+                    if decision.state == "RUNNING":
+                        pairs.append((decision.request, decision.placement))
+                    pairs += decision.also_admitted
+            self.live[key] = rec.id
+            self._seen[rec.id] = time.monotonic()
+            admitted = self._admitted(pairs, changed)
+            if rec.state == "RUNNING":
+                rec.delivered = True  # the answer to this registration hands it over
+            await self._commit(changed, deleted)
+        self._after(admitted, stopping)
         return rec
 
-    async def release(self, key: RequestKey, request_id: str | None = None) -> list[Record]:
-        """Cancel a queued request or free an admitted one, then admit what now fits.
-
-        With ``request_id``, only that incarnation is released: a stale event
-        for an old container never frees the share of a newer session.
-        """
-        rec = self.records.get(key)
-        if rec is None or (request_id is not None and rec.id != request_id):
-            return []
-        t0 = time.perf_counter()
-        admitted_pairs = self.queue.release(key)
-        del self.records[key]
-        self._attached.pop(key, None)
-        admitted = self._mark_admitted(admitted_pairs)
-        self._persist(upserts=admitted, deletes=[rec])
+    async def release(self, attempt_id: str, reason: str = "The request was cancelled.") -> list[Record]:
+        """Attempt ``attempt_id`` needs nothing any more: its container is gone or was never
+        made.  Frees its share (or drops it from the queue), then admits what now fits.
+        Unknown ids are ignored (release is idempotent)."""
+        async with self._lock:
+            rec = self.records.get(attempt_id)
+            if rec is None:
+                return []
+            t0 = time.perf_counter()
+            changed: dict = {}
+            if rec.holds_share:
+                self.departures.append((time.time(), rec.request.quanta))
+            pairs = self.queue.release(self._core(rec).key)
+            del self.records[rec.id]
+            if self.live.get(rec.key) == rec.id:
+                del self.live[rec.key]
+            admitted = self._admitted(pairs, changed)
+            await self._commit(changed, {rec.id: (rec, reason)})
         if admitted:
             self.admission_latencies.append(time.perf_counter() - t0)
             del self.admission_latencies[:-10000]
-        await self._notify()
-        self._start_orphans(admitted)
+        self._after(admitted)
         return admitted
+
+    async def stop(self, key: RequestKey, error: str = "") -> Record | None:
+        """Stop a server's live attempt: a waiting one leaves the queue; an admitted one becomes
+        STOPPING (its container is removed, then its share freed).  ``error``: why the stop
+        failed so far (the engine's message), shown until the container is gone."""
+        rec = self.get(key)
+        if rec is None:
+            return None
+        if rec.state == "PENDING":
+            await self.release(rec.id)
+            return rec
+        return await self.stopping(rec.id, error)
+
+    async def stopping(self, attempt_id: str, error: str = "") -> Record | None:
+        """Attempt ``attempt_id``'s container must go (its stop failed, it exited, or nobody
+        wants it): it keeps its share as STOPPING until this service has removed it."""
+        async with self._lock:
+            rec = self.records.get(attempt_id)
+            if rec is None:
+                return None
+            if rec.state == "PENDING":
+                raise Refused("A waiting request has no container to stop.", 409)
+            if rec.state == "STOPPING" and (not error or rec.stop_error == error):
+                self._ensure_removal(rec)
+                return rec
+            rec.state = "STOPPING"
+            rec.stop_error = error[:1000]
+            if self.live.get(rec.key) == rec.id:
+                del self.live[rec.key]
+            await self._commit({rec.id: rec}, {})
+        self._after([], [rec])
+        return rec
+
+    async def mark_delivered(self, rec: Record) -> None:
+        """The spawner now has this admission: from here on it counts as started."""
+        if rec.state != "RUNNING" or rec.delivered:
+            return
+        async with self._lock:
+            if self.records.get(rec.id) is rec and not rec.delivered:
+                rec.delivered = True
+                await self._commit({rec.id: rec}, {})
 
     async def schedule(self) -> list[Record]:
-        admitted = self._mark_admitted(self.queue.schedule())
-        if admitted:
-            self._persist(upserts=admitted)
-            await self._notify()
-            self._start_orphans(admitted)
+        async with self._lock:
+            changed: dict = {}
+            admitted = self._admitted(self.queue.schedule(), changed)
+            if admitted:
+                await self._commit(changed, {})
+        self._after(admitted)
         return admitted
 
-    def _mark_admitted(self, pairs) -> list[Record]:
-        now = time.time()
-        out = []
-        for request, placement in pairs:
-            rec = self.records[request.key]
-            rec.state = "RUNNING"
-            rec.placement = placement
-            rec.admitted_at = now
-            out.append(rec)
-        return out
+    # -- removing containers -----------------------------------------------------
 
-    def _start_orphans(self, admitted: list[Record]) -> None:
-        if self.on_orphan_admitted is None:
+    def _ensure_removal(self, rec: Record) -> None:
+        if self.engines is None or rec.id in self._removals or rec.state != "STOPPING":
             return
-        for rec in admitted:
-            if not self.is_attached(rec.key):
-                log.info("Admitted %s while no spawner waits: asking the hub to start it", rec.key)
-                asyncio.ensure_future(self.on_orphan_admitted(rec))
+        task = asyncio.ensure_future(self._remove(rec.id))
+        self._removals[rec.id] = task
+        task.add_done_callback(lambda _t, i=rec.id: self._removals.pop(i, None))
 
-    async def _notify(self) -> None:
-        self.epoch += 1
-        async with self._changed:
-            self._changed.notify_all()
+    def _may_be_starting(self, rec: Record, now: float) -> bool:
+        """Could a spawner still be making this attempt's container?"""
+        if rec.state == "RUNNING" and self.is_attached(rec):
+            return True
+        recent = (rec.admitted_at or 0) > now - self.admission_grace
+        return recent and (rec.delivered or rec.state == "RUNNING")
+
+    async def _remove(self, attempt_id: str) -> None:
+        delay, longest = self.REMOVE_RETRY_S
+        while True:
+            rec = self.records.get(attempt_id)
+            if rec is None or rec.state != "STOPPING" or rec.placement is None:
+                return
+            try:
+                removed = await self.engines.remove(rec.placement.node, attempt_id)
+                error = ""
+            except Exception as e:  # the engine is down or refuses
+                removed, error = 0, f"{e.__class__.__name__}: {e}"[:1000]
+            try:
+                if error:
+                    if rec.stop_error != error:  # said once; the retries go on quietly
+                        log.warning("Could not remove the container of %s yet (retrying): %s", rec.key, error)
+                        await self.stopping(attempt_id, error)
+                elif removed or not self._may_be_starting(rec, time.time()):
+                    await self.release(attempt_id, "The session was stopped.")
+                    return
+            except StoreUnavailable as e:
+                log.error("Could not record the stop of %s: %s", rec.key, e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, longest)
+
+    async def container_gone(self, attempt_id: str) -> list[Record]:
+        """The engine removed this attempt's container (``destroy``)."""
+        return await self.release(attempt_id, "The session's container is gone.")
+
+    async def container_exited(self, attempt_id: str) -> None:
+        """This attempt's container exited (``die``/``stop``): remove it, then free the share."""
+        rec = self.records.get(attempt_id)
+        if rec is not None and rec.holds_share:
+            await self.stopping(attempt_id, rec.stop_error)
 
     # -- spawner long-poll -----------------------------------------------------
 
-    def attach(self, key: RequestKey) -> None:
-        self._attached[key] = time.monotonic()
-
-    def is_attached(self, key: RequestKey) -> bool:
-        if self._open_waits.get(key):
+    def is_attached(self, rec: Record) -> bool:
+        if self._open_waits.get(rec.id):
             return True
-        seen = self._attached.get(key)
+        seen = self._seen.get(rec.id)
         return seen is not None and time.monotonic() - seen < self.WAITER_GRACE_S
 
-    async def wait(self, key: RequestKey, epoch: int, timeout: float) -> Record | None:
-        """Return once anything changed after ``epoch`` (or at ``timeout``)."""
-        self._open_waits[key] = self._open_waits.get(key, 0) + 1
-        try:
-            deadline = time.monotonic() + timeout
-            async with self._changed:
-                while self.epoch <= epoch:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), left)
-                    except asyncio.TimeoutError:
-                        break
-            return self.records.get(key)
-        finally:
-            self._open_waits[key] -= 1
-            if not self._open_waits[key]:
-                del self._open_waits[key]
-            self.attach(key)
+    async def wait(self, attempt_id: str, epoch: int, timeout: float) -> Record | None:
+        """Return once attempt ``attempt_id`` changed after ``epoch`` (or at ``timeout``).
 
-    # -- repair from the engine ------------------------------------------------
+        None if the attempt is gone.  An ``epoch`` from the future means this service restarted
+        since the caller last heard from it: the answer is immediate."""
+        rec = self.records.get(attempt_id)
+        if rec is None:
+            return None
+        if rec.changed <= epoch <= self.epoch:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(attempt_id, []).append(fut)
+            self._open_waits[attempt_id] = self._open_waits.get(attempt_id, 0) + 1
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(attempt_id)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._waiters[attempt_id]
+                self._open_waits[attempt_id] -= 1
+                if not self._open_waits[attempt_id]:
+                    del self._open_waits[attempt_id]
+        rec = self.records.get(attempt_id)
+        if rec is not None:
+            self._seen[attempt_id] = time.monotonic()
+        return rec
 
-    async def reconcile(self, containers: list[ContainerFacts], grace: float = 300.0) -> dict:
-        """Make the allocations agree with the session containers on the engines.
+    # -- repair from the engines ------------------------------------------------
 
-        The engine wins: a running container keeps exactly the share its labels
-        state; an admitted request whose container is gone is released, unless
-        a spawner still waits on it or it was admitted less than ``grace``
-        seconds ago (its container may be being created right now); a running
-        container the database forgot is restored.
+    def close(self) -> None:
+        """Stop background removals and the database thread (the state stays in the database)."""
+        for task in list(self._removals.values()):
+            task.cancel()
+        self._db.shutdown(wait=True)
+
+    def begin_listing(self) -> int:
+        """Call before listing the engines; pass the result to ``reconcile``."""
+        return self.epoch
+
+    async def reconcile(self, listing: dict[str, list[ContainerFacts] | None], since: int,
+                        hub_servers: set[RequestKey] | None = None) -> dict:
+        """Make the allocations agree with the engines (rules in the module docstring).
+
+        ``listing``: per node, its session containers, or None where the node could not be
+        listed (nothing on it is touched).  ``since``: ``begin_listing()`` from before the
+        listing.  ``hub_servers``: servers the hub runs or is starting, None if the hub could
+        not be asked (then no container is removed as unknown to the hub).
         """
-        now = time.time()
-        running = {c.key: c for c in containers if c.running}
-        records = dict(self.records)
-        restored, repaired, released = [], [], []
-        for key, c in running.items():
-            rec = records.get(key)
-            placement = Placement(c.node, c.shares, c.cpu_millis, c.memory_bytes)
-            if rec is None or rec.id != c.request_id or rec.placement != placement:
-                old = rec
-                request = Request(key, sum(s.quanta for s in c.shares), c.cpu_millis, c.memory_bytes, c.image,
-                                  seq=old.request.seq if old else 0)
-                records[key] = Record(
-                    id=c.request_id, request=request, state="RUNNING", placement=placement,
-                    user_options=old.user_options if old else {},
-                    submitted_at=old.submitted_at if old else time.time(),
-                    admitted_at=(old.admitted_at if old else None) or time.time(),
-                )
-                (repaired if old else restored).append(key)
-        for key, rec in list(records.items()):
-            if (rec.state == "RUNNING" and key not in running and not self.is_attached(key)
-                    and (rec.admitted_at or 0) < now - grace):
-                del records[key]
-                released.append(key)
-        if restored or repaired or released:
-            # Engine-restored records first, so they win any contention for devices.
-            order = sorted(records.values(), key=lambda r: (r.key not in running, r.request.seq))
-            seq = self.store.max_seq()
-            fixed = []
-            for rec in order:
-                if rec.request.seq == 0:
-                    seq += 1
-                    rec.request = replace(rec.request, seq=seq)
-                fixed.append(rec)
-            self._rebuild(fixed)
-            self._persist(upserts=list(self.records.values()),
-                          deletes=[r for r in self.store.load() if r.key not in self.records
-                                   or self.records[r.key].id != r.id])
-            await self._notify()
-        await self.schedule()
-        return {"restored": [str(k) for k in restored], "repaired": [str(k) for k in repaired],
-                "released": [str(k) for k in released]}
+        async with self._lock:
+            now = time.time()
+            listed = {n for n, facts in listing.items() if facts is not None}
+            facts_by_id = {f.request_id: f for facts in listing.values() if facts for f in facts}
+            changed, deleted, stopping, pairs = {}, {}, [], []
+            report = {k: [] for k in ("restored", "repaired", "released", "exited", "orphans",
+                                      "requeued", "unknown_removed")}
+            sched = self.queue
+            for rec in list(self.records.values()):
+                if rec.changed > since or not rec.holds_share or rec.placement.node not in listed:
+                    continue
+                f = facts_by_id.get(rec.id)
+                if f is not None and f.holds:
+                    if f.placement != rec.placement and self._fits_somehow(f.placement):
+                        log.warning("%s runs with %s, not %s as recorded: the engine wins",
+                                    rec.key, f.placement, rec.placement)
+                        sched.move_admitted(self._core(rec).key, f.placement)
+                        rec.placement = f.placement
+                        changed[rec.id] = rec
+                        report["repaired"].append(str(rec.key))
+                    if rec.state == "RUNNING" and hub_servers is not None:
+                        if rec.key in hub_servers:
+                            self._orphan_since.pop(rec.id, None)
+                        elif now - self._orphan_since.setdefault(rec.id, now) >= self.orphan_grace:
+                            self._to_stopping(rec, changed, stopping)
+                            report["orphans"].append(str(rec.key))
+                    elif rec.state == "STOPPING":
+                        stopping.append(rec)
+                elif f is not None:
+                    self._to_stopping(rec, changed, stopping)
+                    report["exited"].append(str(rec.key))
+                elif not self._may_be_starting(rec, now) or (
+                        hub_servers is not None and rec.key not in hub_servers and not self._open_waits.get(rec.id)):
+                    # No container, and no spawner can make one: either the grace is over, or the
+                    # hub (asked after the listing began) neither runs nor starts that server (a
+                    # spawn that stopped while this service was away, so its release was lost).
+                    pairs += sched.release(self._core(rec).key)
+                    del self.records[rec.id]
+                    if self.live.get(rec.key) == rec.id:
+                        del self.live[rec.key]
+                    deleted[rec.id] = (rec, "No container of the session was found.")
+                    report["released"].append(str(rec.key))
+                elif rec.state == "STOPPING":
+                    stopping.append(rec)  # its removal frees the share once no container can come
+            known_nodes = {n.name for n in self.nodes}
+            for f in facts_by_id.values():
+                gone = self._gone.get(f.request_id)
+                if f.request_id in self.records or (gone and gone[0] > since) or f.node not in listed:
+                    continue
+                if f.node not in known_nodes or not self._fits_somehow(f.placement):
+                    log.warning("Container of %s (attempt %s) names node/devices this service does not "
+                                "know; it is left alone", f.key, f.request_id[:8])
+                    continue
+                if not f.holds:
+                    self._remove_unknown(f)
+                    report["unknown_removed"].append(str(f.key))
+                    continue
+                rec = self._adopt(f, now, changed, stopping, report)
+                report["restored"].append(str(rec.key))
+            pairs += sched.schedule()
+            admitted = self._admitted(pairs, changed)
+            if changed or deleted:
+                await self._commit(changed, deleted)
+        if self.overcommitted():
+            log.error("Over-commit on the engines (quanta beyond capacity by device): %s", self.overcommitted())
+        self._after(admitted, stopping)
+        return report
 
-    # -- views -------------------------------------------------------------------
+    def _to_stopping(self, rec: Record, changed: dict, stopping: list) -> None:
+        rec.state = "STOPPING"
+        if self.live.get(rec.key) == rec.id:
+            del self.live[rec.key]
+        changed[rec.id] = rec
+        stopping.append(rec)
 
-    def capacity(self) -> list[dict]:
-        return self.queue.capacity.usage()
+    def _remove_unknown(self, f: ContainerFacts) -> None:
+        if self.engines is None:
+            return
+
+        async def remove():
+            try:
+                await self.engines.remove(f.node, f.request_id)
+            except Exception as e:
+                log.warning("Could not remove the exited container of %s: %s", f.key, e)
+
+        asyncio.ensure_future(remove())
+
+    def _adopt(self, f: ContainerFacts, now: float, changed: dict, stopping: list, report: dict) -> Record:
+        """A container no record knows: account for it with the share its labels state."""
+        live = self.get(f.key)
+        request = Request(f.key, sum(s.quanta for s in f.shares), f.cpu_millis, f.memory_bytes, f.image,
+                          group=f.group if f.group in self.groups else "")
+        rec = Record(id=f.request_id, request=request, state="RUNNING" if live is None else "STOPPING",
+                     placement=f.placement, submitted_at=now, admitted_at=now, delivered=True)
+        try:
+            self.queue.restore_admitted(self._core(rec), rec.placement)
+        except ValueError:
+            for other in self._unstarted_on(f.placement):
+                core = self.queue.requeue(self._core(other).key)
+                other.request = replace(other.request, seq=core.seq)
+                other.state, other.placement, other.admitted_at = "PENDING", None, None
+                changed[other.id] = other
+                report["requeued"].append(str(other.key))
+                log.warning("%s goes back to the queue: the engine runs %s on its devices", other.key, f.key)
+                try:
+                    self.queue.restore_admitted(self._core(rec), rec.placement)
+                    break
+                except ValueError:
+                    continue
+            else:
+                self._restore_share(rec)
+        rec.request = replace(rec.request, seq=self.queue.admitted()[self._core(rec).key][0].seq)
+        self.records[rec.id] = rec
+        if live is None:
+            self.live[f.key] = rec.id
+        else:
+            stopping.append(rec)
+        changed[rec.id] = rec
+        log.warning("Adopted the container of %s (attempt %s) from the engine%s", f.key, f.request_id[:8],
+                    "" if live is None else "; it is removed: the server has a newer attempt")
+        return rec
+
+    def _unstarted_on(self, placement: Placement) -> list[Record]:
+        """Admissions not yet handed to a spawner that share a device with ``placement``,
+        newest first."""
+        devices = {s.device_uuid for s in placement.shares}
+        out = [r for r in self.records.values()
+               if r.state == "RUNNING" and not r.delivered and r.placement is not None
+               and r.placement.node == placement.node
+               and (devices & {s.device_uuid for s in r.placement.shares} or not devices)]
+        return sorted(out, key=lambda r: r.admitted_at or 0, reverse=True)
 
 
 def placement_to_json(p: Placement) -> dict:

@@ -4,6 +4,10 @@ The in-memory ``AdmissionQueue`` decides; this module remembers.  Every change i
 written here before it is acknowledged, and on start-up the service rebuilds
 the scheduler from these rows (then lets the Docker engine correct them).
 SQLite by default, any SQLAlchemy URL (PostgreSQL in production).
+
+One row per spawn attempt.  The calls block: the service runs them in its
+database thread, never on the event loop, and every connection has a connect
+and a statement timeout so a stuck database fails a change instead of hanging it.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     Integer,
     String,
@@ -20,7 +25,9 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -53,23 +60,44 @@ class RequestRow(Base):
     shares: Mapped[str] = mapped_column(Text, default="[]")
     submitted_at: Mapped[float] = mapped_column(Float)
     admitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stop_error: Mapped[str] = mapped_column(Text, default="")
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    group_name: Mapped[str] = mapped_column(String(255), default="")
+    pools: Mapped[str] = mapped_column(Text, default="")  # comma-separated
+
+
+# Columns added after the first release, with the SQL default an older table gets.
+ADDED_COLUMNS = {"stop_error": ("TEXT", "''"), "delivered": ("BOOLEAN", "FALSE"),
+                 "group_name": ("VARCHAR(255)", "''"), "pools": ("TEXT", "''")}
 
 
 @dataclass
 class Record:
-    """A request as the service tracks it: what was asked and what was granted."""
+    """One spawn attempt as the service tracks it: what was asked and what was granted.
+
+    ``state``: PENDING (queued, holds nothing), RUNNING (admitted: holds its share, its
+    container may be starting), STOPPING (holds its share until its container is known gone;
+    the service is removing it, ``stop_error`` says why that failed so far).
+    """
 
     id: str
     request: Request
-    state: str  # "PENDING" | "RUNNING"
+    state: str
     placement: Placement | None = None
     user_options: dict = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.time)
     admitted_at: float | None = None
+    stop_error: str = ""
+    delivered: bool = False  # the admission was handed to its spawner: it counts as started
+    changed: int = 0  # the service's change counter at this record's last change (not stored)
 
     @property
     def key(self) -> RequestKey:
         return self.request.key
+
+    @property
+    def holds_share(self) -> bool:
+        return self.state in ("RUNNING", "STOPPING")
 
 
 def _to_row(rec: Record) -> RequestRow:
@@ -89,6 +117,10 @@ def _to_row(rec: Record) -> RequestRow:
         shares=json.dumps([[s.device_uuid, s.quanta] for s in p.shares]) if p else "[]",
         submitted_at=rec.submitted_at,
         admitted_at=rec.admitted_at,
+        stop_error=rec.stop_error,
+        delivered=rec.delivered,
+        group_name=rec.request.group,
+        pools=",".join(rec.request.pools),
     )
 
 
@@ -100,6 +132,8 @@ def _from_row(row: RequestRow) -> Record:
         memory_bytes=row.memory_bytes,
         image=row.image,
         seq=row.seq,
+        group=row.group_name or "",
+        pools=tuple(p for p in (row.pools or "").split(",") if p),
     )
     placement = None
     if row.node is not None:
@@ -117,14 +151,22 @@ def _from_row(row: RequestRow) -> Record:
         user_options=json.loads(row.user_options or "{}"),
         submitted_at=row.submitted_at,
         admitted_at=row.admitted_at,
+        stop_error=row.stop_error or "",
+        delivered=bool(row.delivered),
     )
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, timeout: float = 5.0):
         kwargs = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 5}
+            kwargs["connect_args"] = {"timeout": timeout}  # waits for another writer's lock
+        else:
+            kwargs["pool_timeout"] = timeout
+        if url.startswith("postgresql"):
+            ms = int(timeout * 1000)
+            kwargs["connect_args"] = {"connect_timeout": max(1, int(timeout)),
+                                      "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             # WAL keeps readers from blocking the single writer.
@@ -135,7 +177,16 @@ class Store:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
 
-        self._guard(lambda: Base.metadata.create_all(self.engine))
+        self._guard(self._create)
+
+    def _create(self):
+        Base.metadata.create_all(self.engine)
+        have = {c["name"] for c in inspect(self.engine).get_columns(RequestRow.__tablename__)}
+        with self.engine.begin() as conn:
+            for name, (sql_type, default) in ADDED_COLUMNS.items():
+                if name not in have:
+                    conn.execute(text(f"ALTER TABLE {RequestRow.__tablename__} "
+                                      f"ADD COLUMN {name} {sql_type} DEFAULT {default}"))
 
     def _guard(self, fn):
         try:
@@ -163,10 +214,3 @@ class Store:
 
         self._guard(_apply)
 
-    def max_seq(self) -> int:
-        def _max():
-            with Session(self.engine) as s:
-                rows = s.scalars(select(RequestRow.seq).order_by(RequestRow.seq.desc()).limit(1)).all()
-                return rows[0] if rows else 0
-
-        return self._guard(_max)

@@ -161,6 +161,7 @@ def make_container(
         labels.IMAGE: image,
         labels.CPU_MILLIS: str(opts.cpu_millis),
         labels.MEMORY_BYTES: str(opts.memory_bytes),
+        **({labels.GROUP: opts.group} if opts.group else {}),
     })
     for key in ("image", "name"):
         extra_create.pop(key, None)

@@ -31,7 +31,7 @@ from bai_scheduler.contract import labels as L
 from bai_scheduler.contract.client import SchedulerClient, SchedulerError
 from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
 from bai_scheduler.contract.form import form_context, home_note, volumes_shared
-from bai_scheduler.contract.options import FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract.options import FIELDS, FormError, Limits, SessionOptions, parse_options
 from bai_scheduler.contract.registry import BaiRegistry, RegistryError
 from bai_scheduler.contract.transfer import Transfer, format_size
 from bai_scheduler.core.units import GIB, FgpuUnits
@@ -309,13 +309,14 @@ class BaiSpawner(DockerSpawner):
             capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
             capacity_url=service + "capacity.json", static_url=service + "static/",
             home_note=home_note(self.volumes_are_shared, [n["name"] for n in cap.get("nodes", [])]),
+            user_groups=[g.name for g in self.user.groups],
         ))
 
     def options_from_form(self, formdata):
         # Parsed in start() with the live units, limits and catalog: this only
         # keeps the raw values, so a hand-crafted POST meets the same checks.
         return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in formdata.items()
-                if k in ("image", "image_name", "fgpu", "cpu", "memory", "sessions")}
+                if k in FIELDS}
 
     async def _resolve(self) -> tuple[SessionOptions, FgpuUnits, catalog_mod.CatalogImage]:
         """The request as validated: options whose ``image`` is the catalog entry's
@@ -447,12 +448,14 @@ class BaiSpawner(DockerSpawner):
         last = None
         while status["state"] == "PENDING":
             message = status.get("reason") or f"Waiting in queue (position {status.get('position')})"
+            if status.get("eta"):
+                message += f". Expected start: {status['eta']['text']}"
             if message != last:
                 self._emit(10, message)
                 last = message
             status = await self._wait_once(status)
             if status.get("state") == "GONE" or (status.get("id") and status["id"] != self.request_id):
-                raise web.HTTPError(409, "The queued request was cancelled.")
+                raise web.HTTPError(409, status.get("reason") or "The queued request was cancelled.")
         placement = status["placement"]
         self.placement = placement
         self.node_url = placement.get("docker_url", "")
@@ -467,7 +470,7 @@ class BaiSpawner(DockerSpawner):
         delay = 0.5
         while True:
             try:
-                return await self.scheduler.wait(self.user.name, self.name, status["epoch"], self.wait_poll_seconds)
+                return await self.scheduler.wait(self.request_id, status["epoch"], self.wait_poll_seconds)
             except SchedulerError as e:
                 if e.status not in (502, 503, 599) or asyncio.get_running_loop().time() > deadline:
                     raise web.HTTPError(503, f"Lost the scheduler while queued: {e}") from None
@@ -482,17 +485,22 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(400, str(e)) from None
         self.image = image.ref
         self._gpu = spec
-        self._opts = opts
+        self._opts = replace(opts, group=status.get("group", ""))  # the group the service counted it against
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
         node = status["placement"]["node"]
         await self._ensure_image(image, node, status)
         self._emit(60, f"Starting container from {image.short_ref} on {node}")
         try:
+            # DockerSpawner reads self.client on the loop; making it blocks (API version
+            # negotiation), so the node's client is made in the executor first.
+            await asyncio.wrap_future(self.executor.submit(lambda: self.client))
             ip_port = await asyncio.wait_for(super().start(), self.container_start_timeout)
-        except ENGINE_ERRORS as e:
-            await self._remove_quietly()
-            raise web.HTTPError(503, f"The Docker engine failed to start the session: {engine_message(e)}") from None
+        except (asyncio.TimeoutError, *ENGINE_ERRORS) as e:
+            what = (f"did not start the session within {self.container_start_timeout} s"
+                    if isinstance(e, asyncio.TimeoutError) else f"failed to start the session: {engine_message(e)}")
+            await self._remove_half_made(engine_message(e) if not isinstance(e, asyncio.TimeoutError) else what)
+            raise web.HTTPError(503, f"The Docker engine {what}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
 
@@ -502,7 +510,8 @@ class BaiSpawner(DockerSpawner):
         which image, which node and why; ``_start`` then returns the share."""
         name = image.short_ref
         try:
-            have = await self._blocking(local_id, self.client, image.ref)
+            # The node's client is made here, in the executor: making it blocks (API version negotiation).
+            have = await self._blocking(lambda: local_id(self.client, image.ref))
         except ENGINE_ERRORS as e:
             raise web.HTTPError(503, f"The Docker engine of node {node} is not reachable ({e.__class__.__name__}); "
                                      "your share was returned. Start the session again.") from None
@@ -561,16 +570,16 @@ class BaiSpawner(DockerSpawner):
         self._emit(59, f"Pulled {name} on {node}")
 
     async def _hold_request(self, epoch: int) -> None:
-        """While the image is pulled: a long-poll stays open on the request, so the service
-        counts the spawn as attached (its reconcile keeps the share). Returns when the request
-        was released meanwhile (the user stopped it)."""
+        """While the image is pulled: a long-poll stays open on the attempt, so the service
+        counts the spawn as attached (its reconcile keeps the share). Returns when the attempt
+        was released or is being stopped meanwhile (the user stopped it)."""
         while True:
             try:
-                status = await self.scheduler.wait(self.user.name, self.name, epoch, self.wait_poll_seconds)
+                status = await self.scheduler.wait(self.request_id, epoch, self.wait_poll_seconds)
             except SchedulerError:
                 await asyncio.sleep(1)
                 continue
-            if status.get("state") == "GONE" or status.get("id") != self.request_id:
+            if status.get("state") in ("GONE", "STOPPING"):
                 return
             epoch = status["epoch"]
 
@@ -592,12 +601,22 @@ class BaiSpawner(DockerSpawner):
                                  "using it as it is", name, have.get("Driver"), have.get("Options"),
                                  self.volume_driver, options)
 
-    async def _remove_quietly(self):
+    async def _remove_half_made(self, error: str):
+        """Remove a container that failed to start.  If that fails too, it may still exist
+        (created containers hold their share): the scheduler keeps the share and removes the
+        container itself, and this spawn no longer releases it."""
         try:
-            if self.object_id:
-                await self.remove_object()
-        except Exception as e:  # the engine may be down; reconcile cleans up later
+            await self.docker("remove_container", self.object_name, force=True, v=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except Exception as e:  # the engine may be down
             self.log.warning("Could not remove half-made container %s: %s", self.object_name, e)
+        try:
+            await self.scheduler.stop_failed(self.request_id, error)
+            self.request_id = ""  # the scheduler owns the attempt now
+        except SchedulerError as e:
+            self.log.error("Could not hand %s's half-made container to the scheduler: %s", self._log_name, e)
 
     async def _extra(self, value) -> dict:
         """An ``extra_*`` option as dockerspawner reads it: a dict, or a callable (maybe async) of the spawner."""
@@ -637,10 +656,11 @@ class BaiSpawner(DockerSpawner):
         return made
 
     async def _release(self):
+        """This attempt's container is gone (or was never made): its share can go."""
         if not self.request_id:
             return
         try:
-            await self.scheduler.release(self.user.name, self.name, self.request_id)
+            await self.scheduler.release(self.request_id)
         except SchedulerError as e:
             # The engine's events and the service's reconcile free it later.
             self.log.error("Could not release %s's share now: %s", self._log_name, e)
@@ -658,10 +678,23 @@ class BaiSpawner(DockerSpawner):
         request_id = self.request_id
         try:
             if self.object_id:
-                await super().stop(now=now)
+                await super().stop(now=now)  # docker stop, then remove
         except docker.errors.NotFound:
-            pass
-        finally:
-            self.request_id = request_id
-            await self._release()
+            pass  # gone already
+        except ENGINE_ERRORS as e:
+            # The container may still run, so its share stays held: the service shows the
+            # engine's message ("stopping failed") and removes the container itself, retrying.
+            self.log.error("Could not stop the container of %s: %s", self._log_name, e)
+            try:
+                message = engine_message(e)
+                if message != e.__class__.__name__:
+                    message = f"{e.__class__.__name__}: {message}"
+                await self.scheduler.stop_failed(request_id, message)
+            except SchedulerError as err:
+                # The service's reconcile finds the container later: the hub no longer knows it.
+                self.log.error("Could not tell the scheduler that %s did not stop: %s", self._log_name, err)
             self.clear_state()
+            return
+        self.request_id = request_id
+        await self._release()
+        self.clear_state()

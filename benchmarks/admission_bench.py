@@ -96,15 +96,13 @@ async def run(args) -> dict:
         latencies = []
         for _ in range(args.releases):
             head, head_status = pending.pop(0)
-            waiter = asyncio.ensure_future(
-                call("GET", f"/requests/bench/{head}/wait?epoch={head_status['epoch'] - 1}&timeout=0"))
-            await waiter  # refresh the head's epoch
-            status = waiter.result()
-            waiter = asyncio.ensure_future(call("GET", f"/requests/bench/{head}/wait?epoch={status['epoch']}&timeout=10"))
+            attempt = head_status["id"]
+            status = await call("GET", f"/attempts/{attempt}/wait?epoch={head_status['epoch'] - 1}&timeout=0")
+            waiter = asyncio.ensure_future(call("GET", f"/attempts/{attempt}/wait?epoch={status['epoch']}&timeout=10"))
             await asyncio.sleep(0.002)  # the long-poll is open on the service
-            victim, _ = running.pop(0)
+            _, victim = running.pop(0)
             t0 = time.perf_counter()
-            await call("DELETE", f"/requests/bench/{victim}")
+            await call("DELETE", f"/attempts/{victim['id']}")
             status = await waiter
             latencies.append((time.perf_counter() - t0) * 1000)
             if status["state"] != "RUNNING":

@@ -11,6 +11,12 @@ object with the figures.  Every placement is checked independently: a second, sh
 as a placement failure; requests of up to one GPU spread over more than one device count as
 split, placements smaller than the request as short.
 
+The trace replay also scores the queue's ETA (``core.eta``): for every request that has to
+wait, the estimate it is shown when it arrives against the tick it really starts (mean and p90
+absolute error, in ticks), and how often a stated upper bound ("at the latest ...") was broken,
+which must be never.  Sessions are stopped at ``--lifetime`` ticks (default: the longest hold in
+the trace, so no session is cut short and the other figures are unchanged).
+
 ``--images N`` replays the trace twice with N kernel images (each arrival's image drawn with
 Zipf-like popularity, seeded by its id; each node keeps the ``--image-slots`` images it ran
 last): once with placement told which node holds which image (its tie-breaker), once without.
@@ -30,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bai_scheduler.core.eta import QueueEta  # noqa: E402
 from bai_scheduler.core.nodes import simulated_nodes  # noqa: E402
 from bai_scheduler.core.model import Request, RequestKey  # noqa: E402
 from bai_scheduler.core.placement import Capacity  # noqa: E402
@@ -172,8 +179,39 @@ def image_of(arrival_id: int, images: int) -> str:
     return f"registry/bai/img{rng.choices(range(images), [1 / (k + 1) for k in range(images)])[0]}:1"
 
 
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of ``values``."""
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, -(-len(ranked) * p // 100) - 1))]
+
+
+def eta_figures(etas: dict, started: dict, still_pending: set, ticks: int) -> dict:
+    """ETA error against the replayed starts.  ``etas``: key -> (arrival tick, Eta)."""
+    errors, breaks, bounds, unknown = [], 0, 0, 0
+    for key, (arrived, eta) in etas.items():
+        start = started.get(key)
+        if eta.latest is not None:
+            bounds += 1
+            if (start is None and key in still_pending and eta.latest < ticks) or (
+                    start is not None and start > eta.latest):
+                breaks += 1
+        if eta.point is None:
+            unknown += 1
+        elif start is not None:
+            errors.append(abs(eta.point - start))
+    return {
+        "eta_requests": len(etas),
+        "eta_mean_abs_error_ticks": round(sum(errors) / len(errors), 1) if errors else None,
+        "eta_p90_abs_error_ticks": round(percentile(errors, 90), 1) if errors else None,
+        "eta_bounds_stated": bounds,
+        "eta_bound_breaks": breaks,
+        "eta_unknown": unknown,
+    }
+
+
 def run_trace(args, tell_images: bool = True):
     arrivals, ticks = load_trace(args.trace, args.max_ticks)
+    lifetime = args.lifetime or max((ev["hold"] for evs in arrivals.values() for ev in evs), default=1)
     nodes = make_nodes(args.trace_nodes, args.trace_gpus)
     cap = Capacity(nodes, Q, span=args.span, strategy=args.strategy, units=UNITS)
     held = NodeImages(cap, args.image_slots, tell_images) if args.images else None
@@ -182,6 +220,10 @@ def run_trace(args, tell_images: bool = True):
     departs: dict[int, list] = {}
     info = {}  # key -> (arrival tick, hold)
     waits = []
+    started = {}  # key -> tick it started
+    deadlines = {}  # key -> tick its session is stopped at the latest
+    departed = []  # (tick, quanta) of sessions that ended, for the ETA's estimate
+    etas = {}  # key -> (arrival tick, the ETA it was shown on arrival)
     util_sum = 0.0
     peak = 0.0
     sched_time = 0.0
@@ -206,11 +248,15 @@ def run_trace(args, tell_images: bool = True):
             waits.append(t - arr)
             if held is not None:
                 held.ran(placement.node, req.image)
+            started[req.key] = t
+            deadlines[req.key] = t + lifetime
             if check.admit(req, placement):
-                departs.setdefault(t + hold, []).append((req.key, placement))
+                departs.setdefault(t + min(hold, lifetime), []).append((req.key, placement))
 
     for t in range(ticks):
         for key, placement in departs.pop(t, ()):
+            departed.append((t, placement.quanta))
+            del deadlines[key]
             t0 = perf()
             newly = queue.release(key)
             sched_time += perf() - t0
@@ -228,10 +274,16 @@ def run_trace(args, tell_images: bool = True):
             if d.state == "RUNNING":
                 admitted_now(t, [(d.request, d.placement)])
             admitted_now(t, d.also_admitted)
+            if d.state == "PENDING":
+                eta = QueueEta(queue, deadlines, lifetime, departed[-args.eta_window:], t)
+                etas[key] = (t, eta.eta(d.request))
         u = cap.used_quanta / cap.total_quanta
         util_sum += u
         peak = max(peak, u)
     n_arrivals = sum(len(v) for v in arrivals.values())
+    # The longest any request waited: admitted ones, and those still queued at the end (a
+    # starved request shows here, never in the mean wait of the admitted).
+    ages = waits + [ticks - info[r.key][0] for r in queue.pending()]
     images = {}
     if held is not None:
         images = {"images": args.images, "image_slots": args.image_slots, "pulls": held.pulls}
@@ -247,6 +299,7 @@ def run_trace(args, tell_images: bool = True):
         "admitted": len(waits),
         "still_pending": len(queue.pending()),
         "mean_wait_ticks": round(sum(waits) / len(waits), 1) if waits else 0.0,
+        "max_wait_ticks": max(ages, default=0),
         "split_allocations": check.split,
         "short_allocations": check.short,
         "placement_failures": check.failures,
@@ -256,6 +309,8 @@ def run_trace(args, tell_images: bool = True):
         # everything: all submit/release calls and the passes they run, per call and per admission
         "us_per_scheduler_call": round(sched_time / max(1, decisions) * 1e6, 2),
         "us_per_admission_all_in": round(sched_time / max(1, len(waits)) * 1e6, 2),
+        "lifetime_ticks": lifetime,
+        **eta_figures(etas, started, {r.key for r in queue.pending()}, ticks),
     }
 
 
@@ -273,6 +328,10 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=0,
                     help="replay with this many kernel images, with and without placement's image preference")
     ap.add_argument("--image-slots", type=int, default=3, help="images each node keeps (--images)")
+    ap.add_argument("--lifetime", type=int, default=None,
+                    help="trace: sessions are stopped after this many ticks (default: the longest hold)")
+    ap.add_argument("--eta-window", type=int, default=50,
+                    help="trace: recent departures the ETA's estimate uses")
     ap.add_argument("--policy", choices=["fifo", "drf"], default="fifo", help="queue order")
     ap.add_argument("--head", choices=["strict", "skip", "backfill"], default="backfill")
     ap.add_argument("--skip-after", type=int, default=3)

@@ -33,11 +33,18 @@ def check_scheduler(res: dict):
     assert res["short_allocations"] == 0, res
     if res["mode"] == "pass":
         assert res["admitted"] + res["pending_after"] == res["requests"], res
+    else:  # the queue ETA: a stated upper bound is never broken
+        assert res["eta_bounds_stated"] > 0 and res["eta_bound_breaks"] == 0, res
 
 
 def check_admission(res: dict):
     # The benchmark raises unless every release admitted the waiting head.
     assert res["releases"] > 0 and res["p99_ms"] >= res["p50_ms"] >= 0, res
+
+
+def check_service(res: dict):
+    assert res["pending"] > 0 and res["locked_submit_failed_cleanly"], res
+    assert res["reconcile_rows_written"] == 1, res  # one container gone: one row, nothing else rewritten
 
 
 def check_load(res: dict):
@@ -57,12 +64,21 @@ def check_spawn(res: dict):
     assert res["ratio"] == pytest.approx(res["bai_median_s"] / res["dockerspawner_median_s"], rel=0.01), res
 
 
+def check_chaos(res: dict):
+    assert res["actions"] >= 20 and res["launched"] > 0, res
+    assert res["lost"] == 0 and res["double_allocated"] == 0 and res["leaked_shares"] == 0, res["details"]
+    assert res["settled"], res
+
+
 # name -> (extra args, check, marks, timeout)
 KNOWN = {
     "scheduler_bench.py": ((), check_scheduler, (), 300),
     "admission_bench.py": ((), check_admission, (), 300),
+    "service_bench.py": ((), check_service, (), 300),
     "load_bench.py": ((), check_load, (pytest.mark.docker, pytest.mark.hub, pytest.mark.slow), 600),
     "spawn_bench.py": ((), check_spawn, (pytest.mark.docker, pytest.mark.hub, pytest.mark.slow), 600),
+    # Its own second dockerd (bai-test-chaos), which it stops and starts: never the main engine.
+    "chaos_bench.py": ((), check_chaos, (pytest.mark.docker, pytest.mark.hub, pytest.mark.slow), 1200),
 }
 
 
@@ -78,7 +94,7 @@ def cases():
 
 @pytest.mark.parametrize("name, args, check, timeout", cases())
 def test_benchmark_quick(name, args, check, timeout, request):
-    if name in ("load_bench.py", "spawn_bench.py"):
+    if name in ("load_bench.py", "spawn_bench.py", "chaos_bench.py"):
         request.getfixturevalue("kernel_images")
     res = run_bench(name, *args, timeout=timeout)
     if check is not None:

@@ -11,7 +11,7 @@ from bai_scheduler.core.units import FgpuUnits
 
 UNITS = FgpuUnits(2, "0.5")
 LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16), default_cpu=Decimal(1),
-                default_memory_gib=Decimal(2), max_sessions=8)
+                default_memory_gib=Decimal(2), max_sessions=8, presets=(), custom=True)
 
 
 def test_form_lists_and_rest_values_parse_the_same():

@@ -84,7 +84,9 @@ class Service:
     def state(self) -> dict:
         code, _, body = self.raw.call("GET", PREFIX + "api/requests", token=self.token)
         assert code == 200, body
-        reqs = {f"{r['user']}/{r['server']}": {k: v for k, v in r.items() if k != "epoch"}
+        # The epoch counts wake-ups and the ETA is recomputed from the clock: neither is state a
+        # request could change.
+        reqs = {f"{r['user']}/{r['server']}": {k: v for k, v in r.items() if k not in ("epoch", "eta")}
                 for r in json.loads(body)["requests"]}
         code, _, body = self.raw.call("GET", PREFIX + "api/capacity", token=self.token)
         assert code == 200, body
@@ -146,6 +148,10 @@ def put_valid(body) -> bool:
     return isinstance(body.get("image", ""), str) and isinstance(body.get("user_options", {}), dict)
 
 
+# Attempt ids that are nobody's (well-formed or not: the route takes 32 hex digits only).
+attempt_ids = st.one_of(st.text(alphabet="0123456789abcdef", min_size=32, max_size=32),
+                        st.sampled_from(["0", "null", "%00", "a" * 500, "A" * 32, "../" + "0" * 29]))
+
 NARROW = {
     **{f"alice-{kind}": ("alice", narrow_scopes(kind, "alice")) for kind in NARROW_SCOPES},
     "boss-access-only": ("boss", [ACCESS]),  # an admin's token limited to the service
@@ -167,7 +173,8 @@ FUZZ = settings(max_examples=int(os.environ.get("BAI_FUZZ_EXAMPLES", "400")), de
 def service_calls(draw):
     """One request: (method, path, body, token-name, whether a 2xx is allowed)."""
     endpoint = draw(st.sampled_from([
-        "capacity", "requests", "request-get", "request-put", "request-delete", "wait", "launch", "metrics",
+        "capacity", "requests", "request-get", "request-put", "request-delete", "attempt-delete", "stop-failed",
+        "wait", "launch", "metrics",
         "health", "snapshots-get", "snapshots-post", "snapshot-job", "images-get", "image-delete",
         "admin-page", "sessions-json", "capacity-json", "bogus",
     ]))
@@ -199,12 +206,15 @@ def service_calls(draw):
         return method, path, body, who, valid and who == "internal", (user, server)
     elif endpoint == "request-delete":
         method, path = "DELETE", rpath
-        # Deleting a real request is valid (and changes state), so seeded keys get a
-        # request_id that is not theirs: a stale release must change nothing.
-        query = "?request_id=" + quote(draw(st.one_of(st.text(min_size=1, max_size=40).filter(str.strip),
-                                                      st.sampled_from(["0", "null", "%00", "a" * 500]))))
+    elif endpoint == "attempt-delete":
+        # Releasing a real attempt is valid (and changes state): these ids are nobody's, and a
+        # stale release must change nothing.
+        method, path = "DELETE", "api/attempts/" + draw(attempt_ids)
+    elif endpoint == "stop-failed":
+        method, path = "POST", "api/attempts/" + draw(attempt_ids) + "/stop-failed"
+        body = draw(st.one_of(malformed, json_values.map(lambda v: json_bytes({"message": v}))))
     elif endpoint == "wait":
-        method, path = "GET", rpath + "/wait"
+        method, path = "GET", "api/attempts/" + draw(attempt_ids) + "/wait"
         epoch = draw(st.one_of(st.sampled_from(["-1", "0", "1.5", "abc", "", "nan", "1e3", "9" * 5000, "0x10", " 3 "]),
                                st.integers(-(2**64), 5).map(str)))
         timeout = draw(st.one_of(st.sampled_from(["nan", "NaN", "-nan", "-1", "-inf", "abc", "", "0", "0.2", "1e-9",
@@ -284,9 +294,7 @@ def test_fuzz_standalone_service(svc, call):
         assert may_succeed, f"{what} accepted ({code}): {out[:300]!r}"
         if method == "PUT":
             rec = json.loads(out)
-            c2, _, o2 = svc.raw.call("DELETE", PREFIX + f"api/requests/{quote(rec['user'], safe='')}"
-                                     + (f"/{quote(rec['server'], safe='')}" if rec["server"] else "")
-                                     + f"?request_id={rec['id']}", token=svc.token)
+            c2, _, o2 = svc.raw.call("DELETE", PREFIX + f"api/attempts/{rec['id']}", token=svc.token)
             assert c2 == 200, o2
     if method == "PUT" and code >= 400 or method != "PUT":
         after = svc.state()
@@ -318,14 +326,25 @@ def test_fuzz_standalone_service_edge_cases(svc):
         ("PUT", "api/requests/" + "a" * 256 + "/x", b'{"quanta": 0}', "internal"),
         ("DELETE", "api/requests/bob/b", None, "alice"),
         ("DELETE", "api/requests/bob/b?request_id=stale", None, "internal"),
+        ("DELETE", "api/attempts/" + "0" * 32, None, "internal"),
+        ("DELETE", "api/attempts/" + "0" * 32, None, "alice"),
+        ("POST", "api/attempts/" + "0" * 32 + "/stop-failed", b'{"message": "x"}', "internal"),
+        ("POST", "api/attempts/" + "0" * 32 + "/stop-failed", b'{"message": 1}', "internal"),
         ("DELETE", "api/requests/carol", None, "alice"),
         ("DELETE", "api/requests/bob/c", None, None),
         ("DELETE", "api/requests/bob/c", None, "nobody"),
         ("GET", "api/requests/bob/b", None, "alice"),
-        ("GET", "api/requests/bob/b/wait?epoch=-1&timeout=0", None, "alice"),
-        ("GET", "api/requests/bob/b/wait?epoch=99999999&timeout=nan", None, "internal"),
-        ("GET", "api/requests/bob/b/wait?epoch=99999999&timeout=-inf", None, "internal"),
-        ("GET", "api/requests/bob/b/wait?epoch=nan&timeout=0", None, "internal"),
+        ("GET", "api/attempts/{bob/b}/wait?epoch=-1&timeout=0", None, "alice"),
+        ("GET", "api/attempts/{bob/b}/wait?epoch=99999999&timeout=nan", None, "internal"),
+        ("GET", "api/attempts/{bob/b}/wait?epoch=99999999&timeout=-inf", None, "internal"),
+        ("GET", "api/attempts/{bob/b}/wait?epoch=nan&timeout=0", None, "internal"),
+        ("GET", "api/attempts/{bob/b}/wait?epoch=0&timeout=0", None, None),
+        ("DELETE", "api/attempts/{bob/b}", None, "alice"),
+        ("DELETE", "api/attempts/{bob/b}", None, "boss"),
+        ("POST", "api/attempts/{bob/b}/stop-failed", b'{"message": "x"}', "alice"),
+        ("POST", "api/attempts/{carol/}/stop-failed", b'{"message": "x"}', "internal"),
+        ("POST", "api/attempts/{bob/b}/stop-failed", b'{"message": 1}', "internal"),
+        ("PUT", "api/attempts/{bob/b}", b"{}", "internal"),
         ("POST", "api/launch", b'{"user": "bob", "count": 1}', "alice"),
         ("POST", "api/launch", b'{"count": 1e308}', "alice"),
         ("POST", "api/launch", b'{"count": 1, "prefix": "../x"}', "alice"),
@@ -344,6 +363,8 @@ def test_fuzz_standalone_service_edge_cases(svc):
         ("GET", "api/snapshots/00ff", None, "internal"),
     ]
     for method, path, body, who in cases:
+        for seeded, attempt_id in svc.ids.items():
+            path = path.replace("{" + seeded + "}", attempt_id)
         COUNTS["service-edge"] += 1
         before = svc.state()
         code, headers, out = svc.raw.call(method, PREFIX + path, body=body, token=svc.tokens[who])

@@ -100,6 +100,17 @@ def test_rows_show_images_by_the_names_users_see_and_the_reference_that_runs():
     assert other[0]["image"] == other[0]["reference"] == "reg.example.com/bai/x:1"
 
 
+def test_rows_show_stopping_attempts_with_the_engines_message():
+    failed = status("eve", "a", "STOPPING", id="old-attempt", stop_error="APIError: 500 Server Error")
+    rows = session_rows([failed], [], units=U, now=2000.0)
+    (row,) = rows
+    assert row["state"] == "STOPPING" and not row["can_stop"] and row["request_id"] == "old-attempt"
+    assert row["detail"].startswith("Stopping failed: APIError: 500 Server Error.") and "share stays held" in row["detail"]
+    # The same server started again meanwhile: the old attempt keeps a row of its own.
+    rows = session_rows([failed, status("eve", "a", "PENDING", position=1)], [], units=U, now=2000.0)
+    assert sorted((r["server"], r["state"]) for r in rows) == [("a", "PENDING"), ("a", "STOPPING")]
+
+
 def test_rows_sort_running_first_then_queue_position_and_default_server_name():
     statuses = [status("c", "b", "PENDING", position=2), status("c", "a", "PENDING", position=1),
                 status("c", "", "RUNNING")]
@@ -140,6 +151,14 @@ def test_node_rows_fgpu_memory_and_live_stats():
     assert n["cpu"] == "1.5 CPU" and n["memory"] == "3 GiB" and not n["limited"]
 
 
+def test_node_rows_show_an_overcommit():
+    snap = usage(4, 0)
+    snap[0]["devices"][0].update(used_quanta=6, overcommitted_quanta=2)
+    g0, g1 = node_rows(snap, U)[0]["devices"]
+    assert (g0["overcommitted"], g0["free"], g0["percent"]) == ("1", "0", 100)
+    assert g1["overcommitted"] == ""
+
+
 # -- the form ---------------------------------------------------------------------------------------
 
 def image(ref, framework, version, python="3.11", kind="kernel", owner=None, display=None):
@@ -154,7 +173,7 @@ IMAGES = [image("bai/sklearn:1.5.2", "scikit-learn", "1.5.2"), image("bai/sklear
           image("bai/pytorch:2.5", "PyTorch", "2.5", python="3.12"),
           image("bai-private/ann:exp", "scikit-learn", "1.6.1", kind="private", owner="ann")]
 LIMITS = Limits(max_quanta=4, max_cpu=Decimal(4), max_memory_gib=Decimal(16), default_cpu=Decimal(1),
-                default_memory_gib=Decimal(2), max_sessions=4)
+                default_memory_gib=Decimal(2), max_sessions=4, presets=(), custom=True)
 NOTE = {"level": "success", "text": "Free now: 2 of 2 fGPU. Nobody is waiting. This session would start at once."}
 
 

@@ -75,14 +75,19 @@ def test_strict_head_blocks_smaller_requests():
     assert s.schedule() == []
 
 
-def test_skip_lets_others_pass_after_n_passes():
+def test_skip_lets_others_pass_after_n_rounds():
+    """A round is the head's first try, then each release while it still does not fit; passes
+    run only because someone else submitted do not count (they change nothing for the head)."""
     s = make(gpus=(2,), policy=QueuePolicy(head="skip", skip_after=2))
-    s.submit(R("x", "1.5"))
-    s.submit(R("y", "1.5"))
-    s.submit(R("big", "2"))
+    s.submit(R("x", "1.5"))  # dev0: 3 of 4 quanta
+    s.submit(R("y", "1.5"))  # dev1: 3 of 4
+    s.submit(R("z", "0.5"))  # dev0 full
+    s.submit(R("w", "0.5"))  # dev1 full
+    assert s.submit(R("big", "2")).state == "PENDING"  # round 1
     assert s.submit(R("small", "0.5")).state == "PENDING"
-    assert s.schedule() == []  # second pass the head fails in
-    admitted = s.schedule()  # third: the head has failed 2 passes and is skipped over
+    assert s.schedule() == [] and s.schedule() == []  # no capacity came back: still round 1
+    assert s.release(K("z")) == []  # round 2: the head still blocks
+    admitted = s.release(K("w"))  # round 3 > skip_after: later requests may pass it
     assert [r.key.user for r, _ in admitted] == ["small"]
     assert [r.key.user for r in s.pending()] == ["big"]
 
@@ -351,3 +356,17 @@ def test_benchmark_quick_modes():
     res = scheduler_bench.main(["--quick", "--trace", "--json"])
     assert res["placement_failures"] == 0 and res["split_allocations"] == 0 and res["short_allocations"] == 0
     assert res["mean_utilization"] > 0.8
+
+
+def test_a_whole_gpu_still_starts_where_a_fraction_may_not():
+    """Under GPU backend limits a larger request may fit where a smaller one failed: a fraction
+    may not go on a "mig" node, a whole GPU may.  The pass must not give up after the fraction."""
+    nodes = simulated_nodes([{"name": "n0", "gpus": 1, "gpu_memory": "8GiB", "gpu_backend": "mig"},
+                             {"name": "n1", "gpus": 1, "gpu_memory": "8GiB", "gpu_backend": "hami"}], U)
+    for order in ("fifo", "drf"):
+        s = AdmissionQueue(Capacity(nodes, Q, units=U), QueuePolicy(order=order))
+        s.set_gpu_ready("n1", False)  # the node that could take the fraction is out of service
+        assert s.submit(R("a", "0.5")).state == "PENDING"
+        s.schedule()
+        d = s.submit(R("b", "2"))  # a whole GPU, which the mig node gives
+        assert d.state == "RUNNING" and d.placement.node == "n0", (order, d)

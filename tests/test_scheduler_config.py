@@ -120,7 +120,7 @@ def test_api_capacity_publishes_the_limits_and_the_note(service):
     code, _, body = get("api/capacity")
     cap = json.loads(body)
     assert cap["limits"] == {"max_quanta": 8, "max_cpu": "6", "max_memory_gib": "16", "default_cpu": "1",
-                             "default_memory_gib": "2", "max_sessions": 3}
+                             "default_memory_gib": "2", "max_sessions": 3, "presets": [], "custom": True}
     assert cap["note"]["quanta"] == 1 and cap["note"]["count"] == 1 and cap["note"]["level"] == "success"
     assert "c.BaiSpawner.max_cpu is deprecated" in log.read_text()
     code, headers, body = get("capacity.json?quanta=4&count=3")

@@ -48,13 +48,20 @@ class SchedulerClient:
             "image": image, "user_options": user_options,
         })
 
-    async def wait(self, user, server, epoch: int, timeout: float = 30):
+    async def wait(self, request_id: str, epoch: int, timeout: float = 30):
+        """Long-poll until spawn attempt ``request_id`` changes (its state "GONE" if it went)."""
         q = urlencode({"epoch": epoch, "timeout": timeout})
-        return await self._call("GET", self._path(user, server) + f"/wait?{q}", timeout=timeout + 15)
+        return await self._call("GET", f"/attempts/{quote(request_id, safe='')}/wait?{q}", timeout=timeout + 15)
 
-    async def release(self, user, server, request_id: str = ""):
-        q = f"?request_id={quote(request_id)}" if request_id else ""
-        return await self._call("DELETE", self._path(user, server) + q)
+    async def release(self, request_id: str):
+        """The attempt's container is gone, or was never made: its share can go."""
+        return await self._call("DELETE", f"/attempts/{quote(request_id, safe='')}")
+
+    async def stop_failed(self, request_id: str, message: str):
+        """The attempt's container could not be stopped: the service keeps its share and
+        removes it itself."""
+        return await self._call("POST", f"/attempts/{quote(request_id, safe='')}/stop-failed",
+                                {"message": message})
 
     async def capacity(self):
         return await self._call("GET", "/capacity")

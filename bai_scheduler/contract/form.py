@@ -96,13 +96,54 @@ def home_note(shared: bool, nodes: list[str], home: str = "/home/jovyan") -> str
             "snapshot), a git repository or MLflow.")
 
 
+def preset_choices(limits: Limits, units: FgpuUnits, selected: str | None) -> list[dict]:
+    """The presets as radio choices, then "Custom" where allowed; ``selected`` (a slug, "" for
+    custom, None: not chosen yet) else the default preset, else the first, is checked."""
+    if not limits.presets:
+        return []
+    slugs = [p.slug for p in limits.presets] + ([""] if limits.custom else [])
+    if selected not in slugs:
+        selected = next((p.slug for p in limits.presets if p.default), limits.presets[0].slug)
+    out = []
+    for p in limits.presets:
+        shape = (f"{units.to_fgpu(p.quanta)} fGPU · {p.cpu_millis / 1000:g} CPU · {format_bytes(p.memory_bytes)}"
+                 + (f" · {p.image}" if p.image else "") + (f" · pool {p.pool}" if p.pool else ""))
+        out.append({"value": p.slug, "label": p.display_name, "description": p.description, "shape": shape,
+                    "checked": p.slug == selected})
+    if limits.custom:
+        out.append({"value": "", "label": "Custom", "description": "Your own GPU share, CPU and memory (below).",
+                    "shape": "", "checked": selected == ""})
+    return out
+
+
+def team_choices(capacity: dict, user_groups, values: dict) -> tuple[list[dict], list[dict]]:
+    """(groups, pools) the form offers: the user's groups that have a policy (the first is the
+    default), and the pools the chosen group may use, each with its free fGPU."""
+    policies = capacity.get("groups") or {}
+    mine = [g for g in user_groups or () if g in policies]
+    group = values.get("group") if values.get("group") in mine else (mine[0] if mine else "")
+    groups = [{"value": g, "label": g, "selected": g == group} for g in mine]
+    allowed = (policies.get(group) or {}).get("pools") or sorted(capacity.get("pools") or {})
+    pools = []
+    for name in allowed:
+        p = (capacity.get("pools") or {}).get(name)
+        if p is None:
+            continue
+        pools.append({"value": name, "selected": values.get("pool") == name,
+                      "label": f"{name}: {p['free_fgpu']} of {p['capacity_fgpu']} fGPU free "
+                               f"({len(p['nodes'])} node{'s' if len(p['nodes']) != 1 else ''})"})
+    return groups, pools
+
+
 def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits: Limits, note: dict,
-                 capacity_url: str, static_url: str, values: dict | None = None, home_note: str = "") -> dict:
+                 capacity_url: str, static_url: str, values: dict | None = None, user_groups=(),
+                 home_note: str = "") -> dict:
     """Variables of ``session_form.html``.
 
     ``capacity``: ``api/capacity``'s answer (its devices); ``note``: ``{"level", "text"}`` for the
     chosen shape; ``capacity_url``: where the script polls the note; ``static_url``: the service's
     static folder (the form's script and style); ``values``: raw values of a refused post, shown again;
+    ``user_groups``: the user's JupyterHub groups (the form offers those with a policy).
     ``home_note``: where the user's files live (``home_note()``), when that needs saying.
     """
     values = values or {}
@@ -110,7 +151,13 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
     device_mem = max((d["memory_bytes"] for d in devices), default=0)
     quanta, _ = chosen_shape(values, units, limits)
     gpu_names = sorted({d["name"] for d in devices})
+    groups, pools = team_choices(capacity, user_groups, values)
     return {
+        "presets": preset_choices(limits, units, values.get("preset")),
+        "custom": limits.custom,
+        "team_groups": groups,
+        "pool_choices": pools,
+        "pool_any": not any(p["selected"] for p in pools),
         "image_groups": image_groups(visible, str(values.get("image") or "")),
         "user_name": user,
         "typed_image": str(values.get("image_name") or ""),

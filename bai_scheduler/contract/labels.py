@@ -24,6 +24,7 @@ Containers:
     {PREFIX}fgpu                   total fGPU as shown to users, e.g. "0.5"
     {PREFIX}cpu-millis, {PREFIX}memory-bytes
     {PREFIX}request-id             the scheduler admission this container belongs to
+    {PREFIX}group                  the JupyterHub group whose quota the session counts against
     {PREFIX}probe                  "1": a GPU-readiness check of the scheduler (removed at once)
 """
 
@@ -53,6 +54,7 @@ MEMORY_BYTES = PREFIX + "memory-bytes"
 REQUEST_ID = PREFIX + "request-id"
 HUB = PREFIX + "hub"
 IMAGE = PREFIX + "image"
+GROUP = PREFIX + "group"
 PROBE = PREFIX + "probe"
 
 KIND_KERNEL = "kernel"

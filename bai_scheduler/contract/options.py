@@ -6,12 +6,15 @@ hand-crafted POST gets exactly the checks the form does.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from decimal import Decimal
 
+from ..core.presets import Preset
 from ..core.units import GIB, FgpuError, FgpuUnits, NumberError, parse_number
 
-FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
+FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions", "preset", "group", "pool")
+# Choices the service checks against the user's JupyterHub groups (core.quotas.resolve).
+TEAM_FIELDS = ("group", "pool")
 
 
 class FormError(ValueError):
@@ -33,9 +36,15 @@ class Limits:
     default_cpu: Decimal
     default_memory_gib: Decimal
     max_sessions: int  # sessions one launch may start
+    presets: tuple[Preset, ...]  # offered first (c.BaiScheduler.presets)
+    custom: bool  # whether values other than a preset's may be asked for
 
     def to_json(self) -> dict:
-        return {k: v if isinstance(v, int) else str(v) for k, v in asdict(self).items()}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("presets", "custom")}
+        out = {k: v if isinstance(v, int) else str(v) for k, v in out.items()}
+        out["presets"] = [p.to_json() for p in self.presets]
+        out["custom"] = self.custom
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Limits":
@@ -46,6 +55,8 @@ class Limits:
             default_cpu=Decimal(data["default_cpu"]),
             default_memory_gib=Decimal(data["default_memory_gib"]),
             max_sessions=int(data["max_sessions"]),
+            presets=tuple(Preset.from_json(p) for p in data["presets"]),
+            custom=bool(data["custom"]),
         )
 
 
@@ -56,9 +67,12 @@ class SessionOptions:
     cpu_millis: int
     memory_bytes: int
     sessions: int = 1
+    preset: str = ""  # the preset's slug ("" = custom values)
+    group: str = ""  # the group it counts against ("" = the user's first)
+    pool: str = ""  # the node pool asked for ("" = any the group may use)
 
     def to_user_options(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v != "" or k not in ("preset", *TEAM_FIELDS)}
 
 
 def _one(value):
@@ -102,6 +116,31 @@ def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOption
     unknown = set(data) - set(FIELDS) - {"quanta", "cpu_millis", "memory_bytes"}
     if unknown:
         raise FormError(f"Unknown field(s): {', '.join(sorted(str(k) for k in unknown))[:200]}.")
+    teams = {}
+    for name in ("preset", *TEAM_FIELDS):
+        value = _one(data.get(name, "")) or ""
+        if not isinstance(value, str) or len(value) > 63 or any(c.isspace() for c in value):
+            raise FormError(f"{name.capitalize()} must be a name.")
+        teams[name] = value.strip()
+    preset = None
+    if teams["preset"]:
+        preset = next((p for p in limits.presets if p.slug == teams["preset"]), None)
+        if preset is None:
+            offered = ", ".join(p.slug for p in limits.presets) or "none"
+            raise FormError(f"There is no preset {teams['preset']!r} (presets: {offered}).")
+    elif limits.presets and not limits.custom:
+        raise FormError("Choose one of the presets: "
+                        f"{', '.join(p.slug for p in limits.presets)} (custom values are not allowed here).")
+    if preset is not None:
+        # The preset's shape wins over any values posted beside it; its image and pool too.
+        data = {k: v for k, v in data.items() if k not in ("fgpu", "cpu", "memory", "quanta", "cpu_millis",
+                                                            "memory_bytes")}
+        data.update(fgpu=units.to_fgpu(preset.quanta), cpu=str(Decimal(preset.cpu_millis) / 1000),
+                    memory=str(Decimal(preset.memory_bytes) / GIB))
+        if preset.image:
+            data.update(image=preset.image, image_name="")
+        if preset.pool:
+            teams["pool"] = preset.pool
     if "quanta" in data:  # already-parsed options (a restart, or the launch API)
         mixed = sorted(set(data) & {"image_name", "fgpu", "cpu", "memory"})
         if mixed:
@@ -126,20 +165,24 @@ def parse_options(data: dict, units: FgpuUnits, limits: Limits) -> SessionOption
     if len(image) > 255 or any(c.isspace() or ord(c) < 32 for c in image):
         raise FormError("That is not a valid image name.")
 
-    try:
-        quanta = units.to_quanta(_one(data.get("fgpu", "0")), limits.max_quanta)
-    except FgpuError as e:
-        raise FormError(str(e)) from None
-    cpu = _decimal("CPU", _one(data.get("cpu", limits.default_cpu)), Decimal("0.1"), limits.max_cpu, " cores")
-    mem = _decimal("Memory", _one(data.get("memory", limits.default_memory_gib)), Decimal("0.25"),
-                   limits.max_memory_gib, " GiB")
+    if preset is not None:  # an admin's shape: the per-session form limits are not asked
+        quanta, cpu, mem = preset.quanta, Decimal(preset.cpu_millis) / 1000, Decimal(preset.memory_bytes) / GIB
+    else:
+        try:
+            quanta = units.to_quanta(_one(data.get("fgpu", "0")), limits.max_quanta)
+        except FgpuError as e:
+            raise FormError(str(e)) from None
+        cpu = _decimal("CPU", _one(data.get("cpu", limits.default_cpu)), Decimal("0.1"), limits.max_cpu, " cores")
+        mem = _decimal("Memory", _one(data.get("memory", limits.default_memory_gib)), Decimal("0.25"),
+                       limits.max_memory_gib, " GiB")
     n = whole_number("Sessions", _one(data.get("sessions", 1)), 1, limits.max_sessions)
     return SessionOptions(
         image=image,
         quanta=quanta,
-        cpu_millis=int(cpu * 1000),
-        memory_bytes=int(mem * GIB),
+        cpu_millis=preset.cpu_millis if preset is not None else int(cpu * 1000),
+        memory_bytes=preset.memory_bytes if preset is not None else int(mem * GIB),
         sessions=n,
+        **teams,
     )
 
 

@@ -18,10 +18,11 @@ _TRIAL = RequestKey("", "")
 
 def trial_capacity(nodes: Iterable[Node], units: FgpuUnits, held: Iterable[Placement], *,
                    span: str = "whole-then-fraction", strategy: str = "concentrate") -> Capacity:
-    """A fresh ``Capacity`` of ``nodes`` with the GPU shares of ``held`` taken (CPU and memory left out)."""
+    """A fresh ``Capacity`` of ``nodes`` with the GPU shares of ``held`` taken (CPU and memory left out;
+    an over-commit the engines run is counted too)."""
     capacity = Capacity(list(nodes), units.quanta_per_gpu, span=span, strategy=strategy, units=units)
     for p in held:
-        capacity.take(Placement(p.node, p.shares))
+        capacity.take(Placement(p.node, p.shares), force=True)
     return capacity
 
 

@@ -64,6 +64,9 @@ class GpuBackend:
                 "mps_pipe_directory": self.mps_pipe_directory, "mps_shm_directory": self.mps_shm_directory}
 
 
+DEFAULT_POOL = "default"
+
+
 @dataclass(frozen=True)
 class Node:
     """A Docker engine and the GPUs behind it."""
@@ -76,6 +79,7 @@ class Node:
     simulated: bool = False
     tls: dict = field(default_factory=dict, hash=False, compare=False)
     gpu: GpuBackend = GpuBackend()
+    pool: str = DEFAULT_POOL  # node pool: groups may be limited to some pools (core.quotas)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class Request:
     memory_bytes: int = 0
     image: str = ""
     seq: int = 0  # submission order, assigned by the scheduler
+    group: str = ""  # the JupyterHub group whose quota it counts against ("" = none)
+    pools: tuple[str, ...] = ()  # node pools it may go to, sorted ("" tuple = any node)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from .model import GPU_BACKENDS, Device, GpuBackend, Node
+from .model import DEFAULT_POOL, GPU_BACKENDS, Device, GpuBackend, Node
 from .units import FgpuUnits
 
 
@@ -90,7 +90,8 @@ def _parse_cpu_millis(value, where: str) -> int:
 
 
 _GPU_KEYS = {"gpu_backend", "hami_library", "hami_lock_dir", "mps_pipe_directory", "mps_shm_directory"}
-_NODE_KEYS = {"name", "docker_url", "gpus", "gpu_memory", "gpu_name", "sm_count", "cpu", "memory", "tls"} | _GPU_KEYS
+_NODE_KEYS = {"name", "docker_url", "gpus", "gpu_memory", "gpu_name", "sm_count", "cpu", "memory", "tls",
+              "pool"} | _GPU_KEYS
 _DEVICE_KEYS = {"uuid", "index", "memory", "name", "sm_count", "mig_parent", "mig_profile"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -139,8 +140,11 @@ def _base(entry, i: int, count: int, seen: set, units: FgpuUnits, defaults: GpuB
     tls = entry.get("tls") or {}
     if not isinstance(tls, dict):
         raise ValueError(f"{where}: tls must be a dict")
+    pool = entry.get("pool", DEFAULT_POOL)
+    if not isinstance(pool, str) or not _NAME_RE.match(pool):
+        raise ValueError(f"{where}: 'pool' must be 1-63 letters, digits, '.', '_' or '-' (got {pool!r})")
     return where, dict(name=name, docker_url=docker_url, cpu_millis=cpu_millis, memory_bytes=memory,
-                       tls=dict(tls), gpu=gpu_backend(entry, defaults, where))
+                       tls=dict(tls), gpu=gpu_backend(entry, defaults, where), pool=pool)
 
 
 def _whole(entry: dict, key: str, where: str, default=0) -> int:

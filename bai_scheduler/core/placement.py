@@ -3,7 +3,10 @@
 ``Capacity`` holds, for every device, how many fGPU quanta are free, and for every node how
 much CPU and memory is left (0 capacity = not limited).  ``place`` answers where a request
 would go without changing anything; ``take`` and ``give_back`` apply and undo a placement and
-refuse anything that would over-allocate or return more than was taken.
+refuse anything that would over-allocate or return more than was taken.  The one exception is
+``take(force=True)``: a session the engine shows running is counted even when its device is
+already full (an over-commit found by reconcile); the excess is kept as that device's *debt*,
+reported by ``overcommitted()`` and ``snapshot()``, and paid off first when shares come back.
 
 Placement rules
 ---------------
@@ -19,6 +22,8 @@ Placement rules
 * A node's GPU backend (``Node.gpu``) limits what one session may hold there: "whole" and "mig"
   nodes give whole devices only, "mps" nodes no fraction next to whole GPUs (one SM percentage
   per process), "mig" nodes one device per session (CUDA enumerates one MIG instance per process).
+* A request with ``pools`` goes only to nodes of those pools (``Node.pool``); every rule above
+  holds within them.
 * ``set_gpu_ready(node, False)`` takes a node's GPUs out of placement (its backend cannot enforce
   shares now); CPU-only requests still go there.  Allocations already made are kept.
 * Images (``set_node_images``): when the place chosen is on an empty node that lacks the request's
@@ -105,6 +110,7 @@ class Capacity:
         elif units.quanta_per_gpu != Q:
             raise ValueError("units.quanta_per_gpu does not match quanta_per_gpu")
         self.units = units
+        self._fmt: dict[int, str] = {}
         self.span = span
         self.strategy = strategy
         self._concentrate = strategy == "concentrate"
@@ -115,6 +121,7 @@ class Capacity:
         self._dev_uuid: list[str] = []
         self._cap: list[int] = []
         self._free: list[int] = []
+        self._debt: list[int] = []  # quanta in use beyond capacity (forced takes), per device
         self._dev_node: list[int] = []
         self._node_devs: list[list[int]] = []
         for ni, node in enumerate(self.nodes):
@@ -134,6 +141,7 @@ class Capacity:
                 self._dev_uuid.append(dev.uuid)
                 self._cap.append(dev.quanta)
                 self._free.append(dev.quanta)
+                self._debt.append(0)
                 self._dev_node.append(ni)
                 devs.append(di)
             self._node_devs.append(devs)
@@ -164,7 +172,6 @@ class Capacity:
         self.total_cpu_millis = 0 if any(c == 0 for c in self._cpu_cap) else sum(self._cpu_cap)
         self.total_memory_bytes = 0 if any(m == 0 for m in self._mem_cap) else sum(self._mem_cap)
         self._rebuild()
-        # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem)
         # What each node's GPU backend lets one session hold there, and whether its GPUs are
         # usable now (see the module docstring).
         self._fractions = [nd.gpu.fractions for nd in self.nodes]
@@ -173,28 +180,56 @@ class Capacity:
         self._gpu_off = [False] * n
         self._restricted = False
         self._update_restricted()
-        # node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
-        # fractions allowed, fraction next to whole GPUs allowed, several devices allowed)
-        self._shapes = sorted(
+        self._shapes = self._node_shapes(range(n))
+        # Node pools: the nodes a request limited to some pools may use (see allowed_nodes)
+        self._pool_nodes: dict[str, set[int]] = {}
+        for ni, node in enumerate(self.nodes):
+            self._pool_nodes.setdefault(node.pool, set()).add(ni)
+        self._allowed: dict[tuple[str, ...], frozenset[int] | None] = {(): None}
+
+    def _node_shapes(self, indexes) -> list[tuple]:
+        """Node shapes for can_ever_fit: (whole-capable devices, biggest device, cpu, mem,
+        fractions allowed, fraction next to whole GPUs allowed, several devices allowed)."""
+        Q = self.quanta_per_gpu
+        return sorted(
             {
                 (
-                    sum(1 for d in devs if self._cap[d] == Q),
-                    max((self._cap[d] for d in devs), default=0),
+                    sum(1 for d in self._node_devs[ni] if self._cap[d] == Q),
+                    max((self._cap[d] for d in self._node_devs[ni]), default=0),
                     self._cpu_cap[ni],
                     self._mem_cap[ni],
                     self._fractions[ni],
                     self._mixed[ni],
                     self._multi[ni],
                 )
-                for ni, devs in enumerate(self._node_devs)
+                for ni in indexes
             }
         )
+
+    def allowed_nodes(self, pools: tuple[str, ...]) -> frozenset[int] | None:
+        """Internal indexes of the nodes in ``pools``; None when that is every node (no limit).
+        An unknown pool has no nodes."""
+        found = self._allowed.get(pools, False)
+        if found is False:
+            nodes = frozenset().union(*(self._pool_nodes.get(p, ()) for p in pools))
+            found = self._allowed[pools] = None if len(nodes) == len(self.nodes) else nodes
+        return found
+
+    def pools(self) -> dict[str, list[str]]:
+        """Pool name -> names of its nodes."""
+        return {p: [self.nodes[ni].name for ni in sorted(nis)] for p, nis in sorted(self._pool_nodes.items())}
 
     def _update_restricted(self):
         # Fast path: with no backend limits and every node ready, placement skips the checks.
         self._restricted = any(self._gpu_off) or not (
             all(self._fractions) and all(self._mixed) and all(self._multi)
         )
+
+    @property
+    def restricted(self) -> bool:
+        """True if some node's GPU backend limits what a session may hold, or some node's GPUs
+        are out of service: a larger request may then fit where a smaller one does not."""
+        return self._restricted
 
     def set_gpu_ready(self, name: str, ready: bool) -> None:
         """Let placement use node ``name``'s GPUs (ready) or not (CPU-only requests still go there)."""
@@ -337,22 +372,23 @@ class Capacity:
         mem = request.memory_bytes
         if q < 0 or cpu < 0 or mem < 0:
             return None
+        allowed = self.allowed_nodes(request.pools) if request.pools else None
         if q == 0:
-            ni = self._place_cpu_only(cpu, mem, reserved)
+            ni = self._place_cpu_only(cpu, mem, reserved, allowed)
             if ni is None:
                 return None
             return Placement(self.nodes[ni].name, (), cpu, mem)
         if q <= self.quanta_per_gpu:
-            found = self._place_fraction(q, cpu, mem, reserved)
+            found = self._place_fraction(q, cpu, mem, reserved, allowed)
             if found is None:
                 return None
             ni, di = found
             return Placement(self.nodes[ni].name, (Share(self._dev_uuid[di], q),), cpu, mem)
-        return self._place_multi(q, cpu, mem, reserved)
+        return self._place_multi(q, cpu, mem, reserved, allowed)
 
-    def _place_cpu_only(self, cpu, mem, res):
+    def _place_cpu_only(self, cpu, mem, res, allowed):
         best = None
-        for ni in self._by_rank:
+        for ni in self._by_rank if allowed is None else [ni for ni in self._by_rank if ni in allowed]:
             if self._room(ni, cpu, mem, res):
                 if self._concentrate:
                     return ni
@@ -360,7 +396,7 @@ class Capacity:
                     best = ni
         return best
 
-    def _place_fraction(self, q, cpu, mem, res):
+    def _place_fraction(self, q, cpu, mem, res, allowed):
         heaps = self._heaps
         count = self._count
         free = self._free
@@ -384,7 +420,8 @@ class Capacity:
                     self._entries -= 1
                     continue
                 if (di in excl or (check_room and not self._room(ni, cpu, mem, res))
-                        or (restricted and self._refuses(ni, di, q))):
+                        or (restricted and self._refuses(ni, di, q))
+                        or (allowed is not None and ni not in allowed)):
                     if stash is None:
                         stash = []
                     stash.append(heappop(h))
@@ -398,7 +435,7 @@ class Capacity:
                 return found
         return None
 
-    def _place_multi(self, q, cpu, mem, res):
+    def _place_multi(self, q, cpu, mem, res, allowed):
         Q = self.quanta_per_gpu
         k, r = divmod(q, Q)
         if r and self.span == "whole-only":
@@ -421,7 +458,8 @@ class Capacity:
                     heappop(h)
                     self._entries -= 1
                     continue
-                found = self._multi_on_node(ni, k, r, cpu, mem, res)
+                found = None if allowed is not None and ni not in allowed else self._multi_on_node(
+                    ni, k, r, cpu, mem, res)
                 if found is not None:
                     break
                 if stash is None:
@@ -476,30 +514,43 @@ class Capacity:
                 return f
         return 0
 
-    def reserve(self, request: Request, reserved: Reservations | None = None) -> Reservation | None:
+    def reserve(
+        self, request: Request, reserved: Reservations | None = None, only_nodes=None, only_devices=None
+    ) -> Reservation | None:
         """Hold back the resources ``request`` is closest to getting, so backfill avoids them.
 
         For up to one GPU: the device (not yet reserved) with the most free quanta.  Above one
-        GPU: the node with the most free quanta and its freest devices.  The node's CPU and
-        memory the request needs are held too.  The reservation is added to ``reserved`` when
-        given.  None when nothing could ever host the request.
+        GPU: the node with the most free quanta and its freest devices.  Without GPU: the first
+        node (in tie order, see "Images") that could host it.  The node's CPU and memory the request needs are held too.
+        ``only_nodes`` and ``only_devices`` (internal indexes) limit the choice, as do the
+        request's pools.  The reservation
+        is added to ``reserved`` when given.  None when nothing could host the request.
+
+        The choice never changes when capacity outside the chosen devices is taken (a device
+        that is freest stays freest when others fill up), so a reservation made in one pass
+        is the one a later pass would make, as long as nothing was given back.
         """
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
         Q = self.quanta_per_gpu
-        excl = reserved.devices if reserved else set()
+        excl = set(reserved.devices) if reserved else set()
+        if only_devices is not None:
+            excl.update(d for d in range(len(self._cap)) if d not in only_devices)
+
+        allowed = self.allowed_nodes(request.pools) if request.pools else None
 
         def could_host(ni):
-            return (not cpu or not self._cpu_cap[ni] or self._cpu_cap[ni] >= cpu) and (
+            return (only_nodes is None or ni in only_nodes) and (allowed is None or ni in allowed) and (
+                not cpu or not self._cpu_cap[ni] or self._cpu_cap[ni] >= cpu) and (
                 not mem or not self._mem_cap[ni] or self._mem_cap[ni] >= mem
             )
 
         best = None
         if q == 0:
-            for ni in self._by_rank:
-                if could_host(ni):
-                    key = (self._cpu_used[ni], self._mem_used[ni])
-                    if best is None or key < best[0]:
-                        best = (key, ni, ())
+            # The first node in tie order, not by current use: that changes as backfill fills
+            # the node (see above).
+            ni = next((ni for ni in self._by_rank if could_host(ni)), None)
+            if ni is not None:
+                best = (0, ni, ())
         elif q <= Q:
             for ni in self._by_rank:
                 for di in self._node_devs[ni]:
@@ -544,11 +595,76 @@ class Capacity:
                 reserved.node_mem[ni] = reserved.node_mem.get(ni, 0) + mem
         return res
 
+    def hold(self, reservation: Reservation, reserved: Reservations) -> None:
+        """Add a reservation made earlier (by ``reserve``) to ``reserved``."""
+        ni = self._node_idx[reservation.node]
+        reserved.items.append(reservation)
+        reserved.devices.update(self._dev_idx[u] for u in reservation.devices)
+        if reservation.cpu_millis:
+            reserved.node_cpu[ni] = reserved.node_cpu.get(ni, 0) + reservation.cpu_millis
+        if reservation.memory_bytes:
+            reserved.node_mem[ni] = reserved.node_mem.get(ni, 0) + reservation.memory_bytes
+
+    def node_index(self, name: str) -> int:
+        return self._node_idx[name]
+
+    def device_index(self, uuid: str) -> int:
+        return self._dev_idx[uuid]
+
+    def node_devices(self, ni: int) -> list[int]:
+        """Internal indexes of node ``ni``'s devices."""
+        return self._node_devs[ni]
+
+    def device_capacity(self, di: int) -> int:
+        return self._cap[di]
+
     def fmt(self, quanta: int) -> str:
-        return f"{self.units.to_fgpu(quanta)} fGPU"
+        text = self._fmt.get(quanta)
+        if text is None:  # wait reasons repeat the same few amounts for every queued request
+            text = self._fmt[quanta] = f"{self.units.to_fgpu(quanta)} fGPU"
+        return text
+
+    def hosts(self, ni: int, request: Request) -> bool:
+        """True if node ``ni`` could run ``request`` when nothing else runs there (its GPU
+        backend's limits and the request's pools included; whether its GPUs are ready now is not
+        asked)."""
+        q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
+        if request.pools:
+            allowed = self.allowed_nodes(request.pools)
+            if allowed is not None and ni not in allowed:
+                return False
+        if (cpu and self._cpu_cap[ni] and self._cpu_cap[ni] < cpu) or (
+                mem and self._mem_cap[ni] and self._mem_cap[ni] < mem):
+            return False
+        Q = self.quanta_per_gpu
+        devs = self._node_devs[ni]
+        if q <= Q:
+            return q == 0 or any(self._cap[d] >= q and (self._fractions[ni] or self._cap[d] == q) for d in devs)
+        k, r = divmod(q, Q)
+        if (r and self.span == "whole-only") or not self._multi[ni] or (r and not self._mixed[ni]):
+            return False
+        return sum(1 for d in devs if self._cap[d] == Q) >= k + (1 if r else 0)
+
+    def refuses(self, di: int, q: int) -> bool:
+        """True if a share of ``q`` quanta may not go on device ``di`` now (backend, readiness)."""
+        return self._refuses(self._dev_node[di], di, q)
+
+    def gpu_off(self, ni: int) -> bool:
+        return self._gpu_off[ni]
 
     def can_ever_fit(self, request: Request) -> str | None:
-        """None if ``request`` fits on some node when that node is empty, else why not."""
+        """None if ``request`` fits on some node (of its pools) when that node is empty, else why not."""
+        if request.pools:
+            allowed = self.allowed_nodes(request.pools)
+            if allowed is not None:
+                where = f"pool{'s' if len(request.pools) > 1 else ''} {', '.join(request.pools)}"
+                if not allowed:
+                    return f"there are no nodes in {where}"
+                reason = self._can_ever_fit(request, self._node_shapes(sorted(allowed)))
+                return f"{reason} (in {where})" if reason else None
+        return self._can_ever_fit(request, self._shapes)
+
+    def _can_ever_fit(self, request: Request, all_shapes: list[tuple]) -> str | None:
         q, cpu, mem = request.quanta, request.cpu_millis, request.memory_bytes
         Q = self.quanta_per_gpu
         if q < 0 or cpu < 0 or mem < 0:
@@ -560,13 +676,13 @@ class Capacity:
             c, m = shape[2], shape[3]
             return (not cpu or not c or c >= cpu) and (not mem or not m or m >= mem)
 
-        shapes = [s for s in self._shapes if host_cpu_mem(s)]
+        shapes = [s for s in all_shapes if host_cpu_mem(s)]
         if not shapes:
-            if cpu and all(s[2] and s[2] < cpu for s in self._shapes):
-                biggest = max(s[2] for s in self._shapes)
+            if cpu and all(s[2] and s[2] < cpu for s in all_shapes):
+                biggest = max(s[2] for s in all_shapes)
                 return f"asks for {_cores(cpu)} CPU but the largest node has {_cores(biggest)} CPU"
-            if mem and all(s[3] and s[3] < mem for s in self._shapes):
-                biggest = max(s[3] for s in self._shapes)
+            if mem and all(s[3] and s[3] < mem for s in all_shapes):
+                biggest = max(s[3] for s in all_shapes)
                 return (
                     f"asks for {format_bytes(mem)} memory but the largest node has "
                     f"{format_bytes(biggest)}"
@@ -577,8 +693,8 @@ class Capacity:
             )
         if q == 0:
             return None
-        if self.total_quanta == 0:
-            return f"asks for {self.fmt(q)} but this cluster has no GPU"
+        if not any(s[1] for s in all_shapes):
+            return f"asks for {self.fmt(q)} but {'this cluster has' if all_shapes is self._shapes else 'these nodes have'} no GPU"
         if q <= Q:
             if any(s[1] >= q and (s[4] or q == s[1]) for s in shapes):
                 return None
@@ -611,7 +727,7 @@ class Capacity:
                 f"nodes with room ('mps' or 'whole') cannot enforce; ask for a multiple of {self.fmt(Q)}"
             )
         biggest = max(s[0] for s in shapes) * Q
-        all_biggest = max(s[0] for s in self._shapes) * Q
+        all_biggest = max(s[0] for s in all_shapes) * Q
         if all_biggest >= q:
             return (
                 f"asks for {self.fmt(q)} with {_cores(cpu)} CPU and {format_bytes(mem)} memory; "
@@ -651,26 +767,33 @@ class Capacity:
             elif new == Q and old != Q:
                 self._whole[ni] += 1
 
-    def take(self, placement: Placement) -> None:
-        """Allocate ``placement``; ValueError (and no change) if anything would over-allocate."""
+    def take(self, placement: Placement, force: bool = False) -> None:
+        """Allocate ``placement``; ValueError (and no change) if anything would over-allocate.
+
+        ``force``: count it even so (a session that runs on the engine); quanta beyond a
+        device's capacity become its debt (see ``overcommitted``).
+        """
         ni, per_dev = self._resolve(placement)
-        for di, q in per_dev.items():
-            if q > self._free[di]:
-                raise ValueError(
-                    f"device {self._dev_uuid[di]!r} has {self._free[di]} quanta free, "
-                    f"placement asks for {q}"
-                )
         cpu, mem = placement.cpu_millis, placement.memory_bytes
-        if self._cpu_cap[ni] and self._cpu_used[ni] + cpu > self._cpu_cap[ni]:
-            raise ValueError(f"node {placement.node!r} has not {cpu} CPU millicores free")
-        if self._mem_cap[ni] and self._mem_used[ni] + mem > self._mem_cap[ni]:
-            raise ValueError(f"node {placement.node!r} has not {mem} bytes of memory free")
+        if not force:
+            for di, q in per_dev.items():
+                if q > self._free[di]:
+                    raise ValueError(
+                        f"device {self._dev_uuid[di]!r} has {self._free[di]} quanta free, "
+                        f"placement asks for {q}"
+                    )
+            if self._cpu_cap[ni] and self._cpu_used[ni] + cpu > self._cpu_cap[ni]:
+                raise ValueError(f"node {placement.node!r} has not {cpu} CPU millicores free")
+            if self._mem_cap[ni] and self._mem_used[ni] + mem > self._mem_cap[ni]:
+                raise ValueError(f"node {placement.node!r} has not {mem} bytes of memory free")
         total = 0
         for di, q in per_dev.items():
-            self._set_free(di, self._free[di] - q)
-            total += q
+            taken = min(q, self._free[di])
+            self._debt[di] += q - taken
+            self._set_free(di, self._free[di] - taken)
+            total += taken
         self._node_free[ni] -= total
-        self.used_quanta += total
+        self.used_quanta += placement.quanta
         self._cpu_used[ni] += cpu
         self._mem_used[ni] += mem
         self._sessions[ni] += 1
@@ -681,7 +804,7 @@ class Capacity:
         """Exact inverse of ``take``; ValueError (and no change) if it returns more than is in use."""
         ni, per_dev = self._resolve(placement)
         for di, q in per_dev.items():
-            used = self._cap[di] - self._free[di]
+            used = self._cap[di] - self._free[di] + self._debt[di]
             if q > used:
                 raise ValueError(
                     f"device {self._dev_uuid[di]!r} has {used} quanta in use, "
@@ -694,10 +817,12 @@ class Capacity:
             raise ValueError(f"node {placement.node!r} has no session to give back")
         total = 0
         for di, q in per_dev.items():
-            self._set_free(di, self._free[di] + q)
-            total += q
+            paid = min(q, self._debt[di])  # an over-committed device is paid off first
+            self._debt[di] -= paid
+            self._set_free(di, self._free[di] + q - paid)
+            total += q - paid
         self._node_free[ni] += total
-        self.used_quanta -= total
+        self.used_quanta -= placement.quanta
         self._cpu_used[ni] -= cpu
         self._mem_used[ni] -= mem
         self._sessions[ni] -= 1
@@ -714,7 +839,11 @@ class Capacity:
 
     def device_used(self, uuid: str) -> int:
         di = self._dev_idx[uuid]
-        return self._cap[di] - self._free[di]
+        return self._cap[di] - self._free[di] + self._debt[di]
+
+    def overcommitted(self) -> dict[str, int]:
+        """Quanta in use beyond capacity, by device uuid (only devices that have any)."""
+        return {self._dev_uuid[di]: d for di, d in enumerate(self._debt) if d}
 
     def node_used(self, name: str) -> tuple[int, int]:
         """(CPU millicores, memory bytes) in use on node ``name``."""
@@ -737,7 +866,8 @@ class Capacity:
                         "mig_parent": dev.mig_parent,
                         "mig_profile": dev.mig_profile,
                         "capacity_quanta": self._cap[di],
-                        "used_quanta": self._cap[di] - self._free[di],
+                        "used_quanta": self._cap[di] - self._free[di] + self._debt[di],
+                        "overcommitted_quanta": self._debt[di],
                     }
                 )
             out.append(
@@ -747,12 +877,15 @@ class Capacity:
                     "simulated": node.simulated,
                     "gpu_backend": node.gpu.name,
                     "gpu_ready": not self._gpu_off[ni],
+                    "pool": node.pool,
                     "cpu_millis_total": self._cpu_cap[ni],
                     "cpu_millis_used": self._cpu_used[ni],
                     "memory_bytes_total": self._mem_cap[ni],
                     "memory_bytes_used": self._mem_used[ni],
                     "capacity_quanta": sum(self._cap[d] for d in self._node_devs[ni]),
-                    "used_quanta": sum(self._cap[d] - self._free[d] for d in self._node_devs[ni]),
+                    "used_quanta": sum(self._cap[d] - self._free[d] + self._debt[d]
+                                       for d in self._node_devs[ni]),
+                    "overcommitted_quanta": sum(self._debt[d] for d in self._node_devs[ni]),
                     "devices": devices,
                 }
             )

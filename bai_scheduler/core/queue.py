@@ -8,30 +8,50 @@ Order (``QueuePolicy.order``)
 
 Head rule (``QueuePolicy.head``): what happens when a request in that order does not fit.
   * ``strict``: nothing passes it; the pass stops.
-  * ``skip``: it blocks the queue like ``strict`` for ``skip_after`` passes; from then on later
-    requests may be admitted ahead of it (it stays in the queue and is tried first each pass).
+  * ``skip``: it blocks the queue like ``strict`` for ``skip_after`` rounds; from then on later
+    requests may be admitted ahead of it.  A round is its first try, then each time capacity is
+    given back while it still does not fit (so a pass run only because someone else submitted
+    does not count: the submit fast path and a full pass agree).
   * ``backfill``: the first ``reservations`` requests that do not fit each get a reservation
     (``Capacity.reserve``: the device, or for multi-GPU requests the node and devices, closest
     to fitting, plus the CPU/memory they need on that node).  Later requests may start only on
-    resources outside every reservation.  Backfilled sessions therefore never take anything a
-    reserved request is waiting for: its reservation only ever frees up.  This is
-    EASY-backfill without run-time estimates (sessions have none), i.e. the conservative rule.
+    resources outside every reservation.  This is EASY-backfill without run-time estimates
+    (sessions have none), i.e. the conservative rule.
 
-User limits (``UserLimits``, 0 = unlimited) never block other users: a request held back by its
-own user's limit is passed over (its wait reason says which limit) without reserving anything.
-A request that exceeds a limit on its own, or a user already at ``max_pending`` waiting
-requests, is refused at submit.
+Starvation guard (every order and head rule)
+  The *senior* request is the oldest waiting one (lowest ``seq``) that its own user's limits do
+  not hold back.  It becomes *due* once it has been passed over: somewhere it could run (a
+  device, or enough whole devices of one node), every session that was there when it arrived
+  has ended and a younger one has started.  (When it asks for CPU or memory that node limits,
+  the sessions on the whole node count.)  From then on each pass tries it first, before the
+  queue order, and if it does not fit it keeps a *pin* there: a reservation that, unlike the
+  per-pass ones above, stays on the same devices (and CPU/memory of that node) until it starts,
+  and that nothing else may use.  The pinned devices only ever free up.
+
+  Bound: with L the longest a session runs, a request that became the oldest waiting one at
+  t_oldest after arriving at t_arrived starts by max(t_oldest, t_arrived + L) + L, so at most
+  2·L after it became the oldest (sooner when it fits earlier).  A queue order that keeps putting
+  other requests first (DRF) or a head rule that lets others pass (skip, backfill) can delay it
+  only until then.  ``tests/test_starvation.py`` checks this on adversarial and random traces.
+
+User limits (``UserLimits``, 0 = unlimited) and group quotas (``quotas.Quota`` of the group a
+request names) never block other users or groups: a request held back by its own user's limit or
+its group's quota is passed over (its wait reason says which limit) without reserving anything.
+A request that exceeds a limit or quota on its own, or a user or group already at ``max_pending``
+waiting requests, is refused at submit.  A request with ``pools`` is placed only on nodes of
+those pools (``Capacity``); the passes' shortcuts (shapes, failures) tell pools apart.
 """
 from __future__ import annotations
 
 import gc
 import heapq
 from bisect import bisect_left, insort
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 
 from .model import Placement, Request, RequestKey
-from .placement import Capacity, Reservations
+from .placement import Capacity, Reservation, Reservations
+from .quotas import Quota, Usage, held_reason, never_reason, pending_reason
 from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
@@ -88,40 +108,79 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-@dataclass
-class _Usage:
-    running: int = 0
-    quanta: int = 0
-    cpu: int = 0
-    mem: int = 0
-    pending: int = 0
+NEVER = float("inf")
 
-    def add(self, r: Request, sign: int = 1):
-        self.running += sign
-        self.quanta += sign * r.quanta
-        self.cpu += sign * r.cpu_millis
-        self.mem += sign * r.memory_bytes
+
+def _within(pools: tuple, other: tuple) -> bool:
+    """True if the nodes of ``pools`` are among those of ``other`` (() means every node)."""
+    return not other or pools == other or (bool(pools) and set(pools).issubset(other))
+
+
+class _Ages:
+    """For each of n slots (nodes or devices), its sessions in admission order, so the oldest
+    one still running is found at once; sessions that ended are dropped lazily."""
+
+    def __init__(self, n: int, born: dict):
+        self._born = born  # key -> admission number of the sessions running now
+        self._queues = [deque() for _ in range(n)]
+        self._live = [0] * n
+
+    def add(self, i: int, number: int, key):
+        self._queues[i].append((number, key))
+        self._live[i] += 1
+
+    def remove(self, i: int):
+        """One session on slot ``i`` ended (already gone from ``born``)."""
+        self._live[i] -= 1
+        q = self._queues[i]
+        if len(q) > 2 * self._live[i] + 64:  # ended sessions pile up behind a long one
+            self._queues[i] = deque(e for e in q if self._born.get(e[1]) == e[0])
+
+    def oldest(self, i: int) -> float:
+        """Admission number of the oldest session running on slot ``i`` (NEVER if none)."""
+        q = self._queues[i]
+        while q and self._born.get(q[0][1]) != q[0][0]:
+            q.popleft()
+        return q[0][0] if q else NEVER
 
 
 class AdmissionQueue:
     """Queue + admission on top of a ``Capacity``.  Never admits a request twice, never loses one."""
 
-    def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None):
+    def __init__(self, capacity: Capacity, policy: QueuePolicy | None = None, limits: UserLimits | None = None,
+                 quotas: dict[str, Quota] | None = None):
         self.capacity = capacity
         self.policy = policy or QueuePolicy()
         self.limits = limits or UserLimits()
+        self.quotas = {g: q for g, q in (quotas or {}).items() if q != Quota()}
+        self._group_usage: dict[str, Usage] = {}
         self._seq = 0
         self._pending: dict[RequestKey, Request] = {}
         self._order: list[int] = []  # pending seqs, ascending
         self._by_seq: dict[int, RequestKey] = {}
         self._req_by_seq: dict[int, Request] = {}
         self._admitted: dict[RequestKey, tuple[Request, Placement]] = {}
-        self._usage: dict[str, _Usage] = {}
-        self._fails: dict[int, int] = {}  # seq -> passes it blocked the queue (skip policy)
+        self._usage: dict[str, Usage] = {}
+        # skip head: seq -> rounds it failed (capped at skip_after + 1), and the round last counted
+        self._fails: dict[int, int] = {}
+        self._fail_round: dict[int, int] = {}
+        self._round = 0  # +1 each time capacity is given back
         self._pending_q: Counter = Counter()  # quanta of pending requests
-        # pending seqs by (quanta, cpu, memory): a pass skips a whole shape once one such fails
-        self._by_shape: dict[tuple[int, int, int], list[int]] = {}
+        # pending seqs by (quanta, cpu, memory, pools): a pass skips a whole shape once one such fails
+        self._by_shape: dict[tuple[int, int, int, tuple], list[int]] = {}
         self._drf_cache: list[Request] | None = None
+        self._drf_pos: dict[RequestKey, int] | None = None
+        # Starvation guard: sessions are numbered as admitted (``_clock``); a pending request
+        # remembers the number when it arrived (``_mark``), each node its sessions in admission
+        # order (``_node_born``, stale entries dropped lazily).
+        self._clock = 0
+        self._mark: dict[int, int] = {}
+        self._born: dict[RequestKey, int] = {}
+        self._node_born = _Ages(len(capacity.nodes), self._born)
+        self._dev_born = _Ages(sum(len(n.devices) for n in capacity.nodes), self._born)
+        self._pin: tuple[RequestKey, Reservation] | None = None
+        self._passed_over: int | None = None  # seq of a senior passed over on a free place
+        self._senior_seq: int | None = None  # the senior of the pass under way
         # (stopped, reservations, count) left by the last full FIFO pass; None when capacity was
         # given back or restored since, so the next pass must be a full one.
         self._settled = None
@@ -129,22 +188,35 @@ class AdmissionQueue:
         lim = self.limits
         self._has_limits = bool(
             lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes
-        )
+        ) or any(q.holds for q in self.quotas.values())
 
     # ------------------------------------------------------------------ helpers
-    def _user(self, user: str) -> _Usage:
+    def _user(self, user: str) -> Usage:
         u = self._usage.get(user)
         if u is None:
-            u = self._usage[user] = _Usage()
+            u = self._usage[user] = Usage()
         return u
+
+    def _group(self, req: Request) -> Usage | None:
+        """The usage of ``req``'s group, if that group has a quota."""
+        if not req.group or req.group not in self.quotas:
+            return None
+        g = self._group_usage.get(req.group)
+        if g is None:
+            g = self._group_usage[req.group] = Usage()
+        return g
+
+    def group_usage(self) -> dict[str, Usage]:
+        """What each group with a quota holds and has waiting now."""
+        return {g: self._group_usage.get(g, Usage()) for g in self.quotas}
 
     def _check_duplicate(self, key: RequestKey):
         if key in self._pending or key in self._admitted:
             raise DuplicateRequest(f"{key} already has a pending or running session")
 
     @staticmethod
-    def _shape(req: Request) -> tuple[int, int, int]:
-        return (req.quanta, req.cpu_millis, req.memory_bytes)
+    def _shape(req: Request) -> tuple[int, int, int, tuple]:
+        return (req.quanta, req.cpu_millis, req.memory_bytes, req.pools)
 
     @staticmethod
     def _insert(lst: list[int], seq: int):
@@ -153,10 +225,15 @@ class AdmissionQueue:
         else:
             insort(lst, seq)
 
+    def _changed_order(self):
+        self._drf_cache = None
+        self._drf_pos = None
+
     def _add_pending(self, req: Request):
         self._pending[req.key] = req
         self._by_seq[req.seq] = req.key
         self._req_by_seq[req.seq] = req
+        self._mark[req.seq] = self._clock
         self._insert(self._order, req.seq)
         shape = self._shape(req)
         lst = self._by_shape.get(shape)
@@ -164,8 +241,11 @@ class AdmissionQueue:
             lst = self._by_shape[shape] = []
         self._insert(lst, req.seq)
         self._user(req.key.user).pending += 1
+        g = self._group(req)
+        if g is not None:
+            g.pending += 1
         self._pending_q[req.quanta] += 1
-        self._drf_cache = None
+        self._changed_order()
 
     def _remove_pending(self, req: Request, deferred: set | None = None):
         """Forget a pending request.  With ``deferred`` (inside a pass) its seq stays in the
@@ -174,6 +254,7 @@ class AdmissionQueue:
         del self._pending[req.key]
         del self._by_seq[req.seq]
         del self._req_by_seq[req.seq]
+        del self._mark[req.seq]
         if deferred is not None:
             deferred.add(req.seq)
         else:
@@ -184,18 +265,109 @@ class AdmissionQueue:
             if not lst:
                 del self._by_shape[shape]
         self._fails.pop(req.seq, None)
+        self._fail_round.pop(req.seq, None)
         self._user(req.key.user).pending -= 1
+        g = self._group(req)
+        if g is not None:
+            g.pending -= 1
         c = self._pending_q[req.quanta] - 1
         if c:
             self._pending_q[req.quanta] = c
         else:
             del self._pending_q[req.quanta]
-        self._drf_cache = None
+        self._changed_order()
 
     def _admit(self, req: Request, placement: Placement):
         self._admitted[req.key] = (req, placement)
         self._user(req.key.user).add(req)
-        self._drf_cache = None
+        g = self._group(req)
+        if g is not None:
+            g.add(req)
+        self._clock += 1
+        self._born[req.key] = self._clock
+        self._node_born.add(self.capacity.node_index(placement.node), self._clock, req.key)
+        for share in placement.shares:
+            self._dev_born.add(self.capacity.device_index(share.device_uuid), self._clock, req.key)
+        self._changed_order()
+
+    def _unadmit(self, key: RequestKey) -> tuple[Request, Placement]:
+        req, placement = self._admitted.pop(key)
+        self._user(key.user).add(req, -1)
+        g = self._group(req)
+        if g is not None:
+            g.add(req, -1)
+        del self._born[key]
+        self._node_born.remove(self.capacity.node_index(placement.node))
+        for share in placement.shares:
+            self._dev_born.remove(self.capacity.device_index(share.device_uuid))
+        self._changed_order()
+        return req, placement
+
+    def _fresh(self, req: Request, empty_too: bool = False) -> tuple[set[int], set[int]]:
+        """Where ``req`` was passed over, so it may be pinned there: (nodes, devices) that could
+        host it, run no session it would wait for that is older than it, and run at least one
+        younger session (``empty_too``: or none).  The sessions it would wait for are those on
+        the devices, and those on the whole node when it asks for CPU or memory the node limits.
+        (An empty device alone is not a sign of it: ``req`` may simply take it.)"""
+        mark = self._mark[req.seq]
+        cap = self.capacity
+        nodes, devices = set(), set()
+        q, Q = req.quanta, cap.quanta_per_gpu
+        for ni in range(len(cap.nodes)):
+            if not cap.hosts(ni, req) or (q and cap.gpu_off(ni)):
+                continue  # could never run it, or gives no GPU share now (not ready)
+            limited = (req.cpu_millis and cap.nodes[ni].cpu_millis) or (
+                req.memory_bytes and cap.nodes[ni].memory_bytes)
+            node_oldest = self._node_born.oldest(ni)
+            if limited and node_oldest <= mark:
+                continue
+            if q == 0:
+                if node_oldest < NEVER or empty_too:
+                    nodes.add(ni)
+                continue
+            clean = [di for di in cap.node_devices(ni) if self._dev_born.oldest(di) > mark
+                     and (cap.device_capacity(di) >= q and not cap.refuses(di, q) if q <= Q
+                          else cap.device_capacity(di) == Q)]
+            if q <= Q:
+                clean = [di for di in clean if empty_too or self._dev_born.oldest(di) < NEVER]
+                if clean:
+                    nodes.add(ni)
+                    devices.update(clean)
+                continue
+            k, r = divmod(q, Q)
+            if len(clean) >= k + (1 if r else 0) and (
+                    empty_too or any(self._dev_born.oldest(di) < NEVER for di in clean)):
+                nodes.add(ni)
+                devices.update(clean)
+        return nodes, devices
+
+    def _senior(self) -> Request | None:
+        """The oldest pending request its own user's limits do not hold back."""
+        for s in self._order:
+            req = self._req_by_seq.get(s)
+            if req is not None and not (self._has_limits and self._limit_reason(req)):
+                return req
+        return None
+
+    def _due_at(self, senior: Request) -> tuple[set[int], set[int]]:
+        """Where the (unpinned) senior may be pinned now; empty sets if it is not due."""
+        fresh = self._fresh(senior)
+        if not fresh[0] and self._passed_over == senior.seq:
+            fresh = self._fresh(senior, empty_too=True)
+        return fresh
+
+    def _senior_stable(self) -> bool:
+        """True if the next pass would start with the same senior and pin as now."""
+        senior = self._senior()
+        if self._pin is not None:
+            return senior is not None and self._pin[0] == senior.key
+        return senior is None or not self._due_at(senior)[0]
+
+    def _note_passed_over(self, req: Request) -> None:
+        """The unpinned senior did not fit in its turn while a place of its was free (the queue
+        order or a reservation gave it to someone else): it is due from the next pass on."""
+        if req.seq == self._senior_seq and self._pin is None and self._fresh(req, empty_too=True)[0]:
+            self._passed_over = req.seq
 
     def _never_reason(self, req: Request) -> str | None:
         lim = self.limits
@@ -212,10 +384,30 @@ class AdmissionQueue:
                 f"asks for {format_bytes(req.memory_bytes)} memory but the per-user limit is "
                 f"{format_bytes(lim.max_memory_bytes)}"
             )
+        quota = self.quotas.get(req.group) if req.group else None
+        if quota is not None:
+            reason = never_reason(req.group, quota, req, cap.units)
+            if reason:
+                return reason
         return cap.can_ever_fit(req)
 
+    def never_reason(self, request: Request) -> str | None:
+        """Why ``request`` could never start here (too big for every node, or a per-user limit
+        on its own), or None."""
+        return self._never_reason(request)
+
     def _limit_reason(self, req: Request) -> str | None:
-        """Why the user's own limits hold ``req`` back right now, or None."""
+        """Why the user's own limits or its group's quota hold ``req`` back right now, or None."""
+        reason = self._user_limit_reason(req)
+        if reason is None and req.group:
+            quota = self.quotas.get(req.group)
+            if quota is not None and quota.holds:
+                reason = held_reason(req.group, quota, self._group(req), req, self.capacity.units)
+                if reason:
+                    reason = "Waiting: " + reason
+        return reason
+
+    def _user_limit_reason(self, req: Request) -> str | None:
         lim = self.limits
         u = self._usage.get(req.key.user)
         if u is None:
@@ -231,7 +423,7 @@ class AdmissionQueue:
             return f"Waiting: user limit of {format_bytes(lim.max_memory_bytes)} memory in use"
         return None
 
-    def _dominant(self, u: _Usage | None, extra: Request | None = None) -> float:
+    def _dominant(self, u: Usage | None, extra: Request | None = None) -> float:
         cap = self.capacity
         q = (u.quanta if u else 0) + (extra.quanta if extra else 0)
         c = (u.cpu if u else 0) + (extra.cpu_millis if extra else 0)
@@ -263,6 +455,10 @@ class AdmissionQueue:
                 reason=f"user limit of {n} waiting session{'s' if n != 1 else ''} reached",
                 request=request,
             )
+        g = self._group(request)
+        reason = g is not None and pending_reason(request.group, self.quotas[request.group], g)
+        if reason:
+            return Decision("REFUSED", reason=reason, request=request)
         self._seq += 1
         req = replace(request, seq=self._seq)
         self._add_pending(req)
@@ -287,19 +483,21 @@ class AdmissionQueue:
             self._settled = None
             self._remove_pending(self._pending[key])
         elif key in self._admitted:
-            req, placement = self._admitted.pop(key)
+            _, placement = self._unadmit(key)
             self.capacity.give_back(placement)
             self._settled = None
-            self._user(key.user).add(req, -1)
-            self._drf_cache = None
+            self._round += 1
         else:
             return []
         return self.schedule()
 
-    def restore_admitted(self, request: Request, placement: Placement) -> None:
-        """After a restart: a running session; takes its capacity (ValueError if it cannot)."""
+    def restore_admitted(self, request: Request, placement: Placement, force: bool = False) -> None:
+        """After a restart: a running session; takes its capacity (ValueError if it cannot).
+
+        ``force``: count it even on a full device (the engine runs it; see ``Capacity.take``).
+        """
         self._check_duplicate(request.key)
-        self.capacity.take(placement)
+        self.capacity.take(placement, force=force)
         self._settled = None
         self._admit(request, placement)
         self._seq = max(self._seq, request.seq)
@@ -314,6 +512,47 @@ class AdmissionQueue:
         self._settled = None
         self._add_pending(request)
         return request
+
+    def set_gpu_ready(self, node: str, ready: bool) -> None:
+        """Let placement use ``node``'s GPUs or not (``Capacity.set_gpu_ready``); run a pass
+        after a node became ready."""
+        if self.capacity.gpu_ready(node) != ready:
+            self.capacity.set_gpu_ready(node, ready)
+            self._settled = None  # reservations and placements a pass makes may differ now
+            self._round += ready  # GPUs coming back count as capacity given back
+
+    def rename_pending(self, key: RequestKey, new_key: RequestKey) -> Request:
+        """A waiting request continues under another key, in the same place (no pass is run)."""
+        self._check_duplicate(new_key)
+        old = self._pending.pop(key)
+        req = replace(old, key=new_key)
+        self._pending[new_key] = req
+        self._by_seq[req.seq] = new_key
+        self._req_by_seq[req.seq] = req
+        if key.user != new_key.user:
+            self._user(key.user).pending -= 1
+            self._user(new_key.user).pending += 1
+        if self._pin is not None and self._pin[0] == key:
+            self._pin = (new_key, self._pin[1])
+        self._settled = None
+        self._changed_order()
+        return req
+
+    def move_admitted(self, key: RequestKey, placement: Placement) -> None:
+        """An admitted request turns out to hold ``placement`` instead (the engine says so):
+        its capacity is moved, over-committing a device if it must.  No pass is run."""
+        req, old = self._unadmit(key)
+        self.capacity.give_back(old)
+        self._round += 1
+        self.restore_admitted(req, placement, force=True)
+
+    def requeue(self, key: RequestKey) -> Request:
+        """An admitted request that has not started goes back to its place in the queue, its
+        capacity returned (an over-committed device is paid off first).  No pass is run."""
+        req, placement = self._unadmit(key)
+        self.capacity.give_back(placement)
+        self._round += 1
+        return self.restore_pending(req)
 
     def get(self, key: RequestKey) -> Decision | None:
         """The current state of ``key`` (RUNNING or PENDING), or None if unknown."""
@@ -334,64 +573,92 @@ class AdmissionQueue:
     def admitted(self) -> dict[RequestKey, tuple[Request, Placement]]:
         return dict(self._admitted)
 
+    @property
+    def has_limits(self) -> bool:
+        """Whether any user limit or group quota may hold a request back."""
+        return self._has_limits
+
+    def may_be_held(self, req: Request) -> bool:
+        """Whether its user's limits or its group's quota could ever hold ``req`` back."""
+        lim = self.limits
+        if lim.max_running or lim.max_quanta or lim.max_cpu_millis or lim.max_memory_bytes:
+            return True
+        quota = self.quotas.get(req.group) if req.group else None
+        return quota is not None and quota.holds
+
+    def request_by_seq(self, seq: int) -> Request | None:
+        """The pending request with ``seq``, or None."""
+        return self._req_by_seq.get(seq)
+
+    @property
+    def pin(self) -> tuple[RequestKey, Reservation] | None:
+        """The senior request's pinned reservation (see the module docstring), or None."""
+        return self._pin
+
     def position(self, key: RequestKey) -> int | None:
         """1-based place in the queue, or None if not pending."""
         req = self._pending.get(key)
         if req is None:
             return None
         if self.policy.order == "drf":
-            for i, r in enumerate(self._drf_order()):
-                if r.key == key:
-                    return i + 1
-            return None  # pragma: no cover
+            self._drf_order()
+            return self._drf_pos[key]
         return bisect_left(self._order, req.seq) + 1
 
-    def wait_reason(self, key: RequestKey) -> str | None:
-        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending."""
+    def wait_reason(self, key: RequestKey, position: int | None = None) -> str | None:
+        """Why a pending request waits, e.g. "Waiting for 1 fGPU: 2nd in queue"; None if not pending.
+
+        ``position``: its place when the caller has it already."""
         req = self._pending.get(key)
         if req is None:
             return None
-        limit = self._limit_reason(req)
+        limit = self._limit_reason(req) if self._has_limits else None
         if limit:
             return limit
         what = self.capacity.fmt(req.quanta) if req.quanta else "CPU/memory"
-        return f"Waiting for {what}: {ordinal(self.position(key))} in queue"
+        held = ""
+        if self._pin is not None and self._pin[0] == key:
+            held = f"; node {self._pin[1].node} is kept free for it"
+        return f"Waiting for {what}: {ordinal(position or self.position(key))} in queue{held}"
 
     def __len__(self):
         return len(self._pending)
 
     # ------------------------------------------------------------------ order
     def _drf_order(self) -> list[Request]:
+        """Pending requests in DRF order (the pinned senior first), cached with positions.
+
+        Progressive filling: the user with the smallest dominant share goes next, counting
+        their requests ahead as granted.  A user's share only grows with each request, so this
+        is the same as sorting every request by (its user's dominant share with the user's
+        earlier requests granted, seq): one sort instead of a heap merge."""
         if self._drf_cache is not None:
             return self._drf_cache
-        per_user: dict[str, list[Request]] = {}
+        first = self._pending.get(self._pin[0]) if self._pin is not None else None
+        usage: dict[str, Usage] = {}
+        keyed = []
         for s in self._order:
             r = self._req_by_seq[s]
-            per_user.setdefault(r.key.user, []).append(r)
-        usage = {
-            user: _Usage(u.running, u.quanta, u.cpu, u.mem) for user, u in self._usage.items()
-        }
-        heap = [(self._dominant(usage.get(user)), reqs[0].seq, user, 0) for user, reqs in per_user.items()]
-        heapq.heapify(heap)
-        out = []
-        while heap:
-            _, _, user, i = heapq.heappop(heap)
-            r = per_user[user][i]
-            out.append(r)
-            u = usage.get(user)
+            if r is first:
+                continue
+            u = usage.get(r.key.user)
             if u is None:
-                u = usage[user] = _Usage()
+                have = self._usage.get(r.key.user)
+                u = usage[r.key.user] = Usage(have.running, have.quanta, have.cpu, have.mem) if have else Usage()
+            keyed.append((self._dominant(u), s, r))
             u.add(r)
-            if i + 1 < len(per_user[user]):
-                nxt = per_user[user][i + 1]
-                heapq.heappush(heap, (self._dominant(u), nxt.seq, user, i + 1))
+        keyed.sort(key=lambda k: (k[0], k[1]))
+        out = [first] if first is not None else []
+        out += [r for _, _, r in keyed]
         self._drf_cache = out
+        self._drf_pos = {r.key: i + 1 for i, r in enumerate(out)}
         return out
 
     # ------------------------------------------------------------------ the pass
     def schedule(self) -> list[tuple[Request, Placement]]:
         """One scheduling pass; returns the requests it admitted, with their placements."""
         if not self._pending:
+            self._pin = None
             return []
         # A pass allocates many short-lived objects; CPython's cyclic collector
         # would rescan the whole (large, long-lived) queue and index again and
@@ -411,20 +678,60 @@ class AdmissionQueue:
         self._settled = None
         self._done: set[int] = set()  # seqs admitted in this pass, still in the ordered lists
         self._res = Reservations()
-        self._failed: dict[tuple[int, int], int] = {}  # (cpu, mem) -> least quanta that failed
+        # Requests that did not fit in this pass, to rule out those no smaller in every way:
+        # (cpu, mem, pools) -> least quanta that failed.  Under GPU backend limits or GPUs out of
+        # service a larger request may fit where a smaller one did not (a whole GPU on a "whole"
+        # node, where a fraction may not go), so failures then rule out the same size only:
+        # (cpu, mem, pools, quanta) -> quanta.
+        self._failed: dict[tuple, int] = {}
+        self._exact = self.capacity.restricted
         self._reserved_count = 0
         self._maxfree_dirty = True
         self._maxfree = 0
+        # Set once nothing more can fit in this pass: the rest is only walked while a head
+        # rule still has something to record (a skip round, a backfill reservation).
+        self._all_fail = False
+
+    def _senior_first(self, out) -> tuple[Request | None, bool]:
+        """The starvation guard's step at the start of a pass.
+
+        Returns the senior if it was tried here (it is then left out of the queue walk), and
+        whether the pass stops."""
+        senior = self._senior()
+        self._senior_seq = senior.seq if senior is not None else None
+        if self._pin is not None and (senior is None or self._pin[0] != senior.key):
+            self._pin = None
+        if senior is None:
+            return None, False
+        fresh = None
+        if self._pin is None:
+            fresh = self._due_at(senior)
+            if not fresh[0]:
+                return None, False
+        placement = self._try(senior)  # nothing is reserved yet: its own pin is free for it
+        if placement is not None:
+            self._pin = None
+            self._admit_pending(senior, placement, out)
+            return senior, False
+        if self._pin is None:
+            nodes, devices = fresh
+            self._pin = (senior.key, self.capacity.reserve(senior, only_nodes=nodes, only_devices=devices))
+        self.capacity.hold(self._pin[1], self._res)
+        self._maxfree_dirty = True
+        self._reserved_count = 1  # the pin is the first reservation
+        return senior, self._blocked(senior, reserve=False) == "stop"
 
     def _exhausted(self) -> bool:
         """True when no pending request can fit any more in this pass."""
         pq = self._pending_q
+        if not pq:
+            return True
         if 0 in pq:
             return False
         smallest = min(pq)
         # every pending request asks for at least ``smallest`` quanta and some CPU/memory >= 0,
         # so once a request of that size without CPU/memory failed, all the rest fail too
-        f = self._failed.get((0, 0))
+        f = None if self._exact else self._failed.get((0, 0, ()))
         if f is not None and f <= smallest:
             return True
         if self._maxfree_dirty:
@@ -432,20 +739,23 @@ class AdmissionQueue:
             self._maxfree_dirty = False
         return self._maxfree < min(smallest, self.capacity.quanta_per_gpu)
 
+    def _records_more(self) -> bool:
+        """Once nothing fits, is walking on still needed (see ``_all_fail``)?"""
+        if self.policy.head == "skip":
+            return True  # the next request that has not used up its skips stops the pass
+        return self.policy.head == "backfill" and self._reserved_count < self.policy.reservations
+
     def _try(self, req: Request) -> Placement | None:
         """Place and take ``req`` if it fits outside the reservations; None otherwise."""
-        q, cpu, mem = req.quanta, req.cpu_millis, req.memory_bytes
+        if self._all_fail:
+            return None
+        q, cpu, mem, pools = req.quanta, req.cpu_millis, req.memory_bytes, req.pools
         failed = self._failed
-        if failed:
-            f = failed.get((cpu, mem))
-            if f is not None and q >= f:
-                return None
-            for (c, m), fq in failed.items():
-                if q >= fq and cpu >= c and mem >= m:
-                    return None
+        if failed and self._dominated((q, cpu, mem, pools)):
+            return None
         placement = self.capacity.place(req, self._res)
         if placement is None:
-            key = (cpu, mem)
+            key = (cpu, mem, pools, q) if self._exact else (cpu, mem, pools)
             if q < failed.get(key, q + 1):
                 failed[key] = q
             return None
@@ -453,16 +763,17 @@ class AdmissionQueue:
         self._maxfree_dirty = True
         return placement
 
-    def _blocked(self, req: Request) -> str:
+    def _blocked(self, req: Request, reserve: bool = True) -> str:
         """A request that fits nowhere: returns "stop", or "pass" (later requests may go)."""
         head = self.policy.head
         if head == "strict":
             return "stop"
         if head == "skip":
-            n = self._fails.get(req.seq, 0) + 1
-            self._fails[req.seq] = n
-            return "pass" if n > self.policy.skip_after else "stop"
-        if self._reserved_count < self.policy.reservations:
+            if self._fail_round.get(req.seq) != self._round:  # one count per round
+                self._fail_round[req.seq] = self._round
+                self._fails[req.seq] = min(self._fails.get(req.seq, 0) + 1, self.policy.skip_after + 1)
+            return "pass" if self._fails[req.seq] > self.policy.skip_after else "stop"
+        if reserve and self._reserved_count < self.policy.reservations:
             self._reserved_count += 1
             # Reserving only removes resources for the rest of the pass, so earlier failures
             # stay failures and the failure cache remains valid.
@@ -470,11 +781,25 @@ class AdmissionQueue:
                 self._maxfree_dirty = True
         return "pass"
 
+    def _failed_here(self, req: Request) -> str:
+        """``_blocked``, then notes when nothing more can fit: "stop", "pass" or "end"."""
+        self._note_passed_over(req)
+        if self._blocked(req) == "stop":
+            return "stop"
+        if not self._all_fail and self._exhausted():
+            self._all_fail = True
+        if self._all_fail and not self._records_more():
+            return "end"
+        return "pass"
+
     def _dominated(self, shape) -> bool:
-        """True if a request of ``shape`` cannot fit: one no bigger in every way failed."""
-        q, cpu, mem = shape
-        for (c, m), fq in self._failed.items():
-            if q >= fq and cpu >= c and mem >= m:
+        """True if a request of ``shape`` cannot fit: one no bigger in every way, allowed on every
+        node this one is, failed (of the same size, under GPU backend limits)."""
+        q, cpu, mem, pools = shape
+        exact = self._exact
+        for key, fq in self._failed.items():
+            if (cpu >= key[0] and mem >= key[1] and (q == fq if exact else q >= fq)
+                    and _within(pools, key[2])):
                 return True
         return False
 
@@ -484,14 +809,20 @@ class AdmissionQueue:
         are admitted as by walking the whole queue, in far fewer steps.  Skip walks the queue,
         since each failing request there may stop the pass."""
         self._pass_setup()
-        if self.policy.head == "skip":
-            out, stopped = self._walk_fifo()
-        else:
-            out, stopped = self._merge_fifo()
+        out = []
+        senior, stopped = self._senior_first(out)
+        if not stopped:
+            skip = senior.seq if senior is not None else None
+            if self.policy.head == "skip":
+                stopped = self._walk_fifo(out, skip)
+            else:
+                stopped = self._merge_fifo(out, skip)
         self._compact()
         # Nothing more can start until capacity is given back: a later submit only has to try
-        # the new request against the same reservations (see _submit_settled).
-        self._settled = (stopped, self._res, self._reserved_count)
+        # the new request against the same reservations (see _submit_settled), unless the
+        # next pass would begin differently (a new senior to try first, or a pin to drop).
+        if self._senior_stable():
+            self._settled = (stopped, self._res, self._reserved_count)
         return out
 
     def _admit_pending(self, req, placement, out):
@@ -527,28 +858,27 @@ class AdmissionQueue:
                     del self._by_shape[shape]
         done.clear()
 
-    def _walk_fifo(self):
-        out = []
+    def _walk_fifo(self, out, skip_seq) -> bool:
+        """Skip head: walk the queue in order; returns True if a request stopped the pass."""
         reqs = self._req_by_seq
         limited = self._has_limits
         for s in list(self._order):
-            req = reqs[s]
+            req = reqs.get(s)
+            if req is None or s == skip_seq:  # admitted this pass, or the senior (tried first)
+                continue
             if limited and self._limit_reason(req):
                 continue
             placement = self._try(req)
             if placement is not None:
                 self._admit_pending(req, placement, out)
-                if not self._pending_q:
-                    break
                 continue
-            if self._blocked(req) == "stop":
-                return out, True
-            if self._exhausted():
-                break
-        return out, False
+            verdict = self._failed_here(req)
+            if verdict != "pass":
+                return verdict == "stop"
+        return False
 
-    def _merge_fifo(self):
-        out = []
+    def _merge_fifo(self, out, skip_seq) -> bool:
+        """Strict and backfill heads; returns True if a request stopped the pass."""
         reqs = self._req_by_seq
         limited = self._has_limits
         by_shape = self._by_shape
@@ -560,22 +890,18 @@ class AdmissionQueue:
             if self._failed and self._reserved_count >= reservations and self._dominated(shape):
                 heapq.heappop(heap)
                 continue
-            req = reqs[s]
-            if limited and self._limit_reason(req):
-                placement = None
-                i += 1
+            req = reqs.get(s)
+            if req is None or s == skip_seq or (limited and self._limit_reason(req)):
+                i += 1  # admitted this pass, the senior (tried first), or held by its user's limits
             else:
                 placement = self._try(req)
                 if placement is not None:
                     self._admit_pending(req, placement, out)
-                    if not self._pending_q:
-                        break
                     i += 1
                 else:
-                    if self._blocked(req) == "stop":
-                        return out, True
-                    if self._exhausted():
-                        break
+                    verdict = self._failed_here(req)
+                    if verdict != "pass":
+                        return verdict == "stop"
                     if self._reserved_count >= reservations:
                         heapq.heappop(heap)  # the rest of this shape fails too (now dominated)
                         continue
@@ -585,13 +911,14 @@ class AdmissionQueue:
                 heapq.heapreplace(heap, (lst[i], shape, i))
             else:
                 heapq.heappop(heap)
-        return out, False
+        return False
 
     def _submit_settled(self, req: Request) -> Placement | None:
         """Admit ``req`` if a full pass would, given that the queue before it is settled.
 
         The previous full pass left every earlier request unable to start, and capacity has only
-        shrunk since, so they still cannot start; only the new (last in FIFO order) request can.
+        shrunk since (outside the reservations, which a full pass would therefore choose again),
+        so they still cannot start; only the new (last in FIFO order) request can.
         """
         stopped, res, nres = self._settled
         if stopped or (self._has_limits and self._limit_reason(req)):
@@ -601,14 +928,18 @@ class AdmissionQueue:
             self.capacity.take(placement)
             self._admit(req, placement)
             self._remove_pending(req)
+            g = self._group(req)
+            if self._has_limits and (self._user(req.key.user).pending or (g is not None and g.pending)):
+                # The user's (or group's) other waiting requests may now be held by a limit: a
+                # full pass would then skip them (no reservation, no senior) where the last one
+                # did not.
+                self._settled = None
             return placement
         head = self.policy.head
         if head == "strict":
             stopped = True
         elif head == "skip":
-            n = self._fails.get(req.seq, 0) + 1
-            self._fails[req.seq] = n
-            stopped = n <= self.policy.skip_after
+            stopped = self._blocked(req) == "stop"
         elif nres < self.policy.reservations:
             nres += 1
             self.capacity.reserve(req, res)
@@ -618,10 +949,14 @@ class AdmissionQueue:
     def _pass_drf(self):
         self._pass_setup()
         out = []
+        senior, stopped = self._senior_first(out)
+        if stopped:
+            return out
         per_user: dict[str, list[Request]] = {}
         for s in self._order:
-            r = self._req_by_seq[s]
-            per_user.setdefault(r.key.user, []).append(r)
+            r = self._req_by_seq.get(s)
+            if r is not None and r is not senior:
+                per_user.setdefault(r.key.user, []).append(r)
         heap = [
             (self._dominant(self._usage.get(user)), reqs[0].seq, user, 0)
             for user, reqs in per_user.items()
@@ -637,7 +972,7 @@ class AdmissionQueue:
                 placement = self._try(req)
                 if placement is not None:
                     self._admit_pending(req, placement, out)
-                elif self._blocked(req) == "stop" or self._exhausted():
+                elif self._failed_here(req) != "pass":
                     break
             if i + 1 < len(per_user[user]):
                 nxt = per_user[user][i + 1]

@@ -1,8 +1,9 @@
-"""The REST API under ``{prefix}api/``: capacity, the catalog, requests, the spawner's long-poll, launches.
+"""The REST API under ``{prefix}api/``: capacity, the catalog, requests, the spawner's attempts, launches.
 
-The spawner's calls (register, wait, release) need the service's own token
+The spawner's calls (register, wait, release, stop-failed) need the service's own token
 (``is_internal``); users and admins read through hub API tokens or the hub's
-OAuth cookie.
+OAuth cookie.  Calls about one spawn attempt live under ``api/attempts/<id>``, apart
+from the servers' paths, so that no server name can collide with them.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from ..contract.catalog import visible_to
 from ..contract.options import FormError, Limits, parse_options
 from ..contract.registry import RegistryError
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
+from ..core.quotas import resolve
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
 from .base import APIHandler, ReadOnlyGetMixin, log
 
 NAME = r"([^/]+)"
+ATTEMPT = r"([0-9a-f]{32})"
 
 
 # Where a node's Docker engine is and its TLS files: for admins (and the hub's spawner) only.
@@ -63,7 +66,7 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
     } for node in service.nodes]
     if not admin:
         nodes, usage = [without_engines(n) for n in nodes], [without_engines(n) for n in usage]
-    trial = trial_capacity(service.nodes, units, (r.placement for r in service.running() if r.placement),
+    trial = trial_capacity(service.nodes, units, (r.placement for r in service.holding()),
                            span=service.span, strategy=service.strategy)
     queue_length = len(service.pending())
     never = never_fits(trial, quanta)
@@ -76,11 +79,62 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
         "span": service.span,
         "nodes": nodes,
         "usage": usage,
+        **teams_model(service, usage, admin),
+        "overcommitted": service.overcommitted(),
         "queue_length": queue_length,
         "simulated": any(n.simulated for n in service.nodes),
         "limits": limits.to_json(),
         "note": {"quanta": quanta, "count": count, "level": level, "text": text},
     }
+
+
+def teams_model(service, usage: list[dict], admin: bool) -> dict:
+    """Pools (their nodes and free fGPU), the groups' policies, and for admins each group's use."""
+    units = service.units
+    pools: dict[str, dict] = {}
+    for node in usage:
+        p = pools.setdefault(node.get("pool", "default"), {"nodes": [], "capacity_quanta": 0, "free_quanta": 0})
+        p["nodes"].append(node["name"])
+        p["capacity_quanta"] += node["capacity_quanta"]
+        p["free_quanta"] += max(0, node["capacity_quanta"] - node["used_quanta"])
+    for p in pools.values():
+        p["capacity_fgpu"], p["free_fgpu"] = units.to_fgpu(p["capacity_quanta"]), units.to_fgpu(p["free_quanta"])
+    out = {
+        "pools": pools,
+        "groups": {name: {"pools": list(g.pools), "lifetime_s": g.lifetime_s or service.default_lifetime,
+                          "quota": {"running": g.quota.max_running, "pending": g.quota.max_pending,
+                                    "fgpu": units.to_fgpu(g.quota.max_quanta), "cpu_millis": g.quota.max_cpu_millis,
+                                    "memory_bytes": g.quota.max_memory_bytes}}
+                   for name, g in service.groups.items()},
+        "default_lifetime_s": service.default_lifetime,
+    }
+    if admin:
+        out["group_usage"] = service.group_usage()
+    return out
+
+
+async def user_groups(hub: HubAPI, user: str) -> list[str]:
+    """The user's JupyterHub groups, in the hub's order (web.HTTPError if the hub cannot say)."""
+    try:
+        model = await hub.get_user(user)
+    except (HubAPIError, OSError) as e:
+        raise web.HTTPError(503, f"Cannot read {user}'s groups from the hub ({e}); try again.") from None
+    return list((model or {}).get("groups") or [])
+
+
+async def team_of(service, hub: HubAPI, user: str, options: dict, ungrouped: bool) -> tuple[str, tuple[str, ...]]:
+    """(group, pools) of a session from its options' group and pool (web.HTTPError 400 if not allowed)."""
+    group, pool = options.get("group") or "", options.get("pool") or ""
+    if not isinstance(group, str) or not isinstance(pool, str):
+        raise web.HTTPError(400, "group and pool must be names.")
+    if not service.groups and not pool:
+        return "", ()
+    groups = await user_groups(hub, user) if service.groups else []
+    pools = {n.pool for n in service.nodes}
+    try:
+        return resolve(groups, service.groups, pools, group, pool, ungrouped)
+    except ValueError as e:
+        raise web.HTTPError(400, str(e)) from None
 
 
 class HealthHandler(APIHandler):
@@ -136,7 +190,8 @@ class RequestsHandler(APIHandler):
             public_status(self.service.status(r), who) for r in self.service.records.values()
             if who["admin"] or r.key.user == who["name"]
         ]
-        out.sort(key=lambda s: (s["state"] != "RUNNING", s.get("position") or 0, s["submitted_at"]))
+        out.sort(key=lambda s: (s["state"] != "RUNNING", s["state"] == "STOPPING", s.get("position") or 0,
+                                s["submitted_at"]))
         self.write_json({"requests": out, "epoch": self.service.epoch})
 
 
@@ -152,7 +207,7 @@ class RequestHandler(APIHandler):
         self.write_json(public_status(self.service.status(rec), who))
 
     async def put(self, user, server):
-        """The spawner registers (or re-attaches to) the request of the server it starts."""
+        """The spawner registers a new spawn attempt of the server it starts."""
         if not self.is_internal():
             raise web.HTTPError(403, "Only the hub's spawner registers requests; start servers through the hub.")
         body = self.json_body(self.FIELDS)
@@ -166,44 +221,78 @@ class RequestHandler(APIHandler):
         options = body.get("user_options", {})
         if not isinstance(image, str) or not isinstance(options, dict):
             raise web.HTTPError(400, "image must be a string and user_options an object.")
+        group, pools = await team_of(self.service, self.hub, user, options, self.bai.allow_ungrouped)
         try:
-            rec = await self.service.submit(
-                self.key(user, server), image=image, user_options=options, reattach=True, **nums
-            )
+            rec = await self.service.submit(self.key(user, server), image=image, user_options=options,
+                                            group=group, pools=pools, **nums)
         except Refused as e:
             raise web.HTTPError(e.status, str(e)) from None
         self.write_json(self.service.status(rec), 201)
 
     async def delete(self, user, server):
+        """A user (or admin) stops a session, through the hub so its view stays true."""
         who = self.identity()
         key = self.key(user, server)
         if who["internal"]:
-            request_id = self.get_argument("request_id", None, strip=False)
-            if request_id is not None and not request_id.strip():
-                raise web.HTTPError(400, "request_id is empty.")
-            freed = await self.service.release(key, request_id)
-            self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
-            return
+            raise web.HTTPError(400, "The spawner releases an attempt with DELETE api/attempts/<id>.")
         self.check_owner(who, user)
         rec = self.service.get(key)
         if rec is None:
             raise web.HTTPError(404, "No such request.")
         self.check_may(who, "delete", user, server)
-        # Go through the hub so its view of the server stays true; the spawner's
-        # stop() then releases. A request the hub no longer tracks is released here.
         try:
             await self.hub.stop_server(user, server)
+            hub_stops_it = True
         except (HubAPIError, OSError) as e:
-            log.info("Hub stop of %s: %s; releasing directly", key, e)
-        await self.service.release(key, rec.id)
-        self.write_json({"released": True})
+            log.info("Hub stop of %s: %s; stopping it here", key, e)
+            hub_stops_it = False
+        await stop_session(self.service, rec, hub_stops_it)
+        self.write_json({"released": rec.state == "PENDING", "stopping": rec.state != "PENDING"})
 
 
-class WaitHandler(APIHandler):
-    async def get(self, user, server):
+async def stop_session(service, rec, hub_stops_it: bool) -> None:
+    """After asking the hub to stop a server: a queued request, or an admission no spawner has,
+    is stopped here; a started one only when the hub could not (its spawner then removes the
+    container and releases the share; otherwise the service removes it, then frees the share)."""
+    if rec.state == "PENDING" or not rec.delivered or not hub_stops_it:
+        await service.stop(rec.key)
+
+
+class AttemptHandler(APIHandler):
+    """The spawner's calls about one spawn attempt."""
+
+    def attempt(self, attempt_id: str):
         if not self.is_internal():
-            raise web.HTTPError(403, "Only the hub's spawner waits on requests.")
-        key = self.key(user, server)
+            raise web.HTTPError(403, "Only the hub's spawner uses spawn attempts.")
+        return self.service.attempt(attempt_id)
+
+    async def delete(self, attempt_id):
+        """This attempt's container is gone, or was never made: its share can go."""
+        self.attempt(attempt_id)
+        freed = await self.service.release(attempt_id)
+        self.write_json({"released": True, "admitted": [str(r.key) for r in freed]})
+
+
+class StopFailedHandler(AttemptHandler):
+    async def post(self, attempt_id):
+        """The spawner could not stop this attempt's container: the share stays held and the
+        service removes the container itself (retrying)."""
+        if self.attempt(attempt_id) is None:
+            raise web.HTTPError(404, "No such attempt.")
+        body = self.json_body({"message"})
+        message = body.get("message", "")
+        if not isinstance(message, str):
+            raise web.HTTPError(400, "message must be a string.")
+        try:
+            rec = await self.service.stopping(attempt_id, message or "the spawner could not stop it")
+        except Refused as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.write_json(self.service.status(rec), 202)
+
+
+class WaitHandler(AttemptHandler):
+    async def get(self, attempt_id):
+        self.attempt(attempt_id)
         try:
             epoch = int(self.get_argument("epoch", "-1"))
             timeout = float(self.get_argument("timeout", str(self.bai.wait_timeout)))
@@ -213,11 +302,12 @@ class WaitHandler(APIHandler):
             # NaN would hold the long-poll open for ever (every comparison is False).
             raise web.HTTPError(400, "timeout must be a finite number of seconds.")
         timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(key, epoch, timeout)
+        rec = await self.service.wait(attempt_id, epoch, timeout)
         if rec is None:
-            self.write_json({"state": "GONE", "epoch": self.service.epoch,
-                             "reason": "The request was cancelled."})
+            self.write_json({"id": attempt_id, "state": "GONE", "epoch": self.service.epoch,
+                             "reason": self.service.gone_reason(attempt_id) or "The request was cancelled."})
             return
+        await self.service.mark_delivered(rec)
         self.write_json(self.service.status(rec))
 
 
@@ -293,7 +383,9 @@ default_handlers = [
     (r"capacity\.json", CapacityHandler),
     (r"api/catalog", CatalogHandler),
     (r"api/requests", RequestsHandler),
-    (rf"api/requests/{NAME}/?([^/]*)/wait", WaitHandler),
+    (rf"api/attempts/{ATTEMPT}", AttemptHandler),
+    (rf"api/attempts/{ATTEMPT}/wait", WaitHandler),
+    (rf"api/attempts/{ATTEMPT}/stop-failed", StopFailedHandler),
     (rf"api/requests/{NAME}/?([^/]*)", RequestHandler),
     (r"api/launch", LaunchHandler),
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
+from dataclasses import replace
 from decimal import Decimal
 
 from tornado import web
@@ -23,11 +24,11 @@ from tornado import web
 from .. import inventory
 from ..contract import catalog as catalog_mod
 from ..contract.form import chosen_shape, form_context, home_note
-from ..contract.options import FormError, SessionOptions, parse_options
+from ..contract.options import FIELDS, FormError, parse_options
 from ..contract.registry import RegistryError
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
-from .api import capacity_model, launch_sessions
+from .api import capacity_model, launch_sessions, stop_session, user_groups
 from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, log
 
 POLL_SECONDS = 2
@@ -103,13 +104,24 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
     for u in hub_users or []:
         for name, s in (u.get("servers") or {}).items():
             servers[(u["name"], name)] = s
-    records = {(r["user"], r["server"]): r for r in statuses or []}
+    records = {(r["user"], r["server"]): r for r in statuses or [] if r["state"] != "STOPPING"}
+    # Attempts whose container is being removed: on the server's row when nothing newer runs
+    # there, else a row of their own (the server may be starting again meanwhile).
+    stopping = {}
+    for r in statuses or []:
+        if r["state"] == "STOPPING":
+            key = (r["user"], r["server"])
+            if key not in records and key not in stopping:
+                stopping[key] = r
+            else:
+                stopping[(r["user"], r["server"], r["id"])] = r
     rows = []
-    for key in set(servers) | set(records):
-        user, server = key
-        s, r = servers.get(key), records.get(key)
+    for key in set(servers) | set(records) | set(stopping):
+        user, server = key[:2]
+        s = servers.get(key) if len(key) == 2 else None
+        r = records.get(key) or stopping.get(key)
         pending = (s or {}).get("pending")
-        if s and pending == "stop":
+        if (r and r["state"] == "STOPPING") or (s and pending == "stop"):
             state = "STOPPING"
         elif s and s.get("ready"):
             state = "RUNNING"
@@ -139,15 +151,23 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             since = (r or {}).get("admitted_at") or _iso_to_epoch((s or {}).get("started"))
         else:
             since = (r or {}).get("submitted_at")
+        eta = notice = stops_at = ""
         if state == "PENDING":
             detail = r.get("reason") or "Waiting in the queue"
+            eta = (r.get("eta") or {}).get("text", "")
         elif state == "STARTING":
             detail = (f"Admitted on {placement['node']}; starting the container" if placement
                       else "Asking the scheduler for a place")
+        elif state == "STOPPING" and (r or {}).get("stop_error"):
+            detail = (f"Stopping failed: {r['stop_error']}. Its share stays held while the scheduler "
+                      "keeps trying to remove the container.")
         elif state == "STOPPING":
             detail = "Stopping; its share is freed when the container is gone"
         else:
             detail = ""
+        if r is not None and r.get("deadline") and state in ("RUNNING", "STARTING"):
+            stops_at = time.strftime("%H:%M", time.localtime(r["deadline"]))
+            notice = r.get("lifetime_notice") or ""
         color, label = STATES[state]
         rows.append({
             "user": user,
@@ -171,6 +191,10 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             "can_stop": state != "STOPPING",
             "known_to_hub": s is not None,
             "request_id": (r or {}).get("id"),
+            "group": (r or {}).get("group", ""),
+            "eta": eta,
+            "stops_at": stops_at,
+            "lifetime_notice": notice,
         })
     rows.sort(key=lambda x: (STATE_ORDER[x["state"]], x["position"] or 0, x["user"], x["server"]))
     return rows
@@ -210,8 +234,9 @@ def node_rows(usage: list[dict], units: FgpuUnits, live: dict | None = None,
                 "name": d["name"],
                 "used": units.to_fgpu(used),
                 "total": units.to_fgpu(cap),
-                "free": units.to_fgpu(cap - used),
-                "percent": round(100 * used / cap) if cap else 0,
+                "free": units.to_fgpu(max(0, cap - used)),
+                "percent": min(100, round(100 * used / cap)) if cap else 0,
+                "overcommitted": units.to_fgpu(d.get("overcommitted_quanta", 0)) if d.get("overcommitted_quanta") else "",
                 "memory_total": format_bytes(d["memory_bytes"]),
                 "memory_granted": format_bytes(share_mem),
                 "live": None if stats is None else {
@@ -237,6 +262,29 @@ def node_rows(usage: list[dict], units: FgpuUnits, live: dict | None = None,
             "limited": bool(cpu_total or mem_total),
             "devices": devices,
         })
+    return out
+
+
+def group_rows(usage: dict, policies: dict) -> list[dict]:
+    """Per group with a quota: what it holds against each limit (admin capacity view).
+    ``usage``: ``Service.group_usage()``; ``policies``: group -> ``GroupPolicy``."""
+    out = []
+    for name, u in sorted(usage.items()):
+        q = u["quota"]
+        limits = []
+        if q["running"]:
+            limits.append(f"{u['running']} of {q['running']} sessions")
+        if q["quanta"]:
+            limits.append(f"{u['fgpu']} of {q['fgpu']} fGPU")
+        if q["cpu_millis"]:
+            limits.append(f"{u['cpu_millis'] / 1000:g} of {q['cpu_millis'] / 1000:g} CPU")
+        if q["memory_bytes"]:
+            limits.append(f"{format_bytes(u['memory_bytes'])} of {format_bytes(q['memory_bytes'])} memory")
+        policy = policies.get(name)
+        out.append({"name": name, "limits": limits, "pending": u["pending"],
+                    "pools": ", ".join(policy.pools) if policy is not None and policy.pools else "any",
+                    "full": bool(q["quanta"] and u["quanta"] >= q["quanta"])
+                    or bool(q["running"] and u["running"] >= q["running"])})
     return out
 
 
@@ -292,9 +340,13 @@ class PageHandler(BaseHandler):
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
         rows = session_rows(statuses, users, units=units, registry_host=self.settings["registry"].host)
-        nodes = (node_rows(self.service.capacity(), units, inventory.live_stats(self.service.nodes),
-                           self.settings["readiness"]) if who["admin"] else [])
-        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "notices": self.notices.for_user(who["name"])}
+        nodes, groups = [], []
+        if who["admin"]:
+            live = await asyncio.to_thread(inventory.live_stats, self.service.nodes)  # NVML calls block
+            nodes = node_rows(self.service.capacity(), units, live, self.settings["readiness"])
+            groups = group_rows(self.service.group_usage(), self.service.groups)
+        return {"rows": rows, "summary": summarize(rows), "nodes": nodes, "groups": groups,
+                "notices": self.notices.for_user(who["name"])}
 
     def fragments(self, who: dict, data: dict) -> dict:
         """The parts of the page its script replaces on every poll."""
@@ -318,9 +370,15 @@ class PageHandler(BaseHandler):
         except RegistryError as e:  # the registry is down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
             return {"form_error": f"The image catalog is unavailable. {e.message}"}
+        groups = []
+        if self.service.groups and who["name"]:
+            try:
+                groups = await user_groups(self.hub, who["name"])
+            except web.HTTPError as e:  # the hub is down: the form offers the default group
+                log.warning("Sessions page: %s", e.log_message)
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
-                            static_url=self.settings["static_url_prefix"], values=values,
+                            static_url=self.settings["static_url_prefix"], values=values, user_groups=groups,
                             home_note=home_note(self.bai.home_shared(), [n.name for n in self.service.nodes]))
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
@@ -369,9 +427,7 @@ class StopHandler(PageHandler):
         except OSError as e:
             log.warning("Hub unreachable while stopping %s: %s", key, e)
         if rec is not None:
-            # A request the hub never spawned (or a queued one) is freed here;
-            # the spawner's own release of a running one is then a no-op.
-            await self.service.release(key, rec.id)
+            await stop_session(self.service, rec, stopped_in_hub)
         if not stopped_in_hub and rec is None:
             raise web.HTTPError(404, f"There is no session {label}.")
         self.notices.add(who["name"], "info", f"Stopping {label}.")
@@ -381,7 +437,7 @@ class StopHandler(PageHandler):
 class NewSessionsHandler(PageHandler):
     """Launch N sessions of one shape: validate like the spawn form, then start named servers."""
 
-    FIELDS = ("image", "image_name", "fgpu", "cpu", "memory", "sessions")
+    FIELDS = FIELDS
 
     async def post(self):
         who = self.identity()
@@ -401,7 +457,7 @@ class NewSessionsHandler(PageHandler):
             self.set_status(400)
             await self.render_page(who, values=values, error=str(e))
             return
-        one = SessionOptions(image.ref, opts.quanta, opts.cpu_millis, opts.memory_bytes, 1).to_user_options()
+        one = replace(opts, image=image.ref, sessions=1).to_user_options()
         n = opts.sessions
         self.notices.add(who["name"], "info",
                          f"Launching {n} session{'s' if n != 1 else ''} of {image.display_name} with "

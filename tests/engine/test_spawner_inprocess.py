@@ -91,7 +91,7 @@ async def test_queued_then_admitted_then_stopped_in_process(deployment):
     assert await sp.poll() is None  # queued counts as alive: the hub's Stop must reach stop()
     assert not start.done()
 
-    code, _ = d["call"]("DELETE", f"api/requests/bob/big?request_id={blocker['id']}")
+    code, _ = d["call"]("DELETE", f"api/attempts/{blocker['id']}")
     assert code == 200
     ip, port = await asyncio.wait_for(start, 120)
     assert ip == "127.0.0.1" and port > 0

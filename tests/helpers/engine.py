@@ -46,24 +46,34 @@ class ExtraEngine:
         raise RuntimeError(f"extra dockerd {self.name} did not start; see /tmp/{self.name}.log")
 
     def copy_image(self, ref: str):
-        if self.docker("image", "inspect", ref).returncode == 0:
+        """Copy image ``ref`` from the main engine with every tag it has there: the catalog may
+        name it by any of them (e.g. a registry's ``127.0.0.1:5000/...`` tag on a shared engine)."""
+        tags = subprocess.run(["docker", "image", "inspect", "--format", "{{join .RepoTags \" \"}}", ref],
+                              capture_output=True, text=True, check=True).stdout.split() or [ref]
+        if all(self.docker("image", "inspect", t).returncode == 0 for t in tags):
             return
-        save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
+        save = subprocess.Popen(["docker", "save", *tags], stdout=subprocess.PIPE)
         load = subprocess.run(["docker", "-H", self.url, "load"], stdin=save.stdout, capture_output=True, text=True)
         save.wait()
         if load.returncode != 0:
             raise RuntimeError(f"could not copy {ref} to {self.name}: {load.stderr}")
 
-    def destroy(self):
-        ids = self.docker("ps", "-aq").stdout.split()
-        if ids:
-            self.docker("rm", "-f", *ids)
+    def stop(self):
+        """Stop this dockerd (its containers stop with it); ``start()`` brings it back."""
         if self.proc:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def destroy(self):
+        ids = self.docker("ps", "-aq").stdout.split()
+        if ids:
+            self.docker("rm", "-f", *ids)
+        self.stop()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.data_root, ignore_errors=True)
         shutil.rmtree(self.exec_root, ignore_errors=True)

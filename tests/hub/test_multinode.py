@@ -1,6 +1,4 @@
 """Two Docker engines as two scheduler nodes: placement, events and repair per node."""
-import time
-
 import pytest
 import requests
 
@@ -34,10 +32,11 @@ def test_sessions_spread_over_two_engines_and_each_engine_is_watched(fresh_hub, 
     hub = fresh_hub(nodes=[
         {"name": "local", "docker_url": "", "gpus": 1, "gpu_memory": "8GiB"},
         {"name": "node2", "docker_url": node2.url, "gpus": 1, "gpu_memory": "8GiB"},
-    ]).start()
+    ], extra={"BaiScheduler": {"reconcile_interval": 3600.0}}).start()  # shares come back through events only
     token = hub.add_user("nina")
     for s in "abcd":
-        assert hub.start_server("nina", s, ONE).status_code in (201, 202)
+        r = hub.start_server("nina", s, ONE)
+        assert r.status_code in (201, 202), (r.status_code, r.text, hub.tail(120))
     for s in "abcd":
         hub.wait_ready("nina", s, timeout=150)
     reqs = hub.requests()
@@ -56,11 +55,10 @@ def test_sessions_spread_over_two_engines_and_each_engine_is_watched(fresh_hub, 
     # through that engine's events, and the queued one starts there.
     hub.start_server("nina", "e", ONE)
     hub.wait_for(lambda: hub.requests().get("nina/e", {}).get("state") == "PENDING", 30, what="e queued")
-    t0 = time.time()
     node2.docker("kill", ids[0])
-    hub.wait_for(lambda: hub.requests().get("nina/e", {}).get("state") == "RUNNING", 5, 0.05,
+    # Through node2's events: the reconcile runs only at start here.
+    hub.wait_for(lambda: hub.requests().get("nina/e", {}).get("state") == "RUNNING", 30, 0.1,
                  what="node2's share returned")
-    assert time.time() - t0 < 5
     assert hub.requests()["nina/e"]["placement"]["node"] == "node2"
     hub.wait_ready("nina", "e", timeout=150)
     # Engine-side state wins after a scheduler restart on both nodes.

@@ -54,7 +54,9 @@ def test_a_user_cannot_see_stop_snapshot_or_reach_another_users_session(hub, two
     mine = hub.service("GET", "api/requests", token=atok).json()["requests"]
     assert {(r["user"], r["server"]) for r in mine} == {(alice, "s")}
     assert hub.service("GET", f"api/requests/{bob}/s", token=atok).status_code == 404
-    assert hub.service("GET", f"api/requests/{bob}/s/wait?epoch=-1&timeout=0", token=atok).status_code == 403
+    bob_attempt = hub.requests()[f"{bob}/s"]["id"]
+    assert hub.service("GET", f"api/attempts/{bob_attempt}/wait?epoch=-1&timeout=0", token=atok).status_code == 403
+    assert hub.service("DELETE", f"api/attempts/{bob_attempt}", token=atok).status_code == 403
     rows = hub.service("GET", "sessions.json", token=atok).json()["rows"]
     assert bob not in json.dumps(rows)
     # Stop: not through the scheduler, its page form, nor the hub.

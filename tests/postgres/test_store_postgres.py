@@ -18,35 +18,34 @@ def pg():
 async def test_seed_scenario_and_restart_on_postgresql(pg):
     url = pg.create_db("bai_seed")
     svc = make(url)
-    for i in range(3):
-        await svc.submit(key(i), ONE_FGPU)
+    recs = [await svc.submit(key(i), ONE_FGPU) for i in range(3)]
     again = make(url)
-    assert {k: r.state for k, r in again.records.items()} == {
+    assert {r.key: r.state for r in again.records.values()} == {
         key(0): "RUNNING", key(1): "RUNNING", key(2): "PENDING"}
-    await again.release(key(0))
+    await again.release(recs[0].id)
     assert make(url).get(key(2)).state == "RUNNING"
 
 
 async def test_database_outage_fails_cleanly_and_recovers(pg):
     url = pg.create_db("bai_outage")
     svc = make(url)
-    await svc.submit(key(0), ONE_FGPU)
+    first = await svc.submit(key(0), ONE_FGPU)
     await svc.submit(key(1), ONE_FGPU)
     await svc.submit(key(2), ONE_FGPU)
-    before = ({k: r.state for k, r in svc.records.items()}, held(svc))
+    before = ({r.key: r.state for r in svc.records.values()}, held(svc))
     pg.stop()
     pg.wait_down()
     try:
         with pytest.raises(StoreUnavailable):
             await svc.submit(key(3), ONE_FGPU)
         with pytest.raises(StoreUnavailable):
-            await svc.release(key(0))
+            await svc.release(first.id)
         # Nothing changed in memory either: no share was freed or granted.
-        assert ({k: r.state for k, r in svc.records.items()}, held(svc)) == before
+        assert ({r.key: r.state for r in svc.records.values()}, held(svc)) == before
         assert svc.degraded
     finally:
         pg.start()
-    freed = await svc.release(key(0))
+    freed = await svc.release(first.id)
     assert [r.key for r in freed] == [key(2)]
     assert svc.degraded is None
     assert make(url).get(key(2)).state == "RUNNING"

@@ -1,0 +1,99 @@
+"""Finding 6 of issue 13: Docker and NVML calls never run on the event loop.
+
+Each test makes the blocking call slow (0.6 s) and checks that a heartbeat task on the loop
+kept beating meanwhile."""
+import asyncio
+import sys
+import time
+import types
+
+from bai_scheduler.core.model import Device, Node
+
+SLOW = 0.6
+
+
+async def stalls_of(coro) -> float:
+    """Run ``coro``; return the longest the loop went without running the heartbeat."""
+    gaps, last = [0.0], time.monotonic()
+
+    async def beat():
+        nonlocal last
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.ensure_future(beat())
+    await asyncio.sleep(0.02)
+    try:
+        await coro
+        await asyncio.sleep(0.05)  # the heartbeat notes a stall only when it runs again
+    finally:
+        task.cancel()
+    return max(gaps)
+
+
+class SlowClient:
+    def images(self, *args, **kw):
+        return []
+
+
+def slow_client(*args, **kw):
+    time.sleep(SLOW)  # what docker.APIClient(version="auto") does: a round trip
+    return SlowClient()
+
+
+async def test_launch_catalog_makes_its_docker_client_off_the_loop(monkeypatch):
+    from bai_scheduler import engines
+
+    monkeypatch.setattr(engines, "make_client", slow_client)
+    cache = engines.CatalogCache(Node("local", ""))
+    assert await stalls_of(cache.get(max_age=0)) < SLOW / 2
+
+
+async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
+    from bai_scheduler import inventory
+    from bai_scheduler.core.units import FgpuUnits
+    from bai_scheduler.web import pages
+
+    def slow(*args):
+        time.sleep(SLOW / 3)
+        return types.SimpleNamespace(used=1, total=2, gpu=5)
+
+    fake = types.SimpleNamespace(nvmlInit=slow, nvmlDeviceGetHandleByUUID=slow, nvmlDeviceGetMemoryInfo=slow,
+                                 nvmlDeviceGetUtilizationRates=slow)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setitem(inventory._live_cache, "at", 0.0)
+    monkeypatch.setattr(pages, "node_rows", lambda *args: [])  # only the reading is under test
+    node = Node("local", "", (Device("GPU-1", 0, "real", 2, 1, 4),))
+    handler = types.SimpleNamespace(
+        service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: [],
+                                      group_usage=lambda: {}, groups={}),
+        settings={"readiness": {}}, notices=types.SimpleNamespace(for_user=lambda user: []),
+    )
+
+    async def no_users(who):
+        return []
+
+    handler.hub_users = no_users
+    gap = await stalls_of(pages.PageHandler.page_data(handler, {"admin": True, "name": "boss"}))
+    assert gap < SLOW / 2
+
+
+async def test_spawner_makes_its_docker_client_off_the_loop(monkeypatch):
+    from jupyterhub.objects import Hub
+
+    from bai_scheduler.contract import catalog
+    from bai_spawner.spawner import BaiSpawner
+
+    user = types.SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/", id=1, settings={},
+                                 spawners={})
+    spawner = BaiSpawner(user=user, hub=Hub(), _log_name="alice")
+    monkeypatch.setattr(BaiSpawner, "client", property(lambda self: slow_client()))
+
+    async def no_images(client):
+        return []
+
+    monkeypatch.setattr(catalog, "load_catalog", no_images)
+    assert await stalls_of(spawner._catalog()) < SLOW / 2
