@@ -1,4 +1,5 @@
 """Capacity: placement rules, take/give_back bookkeeping, and property tests against brute force."""
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -461,6 +462,12 @@ def test_no_preference_for_a_node_that_is_not_an_exact_twin():
     assert cap.place(with_image(1), res).node == "n0"  # reservations are not exchanged
     cap.set_gpu_ready("n1", False)
     assert cap.place(with_image(1)).node == "n0"
+    # nodes of two pools are not twins: a request for pool "a" stays there, and so does the order
+    pooled = Capacity(simulated_nodes([{"name": f"n{i}", "gpus": 2, "gpu_memory": "8GiB", "pool": pool}
+                                       for i, pool in enumerate(["a", "b"])], U), Q, units=U)
+    pooled.set_node_images("n1", {"reg/bai/x:1"})
+    assert pooled.place(replace(with_image(1), pools=("a",))).node == "n0"
+    assert pooled.place(with_image(1)).node == "n0"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -468,32 +475,38 @@ def test_no_preference_for_a_node_that_is_not_an_exact_twin():
     layout=st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=5),
     strategy=st.sampled_from(["concentrate", "spread"]),
     held=st.lists(st.lists(st.sampled_from(["a", "b"]), max_size=2), min_size=5, max_size=5),
+    node_pools=st.lists(st.sampled_from(["p", "p", "q"]), min_size=5, max_size=5),
     steps=st.lists(st.tuples(st.sampled_from(["place", "place", "release"]), st.integers(0, 3 * Q),
-                             st.sampled_from([0, 0, 300]), st.integers(0, 100), st.sampled_from(["a", "b", ""])),
+                             st.sampled_from([0, 0, 300]), st.integers(0, 100), st.sampled_from(["a", "b", ""]),
+                             st.sampled_from([(), (), ("p",), ("q",)])),
                    max_size=50),
 )
-def test_with_images_every_decision_is_the_one_without_under_other_names(layout, strategy, held, steps):
+def test_with_images_every_decision_is_the_one_without_under_other_names(layout, strategy, held, node_pools, steps):
     """The same requests with and without the image preference: at every step both say the same
     (fits or not, how much, on how many devices), and the names of the nodes differ only by a
-    renaming of empty twins, the same renaming for every later decision."""
+    renaming of empty twins of one pool, the same renaming for every later decision."""
     def make():
-        return Capacity(nodes(*layout, cpu=2), Q, strategy=strategy, units=U)
+        return Capacity(simulated_nodes([{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": 2,
+                                          "pool": node_pools[i]} for i, g in enumerate(layout)], U),
+                        Q, strategy=strategy, units=U)
     plain, preferring = make(), make()
     for i, images in enumerate(held[:len(layout)]):
         preferring.set_node_images(f"n{i}", {f"reg/{x}:1" for x in images})
     rename: dict[str, str] = {n.name: n.name for n in plain.nodes}  # plain's node -> preferring's
     taken = []
-    for op, q, c, pick, image in steps:
+    pool_of = {n.name: n.pool for n in plain.nodes}
+    for op, q, c, pick, image, pools in steps:
         if op == "release" and taken:
             a, b = taken.pop(pick % len(taken))
             plain.give_back(a)
             preferring.give_back(b)
             continue
-        a = plain.place(req(q, cpu=c))
-        b = preferring.place(with_image(q, f"reg/{image}:1" if image else "", cpu=c))
+        a = plain.place(replace(req(q, cpu=c), pools=pools))
+        b = preferring.place(replace(with_image(q, f"reg/{image}:1" if image else "", cpu=c), pools=pools))
         assert (a is None) == (b is None)
         if a is None:
             continue
+        assert not pools or pool_of[b.node] in pools
         if b.node != rename[a.node]:
             # only an empty twin may stand in, and from now on the two are exchanged
             x, y = rename[a.node], b.node

@@ -27,8 +27,8 @@ Placement rules
 * ``set_gpu_ready(node, False)`` takes a node's GPUs out of placement (its backend cannot enforce
   shares now); CPU-only requests still go there.  Allocations already made are kept.
 * Images (``set_node_images``): when the place chosen is on an empty node that lacks the request's
-  image, and an empty twin of that node (the same devices, CPU, memory, backend and readiness, no
-  session, nothing reserved) holds it, the twin gets the request instead, so it pulls nothing.  The
+  image, and an empty twin of that node (the same devices, CPU, memory, backend, readiness and pool,
+  no session, nothing reserved) holds it, the twin gets the request instead, so it pulls nothing.  The
   two nodes also swap their places in the order that breaks every other tie (their *rank*), which
   makes the result exactly the placement without images with the two nodes' names exchanged: the
   preference never admits less, sooner or later (``benchmarks/scheduler_bench.py --images`` replays
@@ -322,11 +322,12 @@ class Capacity:
 
     def _twins(self, a: int, b: int) -> bool:
         """Two nodes placement cannot tell apart: the same devices in the same order, the same CPU
-        and memory, GPU backend and readiness, and no session on either."""
+        and memory, GPU backend, readiness and pool, and no session on either."""
         return (not self._sessions[a] and not self._sessions[b]
                 and [self._cap[d] for d in self._node_devs[a]] == [self._cap[d] for d in self._node_devs[b]]
                 and self._cpu_cap[a] == self._cpu_cap[b] and self._mem_cap[a] == self._mem_cap[b]
-                and self._gpu_off[a] == self._gpu_off[b] and self.nodes[a].gpu == self.nodes[b].gpu)
+                and self._gpu_off[a] == self._gpu_off[b] and self.nodes[a].gpu == self.nodes[b].gpu
+                and self.nodes[a].pool == self.nodes[b].pool)
 
     @staticmethod
     def _reserved_on(ni: int, devs, res: Reservations | None) -> bool:
