@@ -34,21 +34,18 @@ async def stalls_of(coro) -> float:
     return max(gaps)
 
 
-class SlowClient:
-    def images(self, *args, **kw):
+class SlowRegistry:
+    def images(self):
+        time.sleep(SLOW)  # the registry's catalog, tags and config blobs: round trips
         return []
 
 
-def slow_client(*args, **kw):
-    time.sleep(SLOW)  # what docker.APIClient(version="auto") does: a round trip
-    return SlowClient()
+async def test_launch_catalog_reads_the_registry_off_the_loop():
+    from bai_scheduler.contract.registry import BaiRegistry
+    from bai_scheduler.images import CatalogCache
 
-
-async def test_launch_catalog_makes_its_docker_client_off_the_loop(monkeypatch):
-    from bai_scheduler import engines
-
-    monkeypatch.setattr(engines, "make_client", slow_client)
-    cache = engines.CatalogCache(Node("local", ""))
+    cache = CatalogCache(BaiRegistry(url="http://127.0.0.1:5000"), "bai-private")
+    cache.client = SlowRegistry()
     assert await stalls_of(cache.get(max_age=0)) < SLOW / 2
 
 
