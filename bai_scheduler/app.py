@@ -3,9 +3,10 @@
 Run by the hub as a managed service (see hub_config/jupyterhub_config.py),
 reading the same config file as the hub; its own options live under
 ``c.BaiScheduler``.  The parts: the pure core (``core/``), the state machine
-(``service``, ``store``), the engines (``engines``, ``inventory``), snapshots
-(``snapshots``) and the web layer (``web/``), whose handlers reach the parts
-through ``self.settings``.
+(``service``, ``store``), the engines (``engines``, ``inventory``), the image registry
+(``images``: the catalog, which node holds what), snapshots (``snapshots``, ``snapshot_jobs``)
+and the web layer (``web/``), whose handlers reach the parts through ``self.settings``. The
+registry's own options are ``c.BaiRegistry`` (``contract/registry.py``), shared with the hub.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from tornado import httpserver, web
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Integer, List, Unicode, default, observe, validate
 from traitlets.config import Application
 
-from . import engines, inventory, readiness
+from . import engines, images, inventory, readiness
+from .contract.form import volumes_shared
 from .contract.options import Limits
+from .contract.registry import BaiRegistry
 from .core.model import GPU_BACKENDS, GpuBackend, Node, RequestKey
 from .core.nodes import nodes_from_config, parse_bytes
 from .core.placement import SPANS, STRATEGIES, Capacity
@@ -35,6 +38,7 @@ from .core.quotas import GroupPolicy, Quota
 from .core.units import FgpuUnits
 from .hubapi import HubAPI, HubAPIError
 from .service import Service
+from .snapshot_jobs import JobStore
 from .snapshots import Snapshots, validate_repo
 from .store import Store, StoreUnavailable
 from .web import api, metrics, pages
@@ -80,7 +84,7 @@ class BaiScheduler(Application):
 
     config_file = Unicode(
         "", config=True,
-        help="Config file to load (the hub's jupyterhub_config.py; only c.BaiScheduler is used).",
+        help="Config file to load (the hub's jupyterhub_config.py; only c.BaiScheduler and c.BaiRegistry are used).",
     )
     aliases = {"config": "BaiScheduler.config_file", "db-url": "BaiScheduler.db_url"}
     flags = {"check-gpus": ({"BaiScheduler": {"check_gpus_only": True}},
@@ -306,8 +310,9 @@ class BaiScheduler(Application):
     # -- snapshots (bai_scheduler/snapshots.py) --
     private_image_repo = Unicode(
         "bai-private", config=True,
-        help="Repository prefix of private images made from sessions: <repo>/<user>:<tag>. "
-        "Lower-case Docker repository path, e.g. 'bai-private' or 'registry.local/bai-private'.",
+        help="Repository prefix of private images made from sessions, in the image registry "
+        "(c.BaiRegistry): <repo>/<user>:<tag>, pushed as <registry host>/<repo>/<user>:<tag>. A "
+        "lower-case repository path, e.g. 'bai-private' or 'teams/bai-private'.",
     )
     max_private_images_per_user = Integer(
         5, config=True, help="Private images (snapshots) one user may own at once (0 = no limit).",
@@ -407,6 +412,13 @@ class BaiScheduler(Application):
                                  f"BaiScheduler.max_{what} ({getattr(limits, f'max_{what}')}): lower it or raise the limit.")
         return limits
 
+    def home_shared(self) -> bool:
+        """Whether every node sees the same home folder, as the spawner's volume options in the same
+        config file say (c.BaiSpawner.volume_driver, volume_driver_options, volumes_shared)."""
+        spawner = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
+        return volumes_shared(spawner.get("volumes_shared"), spawner.get("volume_driver", "local"),
+                              spawner.get("volume_driver_options", {}))
+
     def take_moved_spawner_options(self) -> None:
         """Apply the options still set under their old names (c.BaiSpawner.max_cpu, .gpu_backend …)."""
         old = self.config["BaiSpawner"] if "BaiSpawner" in self.config else {}
@@ -450,6 +462,11 @@ class BaiScheduler(Application):
         self.hub = HubAPI()
         self.internal_token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
         self.service.on_orphan_admitted = self.start_orphan
+        self.registry = BaiRegistry(parent=self)
+        self.catalog = images.CatalogCache(self.registry, self.private_image_repo)
+        self.snapshots = Snapshots(self.node_list, self.service, self.registry, self.catalog,
+                                   jobs=JobStore(self.store.engine), repo=self.private_image_repo,
+                                   cap=self.max_private_images_per_user, pause=self.snapshot_pause)
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/bai-scheduler/")
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.hub_auth = HubOAuth(api_token=self.internal_token, cache_max_age=60)
@@ -469,6 +486,12 @@ class BaiScheduler(Application):
             except OSError as e:
                 self.log.warning("Hub unreachable while starting %s: %s", rec.key, e)
             await asyncio.sleep(5)
+
+    node_images_interval = Float(
+        30, config=True,
+        help="Seconds between readings of which images each node holds; placement prefers a node "
+        "that holds a session's image when capacity is otherwise equal (no pull needed).",
+    )
 
     async def reconcile_forever(self):
         while True:
@@ -499,6 +522,24 @@ class BaiScheduler(Application):
                 return
             if any(result.values()):
                 self.log.warning("Reconciled with the engines: %s", {k: v for k, v in result.items() if v})
+
+    async def read_node_images(self) -> None:
+        """Which images each node holds (for placement's preference); a node that does not answer
+        keeps what was last read."""
+        def one(node):
+            return images.node_images_blocking(engines.make_client(node))
+
+        results = await asyncio.gather(*(asyncio.to_thread(one, n) for n in self.node_list), return_exceptions=True)
+        for node, held in zip(self.node_list, results):
+            if isinstance(held, BaseException):
+                self.log.warning("Cannot list the images on node %s: %s", node.name, held)
+            else:
+                self.service.set_node_images(node.name, held)
+
+    async def read_node_images_forever(self):
+        while True:
+            await asyncio.sleep(self.node_images_interval)
+            await self.read_node_images()
 
     async def check_gpus(self) -> None:
         """Check every real GPU node's backend (in threads); only ready nodes get GPU shares."""
@@ -551,15 +592,17 @@ class BaiScheduler(Application):
             await self.stop_expired()
 
     async def check_images(self) -> None:
-        """Presets naming an image must name one the catalog has (checked once the engine answers)."""
-        if not any(p.image for p in self.form_limits.presets) or not self.node_list:
+        """Presets naming an image must name one the catalog has (checked once the registry answers)."""
+        if not any(p.image for p in self.form_limits.presets):
             return
         try:
-            images = await engines.CatalogCache(self.node_list[0]).get()
-        except Exception as e:  # the engine is down: said at start-up, checked by the form later
+            images = await self.catalog.get()
+        except Exception as e:  # the registry is down: said at start-up, checked by the form later
             self.log.warning("Could not read the image catalog to check the presets' images: %s", e)
             return
-        self.check_teams({i.ref for i in images})
+        # Every name the form accepts for an image (resolve_image): the catalog name users see,
+        # the registry's reference, each tag.
+        self.check_teams({n for i in images for n in (i.ref, i.short_ref, *i.names, *i.tags)})
 
     def check_gpu_node(self, node: Node) -> readiness.Readiness:
         try:
@@ -601,9 +644,9 @@ class BaiScheduler(Application):
             limits=self.form_limits,
             readiness=self.readiness,
             internal_token=self.internal_token,
-            snapshots=Snapshots(self.node_list, self.service, repo=self.private_image_repo,
-                                cap=self.max_private_images_per_user, pause=self.snapshot_pause),
-            catalog=engines.CatalogCache(self.node_list[0] if self.node_list else None),
+            snapshots=self.snapshots,
+            catalog=self.catalog,
+            registry=self.registry,
             notices=pages.Notices(),
             hub_auth=self.hub_auth,
             jinja2_env=template_env(self.template_paths),
@@ -630,7 +673,9 @@ class BaiScheduler(Application):
         url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8090"))
         await self.check_images()
         await self.check_gpus()
+        await self.read_node_images()
         await self.reconcile_all()
+        recovering = asyncio.ensure_future(self.snapshots.recover())
         loop = asyncio.get_running_loop()
         self.watchers = [
             engines.EventWatcher(n, loop, self.container_event, self.reconcile_all, self.hub_id) for n in self.node_list
@@ -639,6 +684,7 @@ class BaiScheduler(Application):
             w.start()
         sweeper = asyncio.ensure_future(self.reconcile_forever())
         gpu_checks = asyncio.ensure_future(self.check_gpus_forever())
+        image_reads = asyncio.ensure_future(self.read_node_images_forever())
         lifetimes = asyncio.ensure_future(self.stop_expired_forever())
         server = httpserver.HTTPServer(self.make_app(), max_body_size=MAX_BODY * 16)
         server.listen(url.port or 80, url.hostname or "127.0.0.1")
@@ -651,6 +697,8 @@ class BaiScheduler(Application):
         server.stop()
         sweeper.cancel()
         gpu_checks.cancel()
+        image_reads.cancel()
+        recovering.cancel()
         lifetimes.cancel()
         for w in self.watchers:
             w.stop()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 
 import docker
 from docker.utils import kwargs_from_env
 
-from .contract import catalog, labels
+from .contract import labels
 
 from .core.model import Node, RequestKey, Share
 from .service import ContainerFacts
@@ -157,23 +156,3 @@ class EventWatcher:
                 first = False
             self._stop.wait(1.0)
 
-
-class CatalogCache:
-    """The image catalog of the first node's engine (the hub's spawner reads the same), kept
-    for a while so that page views do not list the engine's images every time."""
-
-    def __init__(self, node: Node | None):
-        self.node = node
-        self._at = 0.0
-        self._images: list | None = None
-
-    async def get(self, max_age: float = 15.0) -> list:
-        if self._images is not None and time.monotonic() - self._at < max_age:
-            return self._images
-        if self.node is None:
-            return []
-        # make_client negotiates the API version over the socket: off the loop too.
-        client = await asyncio.to_thread(make_client, self.node, 10)
-        images = await catalog.load_catalog(client)
-        self._images, self._at = images, time.monotonic()
-        return images

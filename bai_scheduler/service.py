@@ -180,6 +180,8 @@ class Service:
         # Nodes whose GPUs get no new share: real GPUs start here until their backend is
         # checked (bai_scheduler.readiness); CPU-only requests still go there.
         self.gpu_not_ready: set[str] = {n.name for n in self.nodes if n.devices and not n.simulated}
+        # Image references each node's engine holds: placement's tie-breaker (no pull needed there).
+        self.node_images: dict[str, frozenset[str]] = {}
         self.reload()
 
     # -- building state ----------------------------------------------------
@@ -190,6 +192,8 @@ class Service:
         )
         for name in self.gpu_not_ready:
             capacity.set_gpu_ready(name, False)
+        for name, refs in self.node_images.items():
+            capacity.set_node_images(name, refs)
         return AdmissionQueue(capacity, self.policy, self.limits,
                               {g: p.quota for g, p in self.groups.items()})
 
@@ -252,6 +256,11 @@ class Service:
         """Let placement use ``node``'s GPUs or not; run ``schedule()`` after a node became ready."""
         (self.gpu_not_ready.discard if ready else self.gpu_not_ready.add)(node)
         self.queue.set_gpu_ready(node, ready)
+
+    def set_node_images(self, node: str, refs: frozenset[str]) -> None:
+        """The image references ``node`` holds now (placement prefers it for those images)."""
+        self.node_images[node] = frozenset(refs)
+        self.queue.capacity.set_node_images(node, refs)
 
     def reload(self) -> None:
         """Throw away memory and rebuild from the database (at start-up, before serving)."""

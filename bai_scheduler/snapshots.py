@@ -1,13 +1,14 @@
-"""Session snapshots: turn a running session into a private image its owner can launch.
+"""Session snapshots: turn a running session into a private image its owner can launch on any node.
 
-The workflow: a user prepares a session (``pip install X`` into the image's
-kernel environment ``/opt/bai/kernel``), asks an admin, and the admin snapshots it from
-the panel (``{prefix}admin/snapshots``) or the REST API.  The result is a
-``docker commit`` of the session's container on the node it runs on, named
-``<private_image_repo>/<user>:<tag>`` and labelled ``kind=private`` with its
-``owner``, so the catalog (``bai_scheduler.contract.catalog``) offers it to that user only
-and refuses it to everyone else, whether chosen in the form, typed by name or
-asked for through the REST API.
+The workflow: a user prepares a session (``pip install X`` into the image's kernel environment
+``/opt/bai/kernel``), asks an admin, and the admin snapshots it from the panel
+(``{prefix}admin/snapshots``) or the REST API. The container is committed (``docker commit``) on
+the node it runs on, tagged ``<registry>/<private_image_repo>/<user>:<tag>`` and pushed to the
+image registry; the job is "done" only when the push is complete, and from then on any node pulls
+it on demand. The image is labelled ``kind=private`` with its ``owner``, so the catalog
+(``bai_scheduler.contract.catalog``, read from the registry) offers it to that user only and
+refuses it to everyone else, whether chosen in the form, typed by name or asked for through the
+REST API; and only in its owner's namespace (``bai_scheduler.images``).
 
 What is NOT captured: the user's home folder ``/home/jovyan``.  It is a Docker
 volume mounted into every session of that user, not part of the container's
@@ -19,10 +20,15 @@ Layout of this module:
 
 * pure functions (naming, tag validation, labels, the commit config, the cap)
   with plain-function tests in ``tests/test_snapshot_logic.py``;
-* ``commit_blocking``: the Docker calls of one snapshot, run in a worker thread;
-* ``Snapshots``: the jobs (queued → committing → done | failed) kept in memory.
+* the Docker calls of one snapshot (commit, push, and taking back what a failed one made), run
+  in worker threads;
+* ``Snapshots``: the jobs (queued → committing → pushing → done | failed), kept in the
+  scheduler's database (``snapshot_jobs``): a restart of the service shows every job's final
+  state, and a job it interrupted is marked failed after its half-made image is removed.
 
-The REST API and the admin page are in ``bai_scheduler/web/snapshots.py``.
+The REST API and the admin page are in ``bai_scheduler/web/snapshots.py``. Deleting a private
+image deletes its manifest in the registry (and the copies on the nodes); the registry frees the
+space at its next garbage collection (docs/install.md).
 
 Pausing: a commit freezes the session's processes (``docker commit``'s default,
 ``BaiScheduler.snapshot_pause``) so the image is a consistent copy of the
@@ -34,7 +40,6 @@ exactly where it was; its kernels, terminals and open connections survive.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import hashlib
 import logging
@@ -46,9 +51,12 @@ from typing import Any, Callable, Iterable, Mapping
 import docker
 
 from . import engines
-from .contract import catalog
 from .contract import labels as L
+from .contract.catalog import CatalogImage
+from .contract.registry import RegistryError, split_name
+from .contract.transfer import Transfer, TransferFailed
 from .core.model import Node, RequestKey
+from .snapshot_jobs import Job, JobStore, JobStoreUnavailable
 
 log = logging.getLogger("bai_scheduler")
 
@@ -131,20 +139,18 @@ def user_component(user: str) -> str:
     return f"{slug}--{digest}"
 
 
+def private_repository(repo: str, user: str) -> str:
+    """The one repository where ``user``'s private images live: ``bai-private/alice``."""
+    return f"{validate_repo(repo)}/{user_component(user)}"
+
+
 def private_image_name(repo: str, user: str, tag: str) -> str:
-    """``<repo>/<user component>:<tag>``, e.g. ``bai-private/alice:v1``."""
-    name = f"{validate_repo(repo)}/{user_component(user)}"
+    """``<repo>/<user component>:<tag>``, e.g. ``bai-private/alice:v1`` (the name users see; nodes
+    pull it from the registry as ``<registry host>/bai-private/alice:v1``)."""
+    name = private_repository(repo, user)
     if len(name) > MAX_REPOSITORY:
         raise SnapshotError("The image name would be longer than Docker allows; use a shorter private_image_repo.")
     return f"{name}:{validate_tag(tag)}"
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """``repo:tag`` → ``(repo, tag)`` (a ``:`` in a registry port is not a tag)."""
-    repo, sep, tag = ref.rpartition(":")
-    if not sep or "/" in tag:
-        return ref, "latest"
-    return repo, tag
 
 
 def session_name(user: str, server: str) -> str:
@@ -179,12 +185,14 @@ def snapshot_labels(
     session: str,
     tag: str,
     created: str | None = None,
+    job: str = "",
 ) -> dict[str, str]:
     """The labels that make the new image a private catalog image of ``owner``.
 
     Framework, version and Python are carried over from the source image so
     the form groups the snapshot with its origin; the display name says
-    it is private and what it came from."""
+    it is private and what it came from. ``job``: the snapshot job that made it, by
+    which a restart finds what an interrupted job left on its node."""
     out = {
         L.KIND: L.KIND_PRIVATE,
         L.OWNER: owner,
@@ -196,6 +204,8 @@ def snapshot_labels(
     for key in (L.FRAMEWORK, L.VERSION, L.PYTHON):
         if source_labels.get(key):
             out[key] = source_labels[key]
+    if job:
+        out[L.SNAPSHOT_JOB] = job
     return out
 
 
@@ -253,31 +263,14 @@ def check_cap(user: str, owned: int, in_progress: int, cap: int) -> None:
             "(BaiScheduler.max_private_images_per_user). Delete one of them first.", 409)
 
 
-def image_view(image: Mapping[str, Any], node: str) -> dict | None:
-    """One private image (docker ``images()`` dict) as the API shows it."""
-    c = catalog.to_catalog_image(image)
-    if c is None or not c.is_private:
-        return None
-    lab = catalog._labels(image)
+def image_view(image: CatalogImage) -> dict:
+    """One private image of the catalog as the API shows it (``ref``: the name users see)."""
     return {
-        "ref": c.ref, "tags": list(c.tags), "id": c.id, "owner": c.owner,
-        "source_image": c.source_image, "source_session": lab.get(L.SOURCE_SESSION) or None,
-        "created": c.created, "size": c.size, "display_name": c.display_name,
-        "framework": c.framework, "version": c.version, "python": c.python, "nodes": [node],
+        "ref": image.short_ref, "reference": image.ref, "tags": list(image.names), "id": image.id,
+        "owner": image.owner, "source_image": image.source_image, "created": image.created, "size": image.size,
+        "display_name": image.display_name, "framework": image.framework, "version": image.version,
+        "python": image.python,
     }
-
-
-def merge_image_views(per_node: Iterable[dict]) -> list[dict]:
-    """The same image found on several nodes → one entry listing the nodes."""
-    by_id: dict[str, dict] = {}
-    for v in per_node:
-        have = by_id.get(v["id"])
-        if have is None:
-            by_id[v["id"]] = dict(v, nodes=list(v["nodes"]))
-        else:
-            have["nodes"] += [n for n in v["nodes"] if n not in have["nodes"]]
-            have["tags"] += [t for t in v["tags"] if t not in have["tags"]]
-    return sorted(by_id.values(), key=lambda v: (v["owner"] or "", v["created"], v["ref"]))
 
 
 # -- the Docker side of one snapshot (blocking: worker threads only) ------------------------------
@@ -292,16 +285,8 @@ def find_session_container(client, request_id: str, user: str, server: str) -> d
     return None
 
 
-def image_exists(client, ref: str) -> bool:
-    try:
-        client.inspect_image(ref)
-        return True
-    except docker.errors.NotFound:  # ImageNotFound included
-        return False
-
-
 def remove_quietly(client, image_id: str) -> None:
-    """Remove an untagged image we just made (used on failure paths)."""
+    """Remove an image we just made (used on failure paths)."""
     try:
         client.remove_image(image_id, force=True)
     except docker.errors.NotFound:
@@ -319,14 +304,15 @@ def commit_blocking(
     pause: bool = True,
     message: str = "",
     author: str = "",
-    on_committing: Callable[[], None] | None = None,
+    on_committed: Callable[[str], None] | None = None,
 ) -> dict:
-    """Commit the container to a temporary untagged image, then tag it ``ref``.
+    """Commit the container to a temporary untagged image, then tag it ``ref`` on the node.
 
-    ``make_labels(source_image_labels, source_image_ref)`` gives the new
-    labels. Any failure after the commit removes the temporary image, so no
-    half-made image ever carries the final name; the container is never
-    stopped or changed (at most frozen during the commit when ``pause``).
+    ``make_labels(source_image_labels, source_image_ref)`` gives the new labels;
+    ``on_committed(image_id)`` is told the new image's id before it is tagged. Any failure after
+    the commit removes the temporary image; the container is never stopped or changed (at most
+    frozen during the commit when ``pause``). Whether ``ref`` is taken is the registry's to say
+    (``Snapshots.submit``): a tag of that name on the node is a leftover and moves.
     Returns ``{"id", "size", "source_image"}``."""
     try:
         info = client.inspect_container(container_id)
@@ -343,17 +329,14 @@ def commit_blocking(
         image_config = {}
     new_labels = make_labels(image_config.get("Labels") or {}, source_image)
     conf = commit_config(image_config, container_config, new_labels)
-    if on_committing:
-        on_committing()
     result = client.commit(container_id, conf=conf, pause=pause, message=message or None,
                            author=author or None)
     temp_id = result["Id"] if isinstance(result, dict) else str(result)
     try:
-        if image_exists(client, ref):
-            raise SnapshotError(f"{ref} was made by someone else while this commit ran; "
-                                "nothing was tagged. Pick another tag.", 409)
-        repo, tag = split_ref(ref)
-        client.tag(temp_id, repo, tag)
+        if on_committed:
+            on_committed(temp_id)
+        repo, tag = split_name(ref)
+        client.tag(temp_id, repo, tag, force=True)
         made = client.inspect_image(ref)
         if made.get("Id") != temp_id:
             raise SnapshotError(f"Tagging {ref} failed (the engine reports another image under that name).", 500)
@@ -363,90 +346,82 @@ def commit_blocking(
     return {"id": temp_id, "size": int(made.get("Size") or 0), "source_image": source_image}
 
 
-def list_private_blocking(client) -> list[dict]:
-    return client.images(filters={"label": f"{L.KIND}={L.KIND_PRIVATE}"})
+def push_blocking(client, ref: str, auth_config: dict | None, on_progress: Callable[[Transfer], None]) -> None:
+    """Push ``ref`` from the node to the registry, telling ``on_progress`` as layers go.
+    ``TransferFailed`` with the engine's reason when the push stops."""
+    repo, tag = split_name(ref)
+    progress = Transfer()
+    for event in client.push(repo, tag, stream=True, decode=True, auth_config=auth_config):
+        if progress.feed(event):
+            on_progress(progress)
 
 
-def delete_blocking(client, ref: str) -> bool:
-    """Delete private image ``ref`` on one engine; False when it is not there.
+def discard_blocking(client, ref: str, image_id: str = "", job: str = "") -> bool:
+    """Take back what a snapshot made on a node: the tag ``ref`` where it names ``image_id``, and
+    the image itself; with ``job``, also any image that job committed (labelled with it) that no
+    tag names. True when something was removed."""
+    removed = False
+    if image_id:
+        try:
+            if client.inspect_image(ref).get("Id") == image_id:
+                client.remove_image(ref)
+                removed = True
+        except docker.errors.NotFound:
+            pass
+    ids = {image_id} if image_id else set()
+    if job:
+        ids |= {i["Id"] for i in client.images(all=True, filters={"label": f"{L.SNAPSHOT_JOB}={job}"})}
+    for i in ids:
+        try:
+            if not [t for t in client.inspect_image(i).get("RepoTags") or [] if t != "<none>:<none>"]:
+                client.remove_image(i)
+                removed = True
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:  # a container still uses it; it stays, untagged
+            log.warning("Snapshots: could not remove image %s: %s", i[:19], e.explanation or e)
+    return removed
 
-    Refuses (400) images that are not private snapshots, and (409) one that a
-    container (a running session) still uses."""
-    try:
-        info = client.inspect_image(ref)
-    except docker.errors.NotFound:
-        return False
-    lab = (info.get("Config") or {}).get("Labels") or {}
-    if lab.get(L.KIND) != L.KIND_PRIVATE:
-        kind = lab.get(L.KIND) or "not a BAI image"
-        raise SnapshotError(f"{ref} is not a private image ({kind}); only snapshots made from sessions are "
-                            "deleted here. Kernel images are managed with bai-images.", 400)
-    users = [c for c in client.containers(all=True, filters={"ancestor": info["Id"]})]
-    if users:
-        who = sorted({session_name((c.get("Labels") or {}).get(L.USER, "?"), (c.get("Labels") or {}).get(L.SERVER, ""))
-                      if (c.get("Labels") or {}).get(L.USER) else (c.get("Names") or ["?"])[0].lstrip("/")
-                      for c in users})
-        raise SnapshotError(f"{ref} is still used by {', '.join(who)}; stop those sessions first.", 409)
+
+def remove_copy_blocking(client, ref: str) -> bool:
+    """Remove a node's copy of a deleted private image (the tag; the image once no tag is left).
+    False when the node has none; a copy a container still uses stays."""
     try:
         client.remove_image(ref)
+        return True
+    except docker.errors.NotFound:
+        return False
     except docker.errors.APIError as e:
-        if e.status_code == 409:
-            raise SnapshotError(f"The engine will not delete {ref}: {e.explanation}", 409) from None
-        raise
-    return True
+        log.warning("Snapshots: the copy of %s stays on a node: %s", ref, e.explanation or e)
+        return False
 
 
 # -- jobs ------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Job:
-    id: str
-    user: str
-    server: str
-    tag: str
-    ref: str
-    node: str
-    container: str
-    requested_by: str
-    state: str = "queued"           # queued → committing → done | failed
-    reason: str = ""
-    image_id: str = ""
-    size: int = 0
-    source_image: str = ""
-    created_at: float = dataclasses.field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("queued", "committing")
-
-    def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["session"] = session_name(self.user, self.server)
-        out["container"] = self.container[:12]
-        return out
-
-
 class Snapshots:
-    """Snapshot jobs and private images across the scheduler's nodes.
+    """Snapshot jobs, and the private images in the registry.
 
-    Jobs live in memory (the last ``keep`` finished ones are kept): a job is
-    a short-lived action whose result, the image, lives on the engine."""
+    ``registry``: ``c.BaiRegistry``; ``catalog``: the service's ``CatalogCache`` (its ``client``
+    deletes); ``jobs``: where jobs are kept (``JobStore``; None keeps them in memory only)."""
 
-    def __init__(self, nodes: Iterable[Node], service, *, repo: str = "bai-private", cap: int = 5,
-                 pause: bool = True, client_factory: Callable[..., Any] | None = None,
-                 concurrency: int = 2, commit_timeout: int = 3600, keep: int = 100):
+    def __init__(self, nodes: Iterable[Node], service, registry, catalog, *, jobs: JobStore | None = None,
+                 repo: str = "bai-private", cap: int = 5, pause: bool = True,
+                 client_factory: Callable[..., Any] | None = None, concurrency: int = 2,
+                 commit_timeout: int = 3600, keep: int = 100):
         self.nodes = {n.name: n for n in nodes}
         self.service = service
+        self.registry = registry
+        self.catalog = catalog
+        self.store = jobs
         self.repo = validate_repo(repo)
         self.cap = cap
         self.pause = pause
         self.client_factory = client_factory or engines.make_client
         self.commit_timeout = commit_timeout
         self.keep = keep
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {j.id: j for j in (jobs.load() if jobs else [])}
+        self._interrupted = self._mark_interrupted()
         self._reserved: dict[str, str] = {}  # ref → user, while a POST is being checked
         self._concurrency = concurrency
         self._sem: asyncio.Semaphore | None = None
@@ -455,53 +430,80 @@ class Snapshots:
     def _client(self, node: Node, timeout: int = 60):
         return self.client_factory(node, timeout=timeout)
 
+    def _save(self, job: Job) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save(job)
+        except JobStoreUnavailable as e:  # the job goes on; a restart would not know of this step
+            log.error("Snapshot %s: could not record state %s: %s", job.id, job.state, e)
+
     # -- images ------------------------------------------------------------------------------------
 
-    async def images(self, owner: str | None = None) -> tuple[list[dict], list[str]]:
-        """Private images on all nodes (``owner``: only theirs), and per-node errors."""
+    def _mine(self, image: CatalogImage) -> bool:
+        return image.is_private and image.short_ref.startswith(self.repo + "/")
 
-        def one(node: Node):
-            return [v for v in (image_view(i, node.name) for i in list_private_blocking(self._client(node)))
-                    if v is not None]
+    async def images(self, owner: str | None = None, fresh: bool = False) -> tuple[list[dict], list[str]]:
+        """This deployment's private images in the registry (``owner``: only theirs), and what
+        could not be read."""
+        try:
+            found = await self.catalog.get(max_age=0 if fresh else None)
+        except RegistryError as e:
+            return [], [e.message]
+        out = [image_view(c) for c in found if self._mine(c) and (owner is None or c.owner == owner)]
+        out.sort(key=lambda v: (v["owner"] or "", v["created"], v["ref"]))
+        return out, []
 
-        results = await asyncio.gather(*(asyncio.to_thread(one, n) for n in self.nodes.values()),
-                                       return_exceptions=True)
-        views, errors = [], []
-        for node, res in zip(self.nodes.values(), results):
-            if isinstance(res, BaseException):
-                errors.append(f"Node {node.name}: cannot list images ({res.__class__.__name__}: {res})")
-                log.warning("Snapshots: cannot list images on node %s: %s", node.name, res)
-            else:
-                views += res
-        # Only this deployment's repository: another hub sharing the engine has its own.
-        out = [v for v in merge_image_views(views) if v["ref"].startswith(self.repo + "/")]
-        if owner is not None:
-            out = [v for v in out if v["owner"] == owner]
-        return out, errors
+    def _in_use(self, image: CatalogImage) -> list[str]:
+        """Sessions (running or queued) of this image."""
+        return sorted(str(rec.key) for rec in self.service.records.values()
+                      if rec.request.image in (image.ref, *image.tags) or rec.request.image == image.id)
 
     async def delete_image(self, ref: str) -> dict:
+        """Delete a private image: its manifest in the registry, then the nodes' copies."""
         ref = (ref or "").strip()
         if not ref:
             raise SnapshotError("Say which image to delete.")
-        if any(j.active and ref in (j.ref, j.image_id) for j in self.jobs.values()) or ref in self._reserved:
-            raise SnapshotError(f"{ref} is being made right now; wait until its snapshot is done.", 409)
-        deleted = []
-        for node in self.nodes.values():
-            try:
-                gone = await asyncio.to_thread(lambda n=node: delete_blocking(self._client(n), ref))
-            except docker.errors.APIError as e:
-                if e.status_code == 400:
-                    raise SnapshotError(f"{ref!r} is not a valid image name.", 400) from None
-                raise SnapshotError(f"The Docker engine of node {node.name} refused: {e.explanation or e}", 502) from None
-            except (docker.errors.DockerException, OSError) as e:
-                raise SnapshotError(f"The Docker engine of node {node.name} does not answer ({e.__class__.__name__}); "
-                                    f"nothing was deleted there.", 503) from None
-            if gone:
-                deleted.append(node.name)
-        if not deleted:
-            raise SnapshotError(f"No image {ref} on any node.", 404)
-        log.info("Snapshots: deleted private image %s on %s", ref, ", ".join(deleted))
-        return {"deleted": ref, "nodes": deleted}
+        name = self.registry.name_of(ref)
+        if any(j.active and name == j.ref for j in self.jobs.values()) or name in self._reserved:
+            raise SnapshotError(f"{name} is being made right now; wait until its snapshot is done.", 409)
+        try:
+            found = await self.catalog.get(max_age=0)
+        except RegistryError as e:
+            raise SnapshotError(e.message + " Nothing was deleted.", 503) from None
+        image = next((c for c in found if name in c.names or ref == c.id), None)
+        if image is None:
+            raise SnapshotError(f"No image {name} in the registry.", 404)
+        if not image.is_private:
+            raise SnapshotError(f"{name} is not a private image ({image.kind}); only snapshots made from sessions are "
+                                "deleted here. Kernel images are managed with bai-images.", 400)
+        if not self._mine(image):
+            raise SnapshotError(f"{name} is not in this hub's private repository {self.repo}/; nothing was deleted.",
+                                400)
+        users = self._in_use(image)
+        if users:
+            raise SnapshotError(f"{name} is still used by {', '.join(users)}; stop those sessions first.", 409)
+        repo, tag = split_name(name)
+
+        def forget():
+            digest = self.catalog.client.digest(repo, tag)
+            return digest is not None and self.catalog.client.delete(repo, digest)
+
+        try:
+            gone = await asyncio.to_thread(forget)
+        except RegistryError as e:
+            raise SnapshotError(e.message + " Nothing was deleted.", 503 if e.status == 503 else 502) from None
+        finally:
+            self.catalog.invalidate()
+        if not gone:
+            raise SnapshotError(f"No image {name} in the registry.", 404)
+        reference = self.registry.reference(name)
+        results = await asyncio.gather(*(asyncio.to_thread(lambda n=n: remove_copy_blocking(self._client(n), reference))
+                                         for n in self.nodes.values()), return_exceptions=True)
+        nodes = [n for n, removed in zip(self.nodes, results) if removed is True]
+        log.info("Snapshots: deleted private image %s from the registry (copies removed on %s)", name,
+                 ", ".join(nodes) or "no node")
+        return {"deleted": name, "nodes": nodes}
 
     # -- jobs --------------------------------------------------------------------------------------
 
@@ -514,7 +516,7 @@ class Snapshots:
             out.append({
                 "user": rec.key.user, "server": rec.key.server,
                 "session": session_name(rec.key.user, rec.key.server),
-                "image": rec.request.image, "node": rec.placement.node if rec.placement else "",
+                "image": self.registry.name_of(rec.request.image), "node": rec.placement.node if rec.placement else "",
                 "fgpu": str(self.service.units.to_fgpu(rec.request.quanta)),
                 "started_at": admitted, "age_s": max(0, int(now - admitted)) if admitted else None,
             })
@@ -557,19 +559,26 @@ class Snapshots:
             if container is None:
                 raise SnapshotError(f"The container of {session} is not running (it may be starting or "
                                     "stopping); nothing was made.", 400)
-            images, errors = await self.images()
+            images, errors = await self.images(fresh=True)
             if errors:
-                raise SnapshotError("Cannot check existing images: " + "; ".join(errors), 503)
+                raise SnapshotError("Cannot check the registry's images: " + "; ".join(errors), 503)
             for v in images:
                 if ref in v["tags"]:
-                    raise SnapshotError(f"{ref} exists already (made {v['created']} from {v['source_session'] or '?'}). "
+                    raise SnapshotError(f"{ref} exists already (made {v['created']}). "
                                         "Pick another tag, or delete that image first.", 409)
             owned = sum(1 for v in images if v["owner"] == user)
             others_in_progress = self.active_for(user) - 1  # minus this request's own reservation
             check_cap(user, owned, others_in_progress, self.cap)
-            job = Job(id=uuid.uuid4().hex[:12], user=user, server=server, tag=tag, ref=ref, node=node.name,
-                      container=container["Id"], requested_by=requested_by,
-                      source_image=(container.get("Labels") or {}).get(L.IMAGE) or rec.request.image)
+            job = Job(id=uuid.uuid4().hex[:12], user=user, server=server, tag=tag, ref=ref,
+                      reference=self.registry.reference(ref), node=node.name, container=container["Id"],
+                      requested_by=requested_by,
+                      source_image=self.registry.name_of((container.get("Labels") or {}).get(L.IMAGE)
+                                                         or rec.request.image))
+            try:
+                if self.store is not None:
+                    self.store.save(job)
+            except JobStoreUnavailable as e:
+                raise SnapshotError(f"The scheduler's database is unavailable ({e}); nothing was made.", 503) from None
             self.jobs[job.id] = job
         finally:
             self._reserved.pop(ref, None)
@@ -577,51 +586,117 @@ class Snapshots:
         task = asyncio.ensure_future(self._run(job, node))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info("Snapshot %s: %s → %s on node %s (by %s)", job.id, session, ref, node.name, requested_by)
+        log.info("Snapshot %s: %s → %s on node %s (by %s)", job.id, session, job.reference, node.name, requested_by)
         return job
 
     def _prune(self) -> None:
-        done = [j for j in self.jobs.values() if not j.active]
-        for j in done[:max(0, len(done) - self.keep)]:
-            del self.jobs[j.id]
+        done = [j for j in sorted(self.jobs.values(), key=lambda j: j.created_at) if not j.active]
+        old = [j.id for j in done[:max(0, len(done) - self.keep)]]
+        for i in old:
+            del self.jobs[i]
+        if self.store is not None:
+            try:
+                self.store.forget(old)
+            except JobStoreUnavailable as e:
+                log.warning("Snapshots: could not forget old jobs: %s", e)
+
+    def _state(self, job: Job, state: str, reason: str = "") -> None:
+        job.state, job.reason = state, reason
+        if state in ("done", "failed"):
+            job.finished_at = time.time()
+            job.progress = ""
+        self._save(job)
 
     async def _run(self, job: Job, node: Node) -> None:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self._concurrency)
+        loop = asyncio.get_running_loop()
         async with self._sem:
-            job.state = "committing"
             job.started_at = time.time()
+            self._state(job, "committing")
             session = session_name(job.user, job.server)
 
             def labels_for(source_labels, source_image):
-                return snapshot_labels(source_labels, owner=job.user, source_image=source_image,
-                                       session=session, tag=job.tag)
+                return snapshot_labels(source_labels, owner=job.user, source_image=self.registry.name_of(source_image),
+                                       session=session, tag=job.tag, job=job.id)
 
-            def work():
-                client = self._client(node, timeout=self.commit_timeout)
-                return commit_blocking(
-                    client, job.container, job.ref, labels_for, pause=self.pause,
-                    message=f"BAI Hub snapshot of {session}",
-                    author=f"{job.requested_by or 'admin'} via bai-scheduler",
-                )
+            def committed(image_id):
+                job.image_id = image_id
+                loop.call_soon_threadsafe(self._save, job)
 
+            def show(progress: Transfer):
+                job.progress = progress.describe_push()
+
+            client = None
             try:
-                result = await asyncio.to_thread(work)
-            except SnapshotError as e:
-                job.state, job.reason = "failed", e.message
-            except docker.errors.APIError as e:
-                job.state = "failed"
-                job.reason = f"The Docker engine refused the commit: {e.explanation or e}. Nothing was tagged."
-            except Exception as e:  # engine unreachable, timeouts …
-                job.state = "failed"
-                job.reason = f"The commit failed ({e.__class__.__name__}: {e}). Nothing was tagged."
-            else:
-                job.state = "done"
+                client = await asyncio.to_thread(self._client, node, self.commit_timeout)
+                result = await asyncio.to_thread(
+                    commit_blocking, client, job.container, job.reference, labels_for, pause=self.pause,
+                    message=f"BAI Hub snapshot of {session}", on_committed=committed,
+                    author=f"{job.requested_by or 'admin'} via bai-scheduler")
                 job.image_id, job.size = result["id"], result["size"]
-                job.source_image = result["source_image"] or job.source_image
-            job.finished_at = time.time()
+                job.source_image = self.registry.name_of(result["source_image"]) or job.source_image
+                self._state(job, "pushing")
+                await asyncio.to_thread(push_blocking, client, job.reference, self.registry.auth_config(), show)
+                pushed = await asyncio.to_thread(self.catalog.client.image, *split_name(job.ref))
+                if pushed is None or pushed.config != job.image_id:
+                    raise TransferFailed("the registry does not list the image after the push")
+            except SnapshotError as e:
+                self._state(job, "failed", e.message)
+            except (TransferFailed, RegistryError) as e:
+                why = e.message if isinstance(e, RegistryError) else str(e)
+                self._state(job, "failed", f"Pushing {job.ref} to the registry failed: {why}."
+                                           + await self._take_back(job, client))
+            except docker.errors.APIError as e:
+                self._state(job, "failed", f"The Docker engine of node {node.name} refused: {e.explanation or e}."
+                                           + await self._take_back(job, client))
+            except Exception as e:  # engine unreachable, timeouts …
+                self._state(job, "failed", f"The snapshot failed ({e.__class__.__name__}: {e})."
+                                           + await self._take_back(job, client))
+            else:
+                self.catalog.invalidate()
+                self._state(job, "done")
             (log.info if job.state == "done" else log.warning)(
-                "Snapshot %s %s: %s%s", job.id, job.state, job.ref, f" ({job.reason})" if job.reason else "")
+                "Snapshot %s %s: %s%s", job.id, job.state, job.reference, f" ({job.reason})" if job.reason else "")
+
+    async def _take_back(self, job: Job, client) -> str:
+        """Remove what ``job`` made on its node (its tag and image), so no name is left half-made;
+        what the failure's reason adds."""
+        try:
+            if client is None:
+                client = await asyncio.to_thread(self._client, self.nodes[job.node])
+            await asyncio.to_thread(discard_blocking, client, job.reference, job.image_id, job.id)
+            return " Nothing was kept."
+        except Exception as e:  # the engine is gone
+            log.error("Snapshot %s: could not remove what it made on %s: %s", job.id, job.node, e)
+            return (f" What it had made on {job.node} could not be removed ({e.__class__.__name__}); remove the "
+                    f"images labelled {L.SNAPSHOT_JOB}={job.id} there.")
+
+    def _mark_interrupted(self) -> list[Job]:
+        """At start: every job still queued, committing or pushing was cut short by a restart.
+        Each is failed at once, so every job shows its final state; ``recover`` then removes what
+        they made."""
+        cut = [j for j in self.jobs.values() if j.active]
+        for job in cut:
+            self._state(job, "failed", f"The scheduler service restarted while this snapshot was {job.state}. "
+                                       "Snapshot the session again.")
+            log.warning("Snapshot %s (%s) was interrupted by a restart", job.id, job.ref)
+        return cut
+
+    async def recover(self) -> None:
+        """Remove what the jobs a restart interrupted had made: on their node, and in the registry
+        an image the push had finished (it is the job's own: its config is the job's commit)."""
+        for job in self._interrupted:
+            try:
+                pushed = await asyncio.to_thread(self.catalog.client.image, *split_name(job.ref))
+                if pushed is not None and job.image_id and pushed.config == job.image_id:
+                    await asyncio.to_thread(self.catalog.client.delete, pushed.repository, pushed.digest)
+                    self.catalog.invalidate()
+                registry = ""
+            except RegistryError as e:
+                registry = f" The registry could not be checked for a pushed copy ({e.message})"
+            self._state(job, "failed", job.reason + await self._take_back(job, None) + registry)
+        self._interrupted = []
 
     async def wait_idle(self) -> None:
         """Until every running job has finished (tests, shutdown)."""

@@ -2,14 +2,18 @@
 
 The spawner never decides placement.  It turns the form into a request,
 registers it with the bai-scheduler service, streams the queue position
-through ``progress()``, builds the container from the granted placement
-(node, GPU shares, image from the catalog), and releases on stop.
+through ``progress()``, pulls the image onto the granted node when that node
+lacks it (``pull.py``; the pull's progress in ``progress()`` too), builds the
+container from the placement (node, GPU shares, the image the catalog check
+allowed, and nothing else), and releases on stop.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from decimal import Decimal
@@ -25,15 +29,19 @@ from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
 
 from bai_scheduler.contract import catalog as catalog_mod
+from bai_scheduler.contract import labels as L
 from bai_scheduler.contract.client import SchedulerClient, SchedulerError
 from bai_scheduler.contract.form import TEMPLATES as FORM_TEMPLATES
-from bai_scheduler.contract.form import form_context
+from bai_scheduler.contract.form import form_context, home_note, volumes_shared
 from bai_scheduler.contract.options import FIELDS, LAUNCHED, FormError, Limits, SessionOptions, parse_options
+from bai_scheduler.contract.registry import BaiRegistry, RegistryError
+from bai_scheduler.contract.transfer import Transfer, format_size
 from bai_scheduler.core.units import GIB, FgpuUnits
 
 from . import pipconf
 from .container import ContainerSpecError, Hardening, PackageIndex, Session, make_container
 from .gpu import PlacementMismatch, gpu_spec
+from .pull import PullStopped, engine_message, failure_reason, local_id, pull_blocking
 
 # The spawn form (kubespawner's way: a Jinja2 template in the package).
 TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__file__), "templates"), FORM_TEMPLATES]),
@@ -41,20 +49,6 @@ TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__
 
 # What a Docker engine that is down or failing raises through docker-py.
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
-
-
-def engine_message(e: Exception) -> str:
-    """What a user may read of an engine error: the engine's own explanation, or the
-    error's kind; never the engine's API URL (docker-py puts it in str(e))."""
-    explanation = getattr(e, "explanation", None)
-    if isinstance(explanation, bytes):
-        explanation = explanation.decode(errors="replace")
-    return str(explanation).strip()[:300] if explanation else e.__class__.__name__
-
-
-def engine_down(e: Exception) -> str:
-    """What a user reads when the engine does not answer (its kind of error, never its address)."""
-    return f"The Docker engine is not reachable ({e.__class__.__name__}); ask an admin to start it."
 
 
 class BaiSpawner(DockerSpawner):
@@ -122,8 +116,33 @@ class BaiSpawner(DockerSpawner):
     wait_poll_seconds = Float(30, config=True, help="Long-poll length while a request waits in the queue.")
     container_start_timeout = Integer(
         120, config=True,
-        help="Seconds a session may take from admission until its server answers. Time spent queued "
-        "does not count: JupyterHub's start_timeout is raised so a queued spawn is never killed.",
+        help="Seconds a session may take from creating its container until its server answers. Time "
+        "spent queued does not count (JupyterHub's start_timeout is raised so a queued spawn is never "
+        "killed), nor does pulling the image onto the node (c.BaiSpawner.pull_timeout).",
+    )
+    pull_timeout = Integer(
+        1800, config=True,
+        help="Seconds pulling a session's image onto the node it was placed on may take, after "
+        "admission and before container_start_timeout starts. The share is held meanwhile; a pull "
+        "that fails or runs out of time ends the spawn and returns the share.",
+    )
+    volume_driver = Unicode(
+        "local", config=True,
+        help="Docker volume driver of the named volumes in c.BaiSpawner.volumes (the per-user home "
+        "folder), made on a node the first time a session of that user lands there. 'local' with "
+        "volume_driver_options of type nfs gives every node the same home folder (docs/install.md).",
+    )
+    volume_driver_options = Dict(
+        {}, config=True,
+        help="Options of volume_driver; {username} is replaced as in volume names. NFS, e.g. "
+        "{'type': 'nfs', 'o': 'addr=10.0.0.5,rw,nfsvers=4', 'device': ':/export/home/{username}'}. "
+        "Empty: a plain folder on each node.",
+    )
+    volumes_shared = Bool(
+        None, allow_none=True, config=True,
+        help="Whether every node sees the same files in these volumes. Default: yes when "
+        "volume_driver_options are set or the driver is not 'local'. When not, and there is more than "
+        "one node, the spawn form tells users that their files stay on each node.",
     )
     scheduler_outage_timeout = Float(
         180, config=True,
@@ -255,13 +274,15 @@ class BaiSpawner(DockerSpawner):
 
     @default("pull_policy")
     def _default_pull_policy(self):
-        # No registry is assumed: images are built locally (bai-images build).
+        # The spawner pulls the validated image itself before DockerSpawner.start (_ensure_image),
+        # with progress and outside container_start_timeout; DockerSpawner only checks it is there.
         return "never"
 
     request_id = Unicode("")
     launched = Bool(False, help="Started in a group (the service chose its name): removed from the hub once stopped.")
     node_url = Unicode("")
     _allowed_image = ""
+    _allowed_id = ""
     node_tls = Dict()
     placement = Dict()
 
@@ -302,6 +323,23 @@ class BaiSpawner(DockerSpawner):
     def scheduler(self) -> SchedulerClient:
         return SchedulerClient(self.scheduler_url, self.scheduler_token, self.scheduler_prefix)
 
+    _registry = None
+
+    @property
+    def registry(self) -> BaiRegistry:
+        """The image registry (``c.BaiRegistry``): where nodes pull from, with what login."""
+        if self._registry is None:
+            self._registry = BaiRegistry(parent=self)
+        return self._registry
+
+    @property
+    def volumes_are_shared(self) -> bool:
+        return volumes_shared(self.volumes_shared, self.volume_driver, self.volume_driver_options)
+
+    async def _blocking(self, fn, *args):
+        """A blocking call (docker-py, a pull) in the spawners' Docker threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     # -- state -------------------------------------------------------------------------
 
     def get_state(self):
@@ -328,6 +366,7 @@ class BaiSpawner(DockerSpawner):
         self.node_tls = {}
         self.placement = {}
         self._allowed_image = ""
+        self._allowed_id = ""
 
     # -- the form ----------------------------------------------------------------------
 
@@ -338,27 +377,24 @@ class BaiSpawner(DockerSpawner):
     def _units(cap: dict) -> FgpuUnits:
         return FgpuUnits(cap["fgpu_per_gpu"], Decimal(cap["fgpu_step"]))
 
-    async def _catalog(self):
-        # Making a client negotiates the API version over the socket: in the executor too.
-        client = await asyncio.wrap_future(self.executor.submit(lambda: self.client))
-        return await catalog_mod.load_catalog(client)
+    async def _catalog(self) -> list[catalog_mod.CatalogImage]:
+        """Every image, read from the registry by the scheduler service (its short-lived cache)."""
+        return [catalog_mod.CatalogImage.from_json(i) for i in (await self.scheduler.catalog())["images"]]
 
     async def get_options_form(self):
         template = TEMPLATES.get_template("options_form.html")
         try:
             cap = await self._capacity()
-        except SchedulerError as e:
-            return template.render(error=str(e))
-        try:
             images = await self._catalog()
-        except ENGINE_ERRORS as e:
-            return template.render(error=engine_down(e))
+        except SchedulerError as e:  # the service, or the registry behind it, is down
+            return template.render(error=str(e))
         service = self.scheduler_prefix.rstrip("/") + "/"
         return template.render(simulated=cap.get("simulated"), **form_context(
             visible=catalog_mod.visible_to(images, self.user.name, is_admin=False), user=self.user.name,
             capacity=cap, units=self._units(cap), limits=Limits.from_json(cap["limits"]), note=cap["note"],
             capacity_url=service + "capacity.json", static_url=service + "static/",
             values=BaiSpawner._refused_forms.pop(self.user.name, None), admin=bool(self.user.admin),
+            home_note=home_note(self.volumes_are_shared, [n["name"] for n in cap.get("nodes", [])]),
             user_groups=[g.name for g in self.user.groups],
         ))
 
@@ -389,8 +425,8 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(400, str(e)) from None
         try:
             images = await self._catalog()
-        except ENGINE_ERRORS as e:
-            raise web.HTTPError(503, engine_down(e) + " Nothing was started.") from None
+        except SchedulerError as e:
+            raise web.HTTPError(503, f"{e} Nothing was started.") from None
         try:
             image = catalog_mod.resolve_image(images, self.user.name, opts.image, is_admin=False)
         except catalog_mod.ImageNotAllowed as e:
@@ -463,7 +499,7 @@ class BaiSpawner(DockerSpawner):
         # From here on the validated reference is the only image there is: in the
         # options DockerSpawner.start() reads, in the hub's record of this server,
         # in the request and on the container.
-        self._allowed_image = image.ref
+        self._allowed_image, self._allowed_id = image.ref, image.id
         extra = opts.sessions - 1
         opts = replace(opts, sessions=1)  # this server is one session; the others launch below
         self.user_options = opts.to_user_options()
@@ -553,7 +589,9 @@ class BaiSpawner(DockerSpawner):
         self._opts = replace(opts, group=status.get("group", ""))  # the group the service counted it against
         self.mem_limit = opts.memory_bytes or None
         self.cpu_limit = opts.cpu_millis / 1000 if opts.cpu_millis else None
-        self._emit(60, f"Starting container from {image.ref} on {status['placement']['node']}")
+        node = status["placement"]["node"]
+        await self._ensure_image(image, node, status)
+        self._emit(60, f"Starting container from {image.short_ref} on {node}")
         try:
             # DockerSpawner reads self.client on the loop; making it blocks (API version
             # negotiation), so the node's client is made in the executor first.
@@ -566,6 +604,103 @@ class BaiSpawner(DockerSpawner):
             raise web.HTTPError(503, f"The Docker engine {what}") from None
         self._emit(90, "Container started; waiting for the notebook server")
         return ip_port
+
+    async def _ensure_image(self, image: catalog_mod.CatalogImage, node: str, status: dict) -> None:
+        """The node holds exactly the validated image: pulled now when it lacks it, the pull's
+        progress shown; the share stays held meanwhile (``_hold_request``). A failing pull says
+        which image, which node and why; ``_start`` then returns the share."""
+        name = image.short_ref
+        try:
+            # The node's client is made here, in the executor: making it blocks (API version negotiation).
+            have = await self._blocking(lambda: local_id(self.client, image.ref))
+        except ENGINE_ERRORS as e:
+            raise web.HTTPError(503, f"The Docker engine of node {node} is not reachable ({e.__class__.__name__}); "
+                                     "your share was returned. Start the session again.") from None
+        if have == image.id:
+            return
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        shown = [0.0]
+
+        def show(t: Transfer):
+            if time.monotonic() - shown[0] < 1.0 and t.done_bytes < t.total_bytes:
+                return
+            shown[0] = time.monotonic()
+            done = t.done_bytes / t.total_bytes if t.total_bytes else 0.0
+            loop.call_soon_threadsafe(self._emit, 50 + int(9 * done), f"Pulling {name} on {node}: {t.describe()}")
+
+        self._emit(50, f"Pulling {name} on {node}: {format_size(image.size)} to download")
+        hold = asyncio.ensure_future(self._hold_request(status["epoch"]))
+        try:
+            auth = self.registry.auth_config()
+            pull = loop.run_in_executor(self.executor, pull_blocking, self.client, image.ref, auth, image.layers,
+                                        show, stop)
+            done, _ = await asyncio.wait({pull, hold}, timeout=self.pull_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if pull in done:
+                pull.result()
+            elif hold in done:
+                raise web.HTTPError(409, f"The request was cancelled while {name} was pulled on {node}.")
+            else:
+                raise web.HTTPError(504, f"Pulling {name} on {node} did not finish within {self.pull_timeout} s "
+                                         "(c.BaiSpawner.pull_timeout); your share was returned. Start the session "
+                                         "again, or ask an admin to check the registry and the node's network.")
+        except (web.HTTPError, asyncio.CancelledError, PullStopped):
+            raise
+        except RegistryError as e:
+            raise web.HTTPError(500, f"Pulling {name} on {node} failed: {e.message} Your share was returned.") from None
+        except Exception as e:  # engine errors, the registry's answer, the stream's error event
+            self.log.warning("Pull of %s on %s for %s failed: %r", image.ref, node, self._log_name, e)
+            raise web.HTTPError(502, f"Pulling {name} on node {node} failed: "
+                                     f"{failure_reason(e, self.registry.host)}. Your share was returned.") from None
+        finally:
+            stop.set()
+            hold.cancel()
+        try:
+            have = await self._blocking(local_id, self.client, image.ref)
+        except ENGINE_ERRORS as e:
+            raise web.HTTPError(502, f"Pulling {name} on node {node} failed: {failure_reason(e, self.registry.host)}. "
+                                     "Your share was returned.") from None
+        if have is None:
+            raise web.HTTPError(502, f"Pulling {name} on node {node} failed: the pull ended without the image (the "
+                                     "node's engine may have restarted); start the session again. Your share was "
+                                     "returned.")
+        if have != image.id:
+            raise web.HTTPError(409, f"{name} changed in the registry since it was chosen (it was rebuilt or "
+                                     "replaced); nothing was started and your share was returned. Start the "
+                                     "session again to use the new image.")
+        self._emit(59, f"Pulled {name} on {node}")
+
+    async def _hold_request(self, epoch: int) -> None:
+        """While the image is pulled: a long-poll stays open on the attempt, so the service
+        counts the spawn as attached (its reconcile keeps the share). Returns when the attempt
+        was released or is being stopped meanwhile (the user stopped it)."""
+        while True:
+            try:
+                status = await self.scheduler.wait(self.request_id, epoch, self.wait_poll_seconds)
+            except SchedulerError:
+                await asyncio.sleep(1)
+                continue
+            if status.get("state") in ("GONE", "STOPPING"):
+                return
+            epoch = status["epoch"]
+
+    async def _ensure_volumes(self) -> None:
+        """The named volumes of ``volumes`` exist on the node with ``volume_driver`` and its
+        options (made the first time; one made otherwise before is used as it is, with a warning)."""
+        options = self._render_templates(dict(self.volume_driver_options))
+        for name in self._render_templates(dict(self.volumes)):
+            if name.startswith("/"):
+                continue  # a host folder, not a volume
+            try:
+                have = await self.docker("inspect_volume", name)
+            except docker.errors.NotFound:
+                await self.docker("create_volume", name, driver=self.volume_driver, driver_opts=options or None,
+                                  labels={L.USER: self.user.name, L.HUB: self.hub_id})
+                continue
+            if have.get("Driver") != self.volume_driver or (options and (have.get("Options") or {}) != options):
+                self.log.warning("Volume %s on this node was made with driver %s %s, not as configured (%s %s); "
+                                 "using it as it is", name, have.get("Driver"), have.get("Options"),
+                                 self.volume_driver, options)
 
     async def _remove_half_made(self, error: str):
         """Remove a container that failed to start.  If that fails too, it may still exist
@@ -611,7 +746,16 @@ class BaiSpawner(DockerSpawner):
         except ContainerSpecError as e:
             raise web.HTTPError(500, f"The session's container cannot be made: {e}") from None
         create["host_config"] = self.client.create_host_config(**host)
-        return await self.docker("create_container", **create)
+        await self._ensure_volumes()
+        made = await self.docker("create_container", **create)
+        # The name resolves on the node: the container must have exactly the validated image.
+        runs = (await self.docker("inspect_container", made["Id"])).get("Image")
+        if self._allowed_id and runs != self._allowed_id:
+            await self.docker("remove_container", made["Id"], force=True)
+            raise web.HTTPError(409, f"{self.registry.name_of(self.image)} on this node is not the image that was "
+                                     "validated (it changed in the registry meanwhile); nothing was started. Start "
+                                     "the session again.")
+        return made
 
     async def _release(self):
         """This attempt's container is gone (or was never made): its share can go."""

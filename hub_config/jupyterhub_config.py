@@ -11,6 +11,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_NAME_PREFIX      prefix of containers and volumes         default bai-
   BAI_HUB_DB_URL       hub database URL                         default SQLite in BAI_DATA_DIR
   BAI_SCHEDULER_DB_URL scheduler database URL                   default SQLite in BAI_DATA_DIR
+  BAI_REGISTRY_URL     the image registry every node pulls from default http://127.0.0.1:5000
+                       (scripts/setup.sh starts that one, data in BAI_DATA_DIR/registry)
   BAI_ADMIN_USER       the first admin's name                   default admin
   BAI_HUB_CONNECT_IP   address containers reach the hub at      default the Docker bridge gateway
                        (the hub's internal API listens there only)
@@ -22,7 +24,8 @@ simulated GPUs when none are found).  Environment variables (all optional):
   BAI_EXTRA_CONFIG     another config file loaded last (site overrides, tests)
 
 Production: set the two DB URLs to PostgreSQL, put HTTPS in front (or set
-c.JupyterHub.ssl_cert/ssl_key), and list GPU nodes in c.BaiScheduler.nodes.
+c.JupyterHub.ssl_cert/ssl_key), list GPU nodes in c.BaiScheduler.nodes, and give
+the registry TLS and logins (c.BaiRegistry; docs/install.md).
 """
 import ipaddress
 import json
@@ -142,6 +145,9 @@ c.BaiSpawner.browser_url = env("BAI_BROWSER_URL") or f"http://127.0.0.1:{hub_por
 # `pip install` in sessions: the site's package index and CA (docs/install.md, "Package index").
 c.BaiSpawner.pip_config = env("BAI_SESSION_PIP_CONFIG", "")
 c.BaiSpawner.ca_bundle = env("BAI_SESSION_CA_BUNDLE", "")
+
+# -- the image registry (hub and service alike) ------------------------------------------
+c.BaiRegistry.url = env("BAI_REGISTRY_URL", "http://127.0.0.1:5000")
 
 # -- the scheduler service --------------------------------------------------------------
 c.BaiScheduler.db_url = env("BAI_SCHEDULER_DB_URL", f"sqlite:///{data / 'bai_scheduler.sqlite'}")

@@ -5,6 +5,7 @@ from pathlib import Path
 from traitlets import HasTraits
 
 from bai_scheduler.app import BaiScheduler
+from bai_scheduler.contract.registry import BaiRegistry
 from bai_spawner.spawner import BaiSpawner
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -33,6 +34,7 @@ def main():
     ]
     lines += section(BaiSpawner, own_only=True)
     lines += section(BaiScheduler, own_only=True)
+    lines += section(BaiRegistry, own_only=True)
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text("\n".join(lines))
     print(f"wrote {OUT}")

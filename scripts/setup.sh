@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make this machine ready for BAI Hub: Docker engine, Python env, proxy, kernel images.
+# Make this machine ready for BAI Hub: Docker engine, image registry, Python env, proxy, kernel images.
 # Idempotent: a second run installs and rebuilds nothing that is already there.
 #   scripts/setup.sh          hub only
 #   scripts/setup.sh --test   also what the test suite needs (chromium, postgresql)
@@ -36,6 +36,7 @@ quietly() {
 
 need_apt=()
 command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
@@ -62,6 +63,54 @@ else
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start: see /var/log/bai-dockerd.log" >&2; exit 1; }
   done_step "Docker engine" "started (log: /var/log/bai-dockerd.log)"
+fi
+
+# Image registry: Debian's docker-registry (the CNCF distribution registry) on 127.0.0.1 with its
+# data in the hub's data folder, started when none answers there; like the Docker engine it keeps
+# running after the hub stops (every node pulls from it). BAI_REGISTRY_URL names another registry
+# (production: TLS and logins, docs/install.md); that one is only checked.
+DATA=${BAI_DATA_DIR:-$ROOT/var}
+export BAI_REGISTRY_URL=${BAI_REGISTRY_URL:-http://127.0.0.1:5000}
+registry_answers() {
+  python3 - "$BAI_REGISTRY_URL" <<'PY' 2>/dev/null
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1] + "/v2/", timeout=3)
+except urllib.error.HTTPError as e:
+    sys.exit(e.code != 401)  # a registry that wants a login answers too
+PY
+}
+if registry_answers; then
+  done_step "Image registry" "running ($BAI_REGISTRY_URL)"
+elif [[ $BAI_REGISTRY_URL =~ ^http://127\.0\.0\.1:([0-9]+)$ ]]; then
+  mkdir -p "$DATA/registry/data"
+  cat > "$DATA/registry/config.yml" <<YML
+# Written by scripts/setup.sh: Debian's docker-registry for BAI Hub (docs/install.md, Image registry).
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $DATA/registry/data
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:${BASH_REMATCH[1]}
+  headers:
+    X-Content-Type-Options: [nosniff]
+YML
+  (setsid docker-registry serve "$DATA/registry/config.yml" >>"$DATA/registry/registry.log" 2>&1 &)
+  for _ in $(seq 30); do registry_answers && break; sleep 0.5; done
+  registry_answers || { echo "docker-registry did not start: see $DATA/registry/registry.log" >&2; exit 1; }
+  done_step "Image registry" "started at $BAI_REGISTRY_URL (data: $DATA/registry)"
+else
+  echo "The image registry at $BAI_REGISTRY_URL does not answer: start it, or unset BAI_REGISTRY_URL" \
+       "to use the local one (docs/install.md, Image registry)." >&2
+  exit 1
 fi
 
 # Python environment. The stamp records the installed dependency files and whether
@@ -105,13 +154,14 @@ if [ $WITH_TEST = 1 ]; then
   fi
 fi
 
-# Kernel images (cached: unchanged recipes are not rebuilt). bai-images prints a line per
-# image and step as it goes ("[2/3] bai/tensorflow:2.21.0: download: ..."); a first build
-# takes a quarter of an hour. pip >= 24.1 reports the download's bytes (--progress-bar raw).
+# Kernel images (cached: unchanged recipes are not rebuilt, images the registry holds are not
+# pushed again). bai-images prints a line per image and step as it goes ("[2/3]
+# bai/tensorflow:2.21.0: download: ..."); a first build and push takes about 20 minutes.
+# pip >= 24.1 reports the download's bytes (--progress-bar raw).
 if ! .venv/bin/python -c 'import importlib.metadata as m, sys
 sys.exit(tuple(int(x) for x in m.version("pip").split(".")[:2]) < (24, 1))' 2>/dev/null; then
   quietly .venv/bin/pip install -q --disable-pip-version-check "pip>=24.1"
 fi
-say "Kernel images: building what is missing (cached by recipe)"
+say "Kernel images: building and pushing what is missing (cached by recipe)"
 .venv/bin/bai-images build
-done_step "Kernel images" "ready (bai-images list shows them)"
+done_step "Kernel images" "ready in the registry (bai-images list shows them)"

@@ -33,12 +33,20 @@ def docker_engine():
 
 @pytest.fixture(scope="session")
 def kernel_images(docker_engine):
-    """The images `bai-images build` makes by default (scripts/setup.sh has built them)."""
+    """The images `bai-images build` makes by default, in the registry every hub of the suite uses
+    (scripts/setup.sh has built and pushed them)."""
+    from bai_scheduler.contract.registry import RegistryError, split_name
     from bai_spawner.images import recipes, sources
+    from helpers.registry import SHARED
 
+    try:
+        SHARED.client().ping()
+    except RegistryError as e:
+        pytest.fail(f"{e.message} (the suite's hubs use it)")
     shipped = recipes.load_recipes(sources.recipes_dir())
     wanted = [shipped[n].image_ref(IMAGE_PREFIX) for n in recipes.default_names(shipped)]
-    if any(docker("image", "inspect", i).returncode != 0 for i in wanted):
+    if any(docker("image", "inspect", i).returncode != 0 or SHARED.client().image(*split_name(i)) is None
+           for i in wanted):
         subprocess.run([shutil.which("bai-images") or ".venv/bin/bai-images", "build"], check=True)
     return KERNEL_IMAGE
 

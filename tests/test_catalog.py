@@ -1,14 +1,14 @@
-"""Catalog logic as plain functions over docker image dicts (no Docker)."""
+"""Catalog logic as plain functions over image dicts and the registry's images (no Docker, no registry)."""
 
-import asyncio
 import hashlib
-import threading
+import json
 
 import pytest
 
 from bai_scheduler.contract import labels as L
-from bai_scheduler.contract.catalog import (CatalogImage, ImageNotAllowed, build_catalog, group_by_framework,
-                                 load_catalog, resolve_image, version_key, visible_to)
+from bai_scheduler.contract.catalog import (CatalogImage, ImageNotAllowed, build_catalog, catalog_from_registry,
+                                            group_by_framework, resolve_image, version_key, visible_to)
+from bai_scheduler.contract.registry import RegistryImage
 
 
 def kernel(ref, framework, version, display=None, python="3.11", id_=None, created=1_700_000_000):
@@ -138,26 +138,47 @@ def test_resolve_image_refusals_do_not_leak():
     assert resolve_image(twins, "alice", "sha256:" + "ab" * 32).ref == "a/x:1"
 
 
-class FakeAPI:
-    def __init__(self):
-        self.thread = None
-        self.filters = None
-
-    def images(self, filters=None):
-        self.thread = threading.current_thread()
-        self.filters = filters
-        return IMAGES
+HOST = "127.0.0.1:5000"
 
 
-def test_load_catalog_runs_docker_call_in_a_thread():
-    api = FakeAPI()
-    cat = asyncio.run(load_catalog(api))
-    assert len(cat) == 6
-    assert api.thread is not threading.main_thread()
-    assert api.filters == {"label": L.KIND}
+def in_registry(repo, tag, config, labels, layers=(("sha256:" + "a" * 64, 100), ("sha256:" + "b" * 64, 50))):
+    return RegistryImage(repo, tag, "sha256:" + hashlib.sha256(f"{repo}:{tag}".encode()).hexdigest(), config,
+                         tuple(layers), labels, "2026-01-02T03:04:05.123456789Z")
 
-    class Client:  # a DockerClient: its .api is used
-        pass
-    c = Client()
-    c.api = FakeAPI()
-    assert len(asyncio.run(load_catalog(c))) == 6
+
+REGISTRY = [
+    in_registry("bai/sklearn", "1.6.1", "sha256:" + "1" * 64, IMAGES[1]["Labels"]),
+    in_registry("bai/sklearn", "1.5.2", "sha256:" + "2" * 64, IMAGES[0]["Labels"]),
+    # the same image under a second name is one catalog entry
+    in_registry("bai/sklearn", "stable", "sha256:" + "1" * 64, IMAGES[1]["Labels"]),
+    in_registry("bai-private/alice", "snap1", "sha256:" + "3" * 64, IMAGES[4]["Labels"]),
+    in_registry("bai/base", "bookworm", "sha256:" + "4" * 64, IMAGES[7]["Labels"]),
+    in_registry("library/debian", "bookworm", "sha256:" + "5" * 64, {}),
+]
+
+
+def test_the_catalog_from_the_registry_runs_full_references_and_shows_names_without_the_host():
+    cat = catalog_from_registry(REGISTRY, HOST)
+    assert [(c.ref, c.short_ref) for c in cat] == [
+        (f"{HOST}/bai/sklearn:1.6.1", "bai/sklearn:1.6.1"),
+        (f"{HOST}/bai/sklearn:1.5.2", "bai/sklearn:1.5.2"),
+        (f"{HOST}/bai-private/alice:snap1", "bai-private/alice:snap1"),
+    ]
+    sk = cat[0]
+    assert sk.tags == (f"{HOST}/bai/sklearn:1.6.1", f"{HOST}/bai/sklearn:stable")
+    assert sk.names == ("bai/sklearn:1.6.1", "bai/sklearn:stable")
+    assert sk.id == "sha256:" + "1" * 64 and sk.size == 150 and len(sk.layers) == 2
+    assert sk.created == "2026-01-02T03:04:05.123456789Z"
+    # what users type, the full reference, a second tag and the id all name the same entry
+    for typed in ("bai/sklearn:1.6.1", f"{HOST}/bai/sklearn:1.6.1", "bai/sklearn:stable", sk.id, sk.id[:19]):
+        assert resolve_image(cat, "carol", typed) == sk, typed
+    assert resolve_image(cat, "alice", "bai-private/alice:snap1").owner == "alice"
+    for typed in ("bai-private/alice:snap1", f"{HOST}/bai-private/alice:snap1", cat[2].id):
+        with pytest.raises(ImageNotAllowed, match="not in the catalog"):
+            resolve_image(cat, "bob", typed)
+
+
+def test_a_catalog_entry_travels_as_json():
+    for c in catalog_from_registry(REGISTRY, HOST):
+        again = CatalogImage.from_json(json.loads(json.dumps(c.to_json())))
+        assert again == c and isinstance(again.layers[0], tuple)

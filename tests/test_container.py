@@ -4,6 +4,7 @@ import asyncio
 
 import docker
 import pytest
+from tornado import web
 
 from bai_scheduler.contract.options import SessionOptions
 from bai_scheduler.core.model import GpuBackend
@@ -154,13 +155,23 @@ def test_the_package_index_is_mounted_read_only_and_names_the_ca():
 
 # ---------------------------------------------------------------- BaiSpawner.create_object in-process
 class Recorder:
-    """Stands in for the Docker engine: records what create_container gets."""
+    """Stands in for the Docker engine: records the volumes made and what create_container gets."""
 
     def __init__(self):
         self.api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41")
         self.created = None
+        self.volumes = {}
 
     async def docker(self, method, *args, **kwargs):
+        if method == "inspect_volume":
+            if args[0] not in self.volumes:
+                raise docker.errors.NotFound("no such volume")
+            return self.volumes[args[0]]
+        if method == "create_volume":
+            self.volumes[args[0]] = {"Driver": kwargs["driver"], "Options": kwargs["driver_opts"]}
+            return self.volumes[args[0]]
+        if method == "inspect_container":
+            return {"Id": args[0], "Image": "sha256:validated"}
         assert method == "create_container"
         self.created = kwargs
         return {"Id": "c1"}
@@ -199,6 +210,36 @@ def test_create_object_takes_callable_extras_and_keeps_admin_binds(kind, monkeyp
     assert host["DeviceRequests"][0]["DeviceIDs"] == ["GPU-a"]
     assert rec.created["labels"]["who"] == "alice" and rec.created["labels"]["org.bai-hub.cpu-millis"] == "1500"
     assert rec.created["image"] == "bai/sklearn:1.6.1"
+    assert rec.volumes == {"bai-home-alice": {"Driver": "local", "Options": None}}
+
+
+def test_the_home_volume_is_made_with_the_configured_driver_and_options(monkeypatch):
+    nfs = {"type": "nfs", "o": "addr=10.0.0.5,rw", "device": ":/export/home/{username}"}
+    spawner, rec = spawner_with_recorder(monkeypatch, volume_driver_options=nfs)
+    asyncio.run(spawner.create_object())
+    assert rec.volumes == {"bai-home-alice": {"Driver": "local", "Options": {**nfs, "device": ":/export/home/alice"}}}
+    assert spawner.volumes_are_shared
+    asyncio.run(spawner.create_object())  # made once; then used as it is
+    assert len(rec.volumes) == 1
+
+
+def test_a_container_of_another_image_than_the_validated_one_is_removed(monkeypatch):
+    spawner, rec = spawner_with_recorder(monkeypatch)
+    spawner._allowed_id = "sha256:other"
+    removed = []
+    inner = rec.docker
+
+    async def engine(method, *args, **kwargs):
+        if method == "remove_container":
+            removed.append(args[0])
+            return None
+        return await inner(method, *args, **kwargs)
+
+    spawner.docker = engine
+    with pytest.raises(web.HTTPError) as e:
+        asyncio.run(spawner.create_object())
+    assert e.value.status_code == 409 and "not the image that was validated" in e.value.log_message
+    assert removed == ["c1"]
 
 
 def test_create_object_hardening_options(monkeypatch):

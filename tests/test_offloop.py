@@ -34,21 +34,18 @@ async def stalls_of(coro) -> float:
     return max(gaps)
 
 
-class SlowClient:
-    def images(self, *args, **kw):
+class SlowRegistry:
+    def images(self):
+        time.sleep(SLOW)  # the registry's catalog, tags and config blobs: round trips
         return []
 
 
-def slow_client(*args, **kw):
-    time.sleep(SLOW)  # what docker.APIClient(version="auto") does: a round trip
-    return SlowClient()
+async def test_launch_catalog_reads_the_registry_off_the_loop():
+    from bai_scheduler.contract.registry import BaiRegistry
+    from bai_scheduler.images import CatalogCache
 
-
-async def test_launch_catalog_makes_its_docker_client_off_the_loop(monkeypatch):
-    from bai_scheduler import engines
-
-    monkeypatch.setattr(engines, "make_client", slow_client)
-    cache = engines.CatalogCache(Node("local", ""))
+    cache = CatalogCache(BaiRegistry(url="http://127.0.0.1:5000"), "bai-private")
+    cache.client = SlowRegistry()
     assert await stalls_of(cache.get(max_age=0)) < SLOW / 2
 
 
@@ -70,7 +67,8 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
     handler = types.SimpleNamespace(
         service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: [],
                                       group_usage=lambda: {}, groups={}),
-        settings={"readiness": {}}, notices=types.SimpleNamespace(for_user=lambda user, listed=None: []),
+        settings={"readiness": {}, "registry": types.SimpleNamespace(host="127.0.0.1:5000")},
+        notices=types.SimpleNamespace(for_user=lambda user, listed=None: []),
     )
 
     async def no_users(who):
@@ -81,19 +79,23 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
     assert gap < SLOW / 2
 
 
+def slow_client(*args, **kw):
+    time.sleep(SLOW)  # what docker.APIClient(version="auto") does: a round trip
+    return object()
+
+
 async def test_spawner_makes_its_docker_client_off_the_loop(monkeypatch):
     from jupyterhub.objects import Hub
 
-    from bai_scheduler.contract import catalog
+    from bai_scheduler.contract.catalog import CatalogImage
+    from bai_spawner import spawner as spawner_mod
     from bai_spawner.spawner import BaiSpawner
 
     user = types.SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/", id=1, settings={},
                                  spawners={})
     spawner = BaiSpawner(user=user, hub=Hub(), _log_name="alice")
     monkeypatch.setattr(BaiSpawner, "client", property(lambda self: slow_client()))
-
-    async def no_images(client):
-        return []
-
-    monkeypatch.setattr(catalog, "load_catalog", no_images)
-    assert await stalls_of(spawner._catalog()) < SLOW / 2
+    image = CatalogImage("127.0.0.1:5000/bai/x:1", "x", "1", "x", "3.12", "kernel", id="sha256:1")
+    monkeypatch.setattr(spawner_mod, "local_id", lambda client, ref: image.id)  # the node holds it: no pull
+    # The first call on a node (before the pull or the container) makes the node's client.
+    assert await stalls_of(spawner._ensure_image(image, "local", {"epoch": 0})) < SLOW / 2

@@ -8,7 +8,7 @@ import pytest
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PrefixLoader
 
 from bai_scheduler.contract.catalog import CatalogImage
-from bai_scheduler.contract.form import chosen_shape, form_context
+from bai_scheduler.contract.form import chosen_shape, form_context, home_note, volumes_shared
 from bai_scheduler.contract.options import Limits
 from bai_scheduler.core.units import GIB, FgpuUnits
 from bai_scheduler.web.pages import Notices, ago, node_rows, session_rows, summarize
@@ -84,6 +84,20 @@ def test_rows_hub_only_scheduler_only_and_stopping():
     assert by["going"]["state"] == "STOPPING" and not by["going"]["can_stop"]
     assert by["fresh"]["state"] == "STARTING" and by["fresh"]["fgpu"] == "1.5" and by["fresh"]["image"] == "x:1"
     assert by["fresh"]["detail"] == "Asking the scheduler for a place"
+
+
+def test_rows_show_images_by_the_names_users_see_and_the_reference_that_runs():
+    statuses = [dict(status("e", "s", "RUNNING"), image="127.0.0.1:5000/bai/sklearn:1.6.1")]
+    hub = [hub_user("e", s={"ready": True}, t={"ready": False, "pending": "spawn",
+                                                "user_options": {"image": "127.0.0.1:5000/bai-private/e:v1"}})]
+    rows = {r["server"]: r for r in session_rows(statuses, hub, units=U, registry_host="127.0.0.1:5000")}
+    assert (rows["s"]["image"], rows["t"]["image"]) == ("bai/sklearn:1.6.1", "bai-private/e:v1")
+    assert (rows["s"]["reference"], rows["t"]["reference"]) == ("127.0.0.1:5000/bai/sklearn:1.6.1",
+                                                                "127.0.0.1:5000/bai-private/e:v1")
+    # An image of another registry (one configured before) is shown as it is.
+    other = session_rows([dict(status("e", "s", "RUNNING"), image="reg.example.com/bai/x:1")], [], units=U,
+                         registry_host="127.0.0.1:5000")
+    assert other[0]["image"] == other[0]["reference"] == "reg.example.com/bai/x:1"
 
 
 def test_rows_show_stopping_attempts_with_the_engines_message():
@@ -185,6 +199,17 @@ def test_form_groups_images_newest_first_with_python_and_private_group():
     assert re.search(r'<option value="bai/pytorch:2.5" selected>', html)  # the first image is chosen
 
 
+def test_form_says_where_files_live_when_nodes_do_not_share_them():
+    assert home_note(False, ["local"]) == "" and home_note(True, ["a", "b"]) == ""
+    note = home_note(False, ["local", "node2"])
+    assert note.startswith("Your home folder /home/jovyan is kept on each node separately (local, node2)")
+    html = form(home_note=note)
+    assert 'id="bai-home-note"' in html and "kept on each node separately" in html
+    assert 'id="bai-home-note"' not in form()
+    assert volumes_shared(None, "local", {}) is False and volumes_shared(None, "local", {"type": "nfs"}) is True
+    assert volumes_shared(None, "rexray/efs", {}) is True and volumes_shared(False, "local", {"type": "nfs"}) is False
+
+
 def test_form_fgpu_steps_mean_memory_and_sms_and_limits():
     html = form()
     opts = re.findall(r'<option value="([^"]+)" data-quanta="(\d+)"[^>]*>([^<]+)</option>', html)
@@ -235,7 +260,7 @@ def test_form_says_mps_limits_hold_per_process():
 def test_form_without_images_says_what_to_do():
     """Issue 14 (5): advice only admins can follow goes to admins."""
     assert "ask an admin to build them" in form(visible=[]) and "bai-images" not in form(visible=[])
-    assert "build them on the hub's host with bai-images build" in form(visible=[], admin=True)
+    assert "run bai-images build on the hub's host" in form(visible=[], admin=True)
 
 
 def test_form_says_when_the_scheduler_is_unreachable():

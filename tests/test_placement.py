@@ -1,4 +1,5 @@
 """Capacity: placement rules, take/give_back bookkeeping, and property tests against brute force."""
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -420,3 +421,102 @@ def test_backends_and_readiness_against_brute_force(layout, steps):
             assert node.gpu.mixed or len(p.shares) <= 1 or all(s.quanta == Q for s in p.shares)
             cap.take(p)
             held.append(p)
+
+
+# -- the image preference ---------------------------------------------------------------------------------
+
+
+def with_image(q, image="reg/bai/x:1", cpu=0):
+    return Request(RequestKey("u", "s"), q, cpu, 0, image=image)
+
+
+def test_an_empty_twin_that_holds_the_image_gets_the_request():
+    cap = cap_of(2, 2, 2)
+    assert cap.place(with_image(1)).node == "n0"  # nobody holds it: as without an image
+    cap.set_node_images("n2", {"reg/bai/x:1", "reg/bai/y:1"})
+    p = cap.place(with_image(1))
+    assert p == Placement("n2", (Share("GPU-sim-n2-0", 1),))
+    assert cap.place(with_image(2 * Q)).node == "n2"  # several GPUs
+    assert cap.place(with_image(0)).node == "n2"  # CPU-only
+    assert cap.place(with_image(1, image="reg/bai/z:1")).node == "n2"  # n2 now comes first among the twins
+    assert cap.place(req(1)).node == "n2"
+    cap.take(p)
+    # n2 has a session now: its best fit is taken as it is, image or not
+    cap.set_node_images("n1", {"reg/bai/w:1"})
+    assert cap.place(with_image(1, image="reg/bai/w:1")).node == "n2"
+    # a node that lets the image go is no longer preferred
+    cap.set_node_images("n1", set())
+    assert cap._holders == {"reg/bai/x:1": {2}, "reg/bai/y:1": {2}}
+
+
+def test_no_preference_for_a_node_that_is_not_an_exact_twin():
+    cap = Capacity(nodes(2, 2, cpu=4), Q, units=U)
+    other = Capacity(simulated_nodes([{"name": "n0", "gpus": 2, "gpu_memory": "8GiB", "cpu": 4},
+                                      {"name": "n1", "gpus": 2, "gpu_memory": "8GiB", "cpu": 8}], U), Q, units=U)
+    other.set_node_images("n1", {"reg/bai/x:1"})
+    assert other.place(with_image(1)).node == "n0"  # more CPU: not a twin
+    cap.set_node_images("n1", {"reg/bai/x:1"})
+    res = Reservations()
+    cap.reserve(req(Q), res)  # the pass holds a device of n0 back for someone
+    assert res.items[0].node == "n0"
+    assert cap.place(with_image(1), res).node == "n0"  # reservations are not exchanged
+    cap.set_gpu_ready("n1", False)
+    assert cap.place(with_image(1)).node == "n0"
+    # nodes of two pools are not twins: a request for pool "a" stays there, and so does the order
+    pooled = Capacity(simulated_nodes([{"name": f"n{i}", "gpus": 2, "gpu_memory": "8GiB", "pool": pool}
+                                       for i, pool in enumerate(["a", "b"])], U), Q, units=U)
+    pooled.set_node_images("n1", {"reg/bai/x:1"})
+    assert pooled.place(replace(with_image(1), pools=("a",))).node == "n0"
+    assert pooled.place(with_image(1)).node == "n0"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=5),
+    strategy=st.sampled_from(["concentrate", "spread"]),
+    held=st.lists(st.lists(st.sampled_from(["a", "b"]), max_size=2), min_size=5, max_size=5),
+    node_pools=st.lists(st.sampled_from(["p", "p", "q"]), min_size=5, max_size=5),
+    steps=st.lists(st.tuples(st.sampled_from(["place", "place", "release"]), st.integers(0, 3 * Q),
+                             st.sampled_from([0, 0, 300]), st.integers(0, 100), st.sampled_from(["a", "b", ""]),
+                             st.sampled_from([(), (), ("p",), ("q",)])),
+                   max_size=50),
+)
+def test_with_images_every_decision_is_the_one_without_under_other_names(layout, strategy, held, node_pools, steps):
+    """The same requests with and without the image preference: at every step both say the same
+    (fits or not, how much, on how many devices), and the names of the nodes differ only by a
+    renaming of empty twins of one pool, the same renaming for every later decision."""
+    def make():
+        return Capacity(simulated_nodes([{"name": f"n{i}", "gpus": g, "gpu_memory": "8GiB", "cpu": 2,
+                                          "pool": node_pools[i]} for i, g in enumerate(layout)], U),
+                        Q, strategy=strategy, units=U)
+    plain, preferring = make(), make()
+    for i, images in enumerate(held[:len(layout)]):
+        preferring.set_node_images(f"n{i}", {f"reg/{x}:1" for x in images})
+    rename: dict[str, str] = {n.name: n.name for n in plain.nodes}  # plain's node -> preferring's
+    taken = []
+    pool_of = {n.name: n.pool for n in plain.nodes}
+    for op, q, c, pick, image, pools in steps:
+        if op == "release" and taken:
+            a, b = taken.pop(pick % len(taken))
+            plain.give_back(a)
+            preferring.give_back(b)
+            continue
+        a = plain.place(replace(req(q, cpu=c), pools=pools))
+        b = preferring.place(replace(with_image(q, f"reg/{image}:1" if image else "", cpu=c), pools=pools))
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        assert not pools or pool_of[b.node] in pools
+        if b.node != rename[a.node]:
+            # only an empty twin may stand in, and from now on the two are exchanged
+            x, y = rename[a.node], b.node
+            assert not preferring._sessions[preferring._node_idx[x]] and not preferring._sessions[preferring._node_idx[y]]
+            back = {v: k for k, v in rename.items()}
+            rename[a.node], rename[back[y]] = y, x
+        assert b.node == rename[a.node]
+        pos = {d.uuid: i for n in plain.nodes for i, d in enumerate(n.devices)}
+        assert [(pos[s.device_uuid], s.quanta) for s in a.shares] == [(pos[s.device_uuid], s.quanta) for s in b.shares]
+        plain.take(a)
+        preferring.take(b)
+        taken.append((a, b))
+    assert plain.used_quanta == preferring.used_quanta

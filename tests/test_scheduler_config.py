@@ -89,6 +89,7 @@ SERVICE = """
 c = get_config()
 c.BaiScheduler.db_url = "sqlite:///{tmp}/sched.sqlite"
 c.BaiScheduler.nodes = [{{"name": "n", "docker_url": "tcp://127.0.0.1:{dead}", "gpus": 2, "gpu_memory": "8GiB"}}]
+c.BaiRegistry.url = "http://127.0.0.1:{dead}"
 c.BaiSpawner.max_cpu = "6"
 c.BaiScheduler.max_sessions_per_launch = 3
 c.JupyterHub.template_paths = [{templates!r}]
@@ -150,8 +151,11 @@ def test_sessions_page_is_a_hub_page_with_the_form_or_what_is_missing(service):
     assert code == 200 and headers["content-type"].startswith("text/html")
     assert 'id="bai-nav-snapshots"' in html and 'class="nav-link active" id="bai-nav-sessions"' in html
     assert "All sessions" in html and 'id="bai-capacity"' in html
-    # The engine of this service is a closed port: the page says so instead of the form.
-    assert "The image catalog is unavailable (the Docker engine did not answer" in html
+    # The registry of this service is a closed port: the page says so instead of the form, and what to do.
+    assert re.search(r"The image catalog is unavailable. The image registry at http://127.0.0.1:\d+ does not answer "
+                     r"\(ConnectionError\); start it \(scripts/setup.sh starts the local one\)", html)
+    code, headers, body = get("api/catalog")
+    assert code == 503 and "does not answer" in json.loads(body)["message"]
     code, headers, body = get("sessions.json")
     data = json.loads(body)
     assert code == 200 and "No sessions yet" in data["sessions_html"] and data["capacity_html"] == ""

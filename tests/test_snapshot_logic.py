@@ -1,13 +1,16 @@
 """Snapshot logic without Docker: naming, tags, labels, the commit config, the
-cap, and the job runner against a fake engine (including failures mid-commit)."""
+cap, and the job runner against a fake engine and registry (including failures mid-commit,
+mid-push, and a restart in the middle of a job, with the jobs in a real SQLite database)."""
 import asyncio
 import re
+import threading
 import time
 
 import docker
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import create_engine
 
 from bai_scheduler import snapshots as S
 from bai_scheduler.core.model import Node, Placement, Request, RequestKey
@@ -15,6 +18,8 @@ from bai_scheduler.store import Record
 from bai_scheduler.core.units import FgpuUnits
 from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
+from bai_scheduler.contract.registry import RegistryError, RegistryImage, split_name
+from bai_scheduler.snapshot_jobs import JobStore
 
 # Docker's reference grammar for one path component and for a tag.
 COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
@@ -105,10 +110,10 @@ def test_invalid_repo_prefix_is_a_config_error(repo):
         S.validate_repo(repo)
 
 
-def test_split_ref():
-    assert S.split_ref("bai-private/alice:v1") == ("bai-private/alice", "v1")
-    assert S.split_ref("host:5000/bai-private/alice:v1") == ("host:5000/bai-private/alice", "v1")
-    assert S.split_ref("host:5000/x") == ("host:5000/x", "latest")
+def test_split_name():
+    assert split_name("bai-private/alice:v1") == ("bai-private/alice", "v1")
+    assert split_name("host:5000/bai-private/alice:v1") == ("host:5000/bai-private/alice", "v1")
+    assert split_name("host:5000/x") == ("host:5000/x", "latest")
 
 
 # -- labels and the commit config ---------------------------------------------------------------------
@@ -202,44 +207,88 @@ def test_cap():
 # -- image views ----------------------------------------------------------------------------------------
 
 
-def _private(id_, tag, owner, size=2**30):
-    lab = S.snapshot_labels(KERNEL_LABELS, owner=owner, source_image="bai/sklearn:1.6.1", session=owner, tag="t",
-                            created="2025-01-01T00:00:00+00:00")
-    return {"Id": id_, "RepoTags": [tag], "Labels": lab, "Size": size, "Created": 0}
+def test_image_view_shows_the_name_users_see():
+    lab = S.snapshot_labels(KERNEL_LABELS, owner="alice", source_image="bai/sklearn:1.6.1", session="alice/w",
+                            tag="t", created="2025-01-01T00:00:00+00:00")
+    (image,) = catalog.catalog_from_registry([RegistryImage("p/alice", "t", "sha256:m", "sha256:a",
+                                                            (("sha256:l", 2**30),), lab)], "reg:5000")
+    view = S.image_view(image)
+    assert (view["ref"], view["reference"], view["tags"]) == ("p/alice:t", "reg:5000/p/alice:t", ["p/alice:t"])
+    assert view["source_image"] == "bai/sklearn:1.6.1" and view["size"] == 2**30 and view["owner"] == "alice"
 
 
-def test_image_views_merge_across_nodes_and_skip_non_private():
-    kernel = {"Id": "sha256:k", "RepoTags": ["bai/sklearn:1.6.1"], "Labels": KERNEL_LABELS}
-    assert S.image_view(kernel, "n1") is None
-    ownerless = {"Id": "sha256:o", "RepoTags": ["x:y"], "Labels": {L.KIND: L.KIND_PRIVATE}}
-    assert S.image_view(ownerless, "n1") is None
-    views = [S.image_view(_private("sha256:a", "p/alice:t", "alice"), "n1"),
-             S.image_view(_private("sha256:a", "p/alice:t", "alice"), "n2"),
-             S.image_view(_private("sha256:b", "p/bob:t", "bob"), "n2")]
-    merged = S.merge_image_views(views)
-    assert [(v["ref"], v["nodes"]) for v in merged] == [("p/alice:t", ["n1", "n2"]), ("p/bob:t", ["n2"])]
-    assert merged[0]["source_image"] == "bai/sklearn:1.6.1" and merged[0]["size"] == 2**30
-    assert merged[0]["source_session"] == "alice"
+# -- a fake engine and registry ----------------------------------------------------------------------------
 
 
-# -- a fake engine ----------------------------------------------------------------------------------------
+class FakeRegistry:
+    """Just enough of the registry for the manager: its configuration (names), the service's
+    catalog cache over it, and its client; it holds what FakeEngine pushes."""
+
+    host = "reg:5000"
+
+    def __init__(self):
+        self.images = {}  # "repo:tag" -> (config digest, labels)
+        self.down = False
+        self.deleted = []
+        self.client = self
+
+    # c.BaiRegistry
+    def reference(self, name):
+        return name if name.startswith(self.host + "/") else f"{self.host}/{name}"
+
+    def name_of(self, ref):
+        return ref[len(self.host) + 1:] if ref.startswith(self.host + "/") else ref
+
+    def auth_config(self):
+        return None
+
+    # the catalog cache
+    async def get(self, max_age=None):
+        if self.down:
+            raise RegistryError("The image registry at http://reg:5000 does not answer (ConnectionError).", 503)
+        return catalog.catalog_from_registry([self.image(*split_name(n)) for n in self.images], self.host)
+
+    def invalidate(self):
+        pass
+
+    # the client
+    def image(self, repo, tag):
+        if self.down:
+            raise RegistryError("The image registry at http://reg:5000 does not answer (ConnectionError).", 503)
+        found = self.images.get(f"{repo}:{tag}")
+        if found is None:
+            return None
+        return RegistryImage(repo, tag, "sha256:m-" + found[0][7:], found[0], (("sha256:l", 100),), found[1])
+
+    def digest(self, repo, tag):
+        found = self.image(repo, tag)
+        return found.digest if found else None
+
+    def delete(self, repo, digest):
+        gone = [n for n in self.images if split_name(n)[0] == repo and "sha256:m-" + self.images[n][0][7:] == digest]
+        for n in gone:
+            del self.images[n]
+            self.deleted.append(n)
+        return bool(gone)
 
 
 class FakeEngine:
     """Just enough of docker.APIClient for snapshots.py, with failure switches."""
 
-    def __init__(self):
+    def __init__(self, registry=None):
+        self.registry = registry
         self.images_by_id = {}
         self.tags = {}  # ref → id
         self.containers_ = {}
         self.fail_commit = None
         self.fail_tag = None
+        self.fail_push = None
+        self.push_gate = None  # a threading.Event the push waits for
         self.commit_delay = 0.0
         self.calls = []
         self.paused_commits = []
-        self.on_commit = None
         n = KERNEL_LABELS
-        self.add_image("sha256:kernel", "bai/sklearn:1.6.1", {"Labels": n, "Env": ["PATH=/p"], "Cmd": ["c"]})
+        self.add_image("sha256:kernel", "reg:5000/bai/sklearn:1.6.1", {"Labels": n, "Env": ["PATH=/p"], "Cmd": ["c"]})
 
     def add_image(self, id_, tag, config, size=100):
         self.images_by_id[id_] = {"Id": id_, "Config": config, "Size": size, "Created": 0}
@@ -249,8 +298,8 @@ class FakeEngine:
     def add_session(self, cid, user, server, request_id, running=True):
         self.containers_[cid] = {
             "Id": cid, "Image": "sha256:kernel", "State": {"Running": running},
-            "Config": {"Image": "bai/sklearn:1.6.1", "Labels": dict(KERNEL_LABELS, **{
-                L.USER: user, L.SERVER: server, L.REQUEST_ID: request_id, L.IMAGE: "bai/sklearn:1.6.1"}),
+            "Config": {"Image": "reg:5000/bai/sklearn:1.6.1", "Labels": dict(KERNEL_LABELS, **{
+                L.USER: user, L.SERVER: server, L.REQUEST_ID: request_id, L.IMAGE: "reg:5000/bai/sklearn:1.6.1"}),
                 "Env": ["PATH=/p", "JUPYTERHUB_API_TOKEN=tok"]},
         }
 
@@ -258,7 +307,6 @@ class FakeEngine:
     def containers(self, all=False, filters=None):
         out = []
         want = (filters or {}).get("label")
-        ancestor = (filters or {}).get("ancestor")
         for c in self.containers_.values():
             if not all and not c["State"]["Running"]:
                 continue
@@ -267,8 +315,6 @@ class FakeEngine:
                 k, _, v = want.partition("=")
                 if lab.get(k) != v:
                     continue
-            if ancestor and c["Image"] != ancestor:
-                continue
             out.append({"Id": c["Id"], "Labels": lab, "State": "running" if c["State"]["Running"] else "exited",
                         "Names": ["/" + c["Id"]]})
         return out
@@ -292,8 +338,6 @@ class FakeEngine:
     def commit(self, container, conf=None, pause=True, message=None, author=None, **kw):
         self.calls.append("commit")
         self.paused_commits.append(pause)
-        if self.on_commit:
-            self.on_commit()
         if self.commit_delay:
             time.sleep(self.commit_delay)
         if self.fail_commit:
@@ -309,6 +353,20 @@ class FakeEngine:
         self.tags[f"{repository}:{tag}"] = image
         return True
 
+    def push(self, repository, tag=None, stream=False, decode=False, auth_config=None):
+        self.calls.append("push")
+        yield {"status": f"The push refers to repository [{repository}]"}
+        yield {"status": "Preparing", "progressDetail": {}, "id": "1f4cb1793d6c"}
+        if self.push_gate is not None:
+            self.push_gate.wait(10)
+        if self.fail_push:
+            yield {"errorDetail": {"message": self.fail_push}, "error": self.fail_push}
+            return
+        yield {"status": "Pushing", "progressDetail": {"current": 50, "total": 100}, "id": "1f4cb1793d6c"}
+        yield {"status": "Pushed", "progressDetail": {}, "id": "1f4cb1793d6c"}
+        image = self.images_by_id[self.tags[f"{repository}:{tag}"]]
+        self.registry.images[self.registry.name_of(f"{repository}:{tag}")] = (image["Id"], image["Config"]["Labels"])
+
     def remove_image(self, image, force=False, noprune=False):
         self.calls.append(f"remove {image}")
         id_ = self._resolve(image)
@@ -321,7 +379,7 @@ class FakeEngine:
                 del self.tags[t]
         del self.images_by_id[id_]
 
-    def images(self, filters=None):
+    def images(self, all=False, filters=None):
         want = (filters or {}).get("label", "")
         k, _, v = want.partition("=")
         out = []
@@ -334,18 +392,19 @@ class FakeEngine:
 
 
 def labels_for(source, image):
-    return S.snapshot_labels(source, owner="alice", source_image=image, session="alice/w", tag="v1")
+    return S.snapshot_labels(source, owner="alice", source_image=image, session="alice/w", tag="v1", job="j1")
 
 
 def test_commit_blocking_tags_only_after_a_successful_commit():
     eng = FakeEngine()
     eng.add_session("c1", "alice", "w", "r1")
-    out = S.commit_blocking(eng, "c1", "p/alice:v1", labels_for, pause=True)
-    assert eng.calls == ["commit", "tag"]
-    assert eng.tags["p/alice:v1"] == out["id"] and out["size"] == 12345
-    assert out["source_image"] == "bai/sklearn:1.6.1"
+    told = []
+    out = S.commit_blocking(eng, "c1", "reg:5000/p/alice:v1", labels_for, pause=True, on_committed=told.append)
+    assert eng.calls == ["commit", "tag"] and told == [out["id"]]
+    assert eng.tags["reg:5000/p/alice:v1"] == out["id"] and out["size"] == 12345
+    assert out["source_image"] == "reg:5000/bai/sklearn:1.6.1"
     lab = eng.images_by_id[out["id"]]["Config"]["Labels"]
-    assert lab[L.OWNER] == "alice" and lab[L.USER] == "" and lab[L.REQUEST_ID] == ""
+    assert lab[L.OWNER] == "alice" and lab[L.USER] == "" and lab[L.REQUEST_ID] == "" and lab[L.SNAPSHOT_JOB] == "j1"
     assert "JUPYTERHUB_API_TOKEN=" in eng.images_by_id[out["id"]]["Config"]["Env"]
     assert eng.paused_commits == [True]
 
@@ -372,15 +431,13 @@ def test_failing_tag_removes_the_temporary_image():
     assert eng.calls[-1].startswith("remove sha256:new")
 
 
-def test_name_taken_during_the_commit_removes_the_temporary_image_and_keeps_the_other():
+def test_a_leftover_tag_of_the_name_on_the_node_moves_to_the_new_image():
+    """Whether a name is taken is the registry's to say; on the node it is what a failed job left."""
     eng = FakeEngine()
     eng.add_session("c1", "alice", "w", "r1")
-    eng.on_commit = lambda: eng.add_image("sha256:other", "p/alice:v1", {"Labels": {}})
-    with pytest.raises(S.SnapshotError) as e:
-        S.commit_blocking(eng, "c1", "p/alice:v1", labels_for)
-    assert e.value.status == 409
-    assert eng.tags["p/alice:v1"] == "sha256:other"
-    assert set(eng.images_by_id) == {"sha256:kernel", "sha256:other"}
+    eng.add_image("sha256:leftover", "p/alice:v1", {"Labels": {}})
+    out = S.commit_blocking(eng, "c1", "p/alice:v1", labels_for)
+    assert eng.tags["p/alice:v1"] == out["id"]
 
 
 def test_container_not_running_is_not_committed():
@@ -393,25 +450,19 @@ def test_container_not_running_is_not_committed():
     assert "commit" not in eng.calls
 
 
-def test_delete_refuses_kernel_images_and_images_in_use():
+def test_discard_takes_back_the_name_and_the_images_of_one_job_only():
     eng = FakeEngine()
-    with pytest.raises(S.SnapshotError) as e:
-        S.delete_blocking(eng, "bai/sklearn:1.6.1")
-    assert e.value.status == 400 and "not a private image" in e.value.message
-    assert "bai/sklearn:1.6.1" in eng.tags
-    assert S.delete_blocking(eng, "p/nobody:x") is False
-    eng.add_image("sha256:priv", "p/alice:v1", {"Labels": {L.KIND: L.KIND_PRIVATE, L.OWNER: "alice"}})
-    eng.containers_["c9"] = {"Id": "c9", "Image": "sha256:priv", "State": {"Running": True},
-                             "Config": {"Labels": {L.USER: "alice", L.SERVER: "n"}}}
-    with pytest.raises(S.SnapshotError) as e:
-        S.delete_blocking(eng, "p/alice:v1")
-    assert e.value.status == 409 and "alice/n" in e.value.message
-    del eng.containers_["c9"]
-    assert S.delete_blocking(eng, "p/alice:v1") is True
-    assert "sha256:priv" not in eng.images_by_id
+    eng.add_image("sha256:mine", "reg:5000/p/alice:v1", {"Labels": {L.SNAPSHOT_JOB: "j1"}})
+    eng.add_image("sha256:untagged", None, {"Labels": {L.SNAPSHOT_JOB: "j1"}})
+    eng.add_image("sha256:other", "reg:5000/p/alice:v2", {"Labels": {L.SNAPSHOT_JOB: "j2"}})
+    assert S.discard_blocking(eng, "reg:5000/p/alice:v1", "sha256:mine", "j1")
+    assert set(eng.images_by_id) == {"sha256:kernel", "sha256:other"}
+    # a name that now names another image is not touched
+    assert not S.discard_blocking(eng, "reg:5000/p/alice:v2", "sha256:mine", "j1")
+    assert eng.tags["reg:5000/p/alice:v2"] == "sha256:other"
 
 
-# -- the job manager over a fake service and engine --------------------------------------------------------
+# -- the job manager over a fake service, engine and registry --------------------------------------------
 
 
 class FakeService:
@@ -419,10 +470,10 @@ class FakeService:
         self.records = {}
         self.units = FgpuUnits(2, "0.5")
 
-    def add(self, user, server, state="RUNNING", node="n1", rid="r1"):
+    def add(self, user, server, state="RUNNING", node="n1", rid="r1", image="reg:5000/bai/sklearn:1.6.1"):
         key = RequestKey(user, server)
         placement = Placement(node, ()) if state == "RUNNING" else None
-        self.records[key] = Record(id=rid, request=Request(key, 0, image="bai/sklearn:1.6.1"), state=state,
+        self.records[key] = Record(id=rid, request=Request(key, 0, image=image), state=state,
                                    placement=placement, admitted_at=time.time() - 75)
 
     def get(self, key):
@@ -432,30 +483,53 @@ class FakeService:
         return [r for r in self.records.values() if r.state == "RUNNING"]
 
 
-def make(cap=5):
-    eng, svc = FakeEngine(), FakeService()
-    mgr = S.Snapshots([Node("n1", "")], svc, repo="bai-test-private", cap=cap,
-                      client_factory=lambda node, timeout=60: eng)
+def make(cap=5, store=None, **kw):
+    reg = FakeRegistry()
+    eng, svc = FakeEngine(reg), FakeService()
+    mgr = S.Snapshots([Node("n1", "")], svc, reg, reg, jobs=store, repo="bai-test-private", cap=cap,
+                      client_factory=lambda node, timeout=60: eng, **kw)
     return eng, svc, mgr
 
 
-async def test_job_goes_queued_committing_done():
+async def test_job_goes_queued_committing_pushing_done():
     eng, svc, mgr = make()
     svc.add("alice", "w")
     eng.add_session("c1", "alice", "w", "r1")
     eng.commit_delay = 0.3
     job = await mgr.submit("alice", "w", "v1", requested_by="root")
     assert job.state in ("queued", "committing") and job.ref == "bai-test-private/alice:v1"
+    assert job.reference == "reg:5000/bai-test-private/alice:v1" and job.source_image == "bai/sklearn:1.6.1"
     await asyncio.sleep(0.1)
     assert mgr.jobs[job.id].state == "committing"
     await mgr.wait_idle()
-    assert job.state == "done" and job.image_id and job.size == 12345 and job.reason == ""
+    assert job.state == "done" and job.image_id and job.size == 12345 and job.reason == "", job.reason
+    assert eng.calls == ["commit", "tag", "push"]
+    assert mgr.registry.images["bai-test-private/alice:v1"][0] == job.image_id
     assert job.to_json()["session"] == "alice/w"
     images, errors = await mgr.images()
     assert [i["ref"] for i in images] == ["bai-test-private/alice:v1"] and not errors
+    assert images[0]["source_image"] == "bai/sklearn:1.6.1"
     assert (await mgr.images(owner="bob"))[0] == []
     sess = mgr.sessions()
     assert sess[0]["session"] == "alice/w" and 70 <= sess[0]["age_s"] <= 90
+    assert sess[0]["image"] == "bai/sklearn:1.6.1"
+
+
+async def test_the_job_is_pushing_until_the_push_is_complete():
+    eng, svc, mgr = make()
+    svc.add("alice", "w")
+    eng.add_session("c1", "alice", "w", "r1")
+    eng.push_gate = threading.Event()
+    job = await mgr.submit("alice", "w", "v1")
+    for _ in range(100):
+        if job.state == "pushing":
+            break
+        await asyncio.sleep(0.02)
+    assert job.state == "pushing" and job.to_json()["progress"] == "0 of 1 layers"
+    assert (await mgr.images())[0] == []  # not in the catalog until the push is complete
+    eng.push_gate.set()
+    await mgr.wait_idle()
+    assert job.state == "done" and job.progress == ""
 
 
 async def test_refusals_start_nothing():
@@ -477,6 +551,9 @@ async def test_refusals_start_nothing():
     eng.containers_["c1"]["State"]["Running"] = False
     await refused("alice", "w", "v1", 400, "not running")
     eng.containers_["c1"]["State"]["Running"] = True
+    mgr.registry.down = True
+    await refused("alice", "w", "v1", 503, "does not answer")
+    mgr.registry.down = False
     assert "commit" not in eng.calls and not mgr.jobs
 
     await mgr.submit("alice", "w", "v1")
@@ -494,7 +571,7 @@ async def test_failure_mid_commit_is_reported_and_leaves_nothing():
     eng.fail_tag = docker.errors.APIError("x", explanation="engine went away")
     job = await mgr.submit("alice", "w", "v1")
     await mgr.wait_idle()
-    assert job.state == "failed" and "engine went away" in job.reason and "Nothing was tagged" in job.reason
+    assert job.state == "failed" and "engine went away" in job.reason and "Nothing was kept" in job.reason
     assert (await mgr.images())[0] == []
     assert eng.containers_["c1"]["State"]["Running"]
     # The same name can be tried again afterwards.
@@ -504,6 +581,47 @@ async def test_failure_mid_commit_is_reported_and_leaves_nothing():
     assert job2.state == "done"
 
 
+async def test_a_failed_push_takes_back_the_name_and_the_image():
+    eng, svc, mgr = make()
+    svc.add("alice", "w")
+    eng.add_session("c1", "alice", "w", "r1")
+    eng.fail_push = "Get http://reg:5000/v2/: dial tcp: connection refused"
+    job = await mgr.submit("alice", "w", "v1")
+    await mgr.wait_idle()
+    assert job.state == "failed" and "connection refused" in job.reason and "Nothing was kept" in job.reason
+    assert set(eng.images_by_id) == {"sha256:kernel"} and "reg:5000/bai-test-private/alice:v1" not in eng.tags
+    assert mgr.registry.images == {}
+
+
+async def test_jobs_outlive_a_restart_and_an_interrupted_one_leaves_nothing(tmp_path):
+    store = JobStore(create_engine(f"sqlite:///{tmp_path / 'jobs.sqlite'}"))
+    eng, svc, mgr = make(store=store)
+    svc.add("alice", "w")
+    eng.add_session("c1", "alice", "w", "r1")
+    done = await mgr.submit("alice", "w", "v1", requested_by="root")
+    await mgr.wait_idle()
+    eng.push_gate = threading.Event()
+    cut = await mgr.submit("alice", "w", "v2")
+    for _ in range(100):
+        if cut.state == "pushing":
+            break
+        await asyncio.sleep(0.02)
+    assert cut.state == "pushing" and eng.tags.get("reg:5000/bai-test-private/alice:v2")
+    # The service restarts here: a new manager on the same database, the same engine and registry.
+    again = S.Snapshots([Node("n1", "")], svc, mgr.registry, mgr.registry, jobs=JobStore(store.engine),
+                        repo="bai-test-private", client_factory=lambda node, timeout=60: eng)
+    assert again.jobs[done.id].state == "done" and again.jobs[done.id].requested_by == "root"
+    interrupted = again.jobs[cut.id]
+    assert interrupted.state == "failed" and "restarted while this snapshot was pushing" in interrupted.reason
+    await again.recover()
+    assert "Nothing was kept" in again.jobs[cut.id].reason
+    assert "reg:5000/bai-test-private/alice:v2" not in eng.tags
+    assert cut.image_id not in eng.images_by_id and done.image_id in eng.images_by_id
+    assert JobStore(store.engine).load()[1].state == "failed"
+    eng.push_gate.set()  # the old manager's thread ends; its push no longer matters
+    await mgr.wait_idle()
+
+
 async def test_engine_down_is_503():
     eng, svc, _ = make()
     svc.add("alice", "w")
@@ -511,7 +629,8 @@ async def test_engine_down_is_503():
     def down(node, timeout=60):
         raise docker.errors.DockerException("connection refused")
 
-    mgr = S.Snapshots([Node("n1", "")], svc, repo="p", client_factory=down)
+    reg = FakeRegistry()
+    mgr = S.Snapshots([Node("n1", "")], svc, reg, reg, repo="p", client_factory=down)
     with pytest.raises(S.SnapshotError) as e:
         await mgr.submit("alice", "w", "v1")
     assert e.value.status == 503
@@ -520,23 +639,34 @@ async def test_engine_down_is_503():
 async def test_delete_via_manager():
     eng, svc, mgr = make()
     with pytest.raises(S.SnapshotError) as e:
-        await mgr.delete_image("bai/sklearn:1.6.1")
-    assert e.value.status == 400
-    with pytest.raises(S.SnapshotError) as e:
         await mgr.delete_image("bai-test-private/alice:zzz")
     assert e.value.status == 404
+    mgr.registry.images["bai/sklearn:1.6.1"] = ("sha256:kernel", KERNEL_LABELS)
+    with pytest.raises(S.SnapshotError) as e:
+        await mgr.delete_image("bai/sklearn:1.6.1")
+    assert e.value.status == 400 and "not a private image" in e.value.message
     svc.add("alice", "w")
     eng.add_session("c1", "alice", "w", "r1")
     await mgr.submit("alice", "w", "v1")
     await mgr.wait_idle()
-    assert await mgr.delete_image("bai-test-private/alice:v1") == {"deleted": "bai-test-private/alice:v1",
-                                                                   "nodes": ["n1"]}
-    assert (await mgr.images())[0] == []
+    # in use by a session (running or queued): refused
+    svc.add("alice", "x", state="PENDING", rid="r9", image="reg:5000/bai-test-private/alice:v1")
+    with pytest.raises(S.SnapshotError) as e:
+        await mgr.delete_image("bai-test-private/alice:v1")
+    assert e.value.status == 409 and "alice/x" in e.value.message
+    del svc.records[RequestKey("alice", "x")]
+    mgr.registry.down = True
+    with pytest.raises(S.SnapshotError) as e:
+        await mgr.delete_image("bai-test-private/alice:v1")
+    assert e.value.status == 503 and "Nothing was deleted" in e.value.message
+    mgr.registry.down = False
+    assert await mgr.delete_image("reg:5000/bai-test-private/alice:v1") == {"deleted": "bai-test-private/alice:v1",
+                                                                           "nodes": ["n1"]}
+    assert mgr.registry.deleted == ["bai-test-private/alice:v1"] and (await mgr.images())[0] == []
 
 
 async def test_commits_run_in_threads_the_loop_stays_responsive_and_extra_jobs_queue():
-    eng, svc, _ = make()
-    mgr = S.Snapshots([Node("n1", "")], svc, repo="p", concurrency=1, client_factory=lambda node, timeout=60: eng)
+    eng, svc, mgr = make(concurrency=1)
     for server, rid in (("a", "r1"), ("b", "r2")):
         svc.add("alice", server, rid=rid)
         eng.add_session(f"c-{server}", "alice", server, rid)

@@ -1,20 +1,21 @@
-"""The image catalog, read from image labels on the Docker engine.
+"""The image catalog: kernel and private images, read from their labels.
 
-Pure functions over image attribute dicts as returned by the docker SDK
-(``APIClient.images()`` or ``client.images.list()[i].attrs``): keys ``Id``,
-``RepoTags``, ``Labels`` (``Config.Labels`` in ``attrs``), ``Size``,
-``Created``. Only tagged images labelled ``org.bai-hub.kind`` = ``kernel`` (built
-from a recipe) or ``private`` (a user's snapshot, which also needs an owner) are
-part of the catalog; everything else on the engine is ignored (untagged ones
-are leftovers of a rebuild that a running container still uses).
+The catalog comes from the image registry (``registry.py``): every tag there, and each image's
+labels from its config blob. ``catalog_from_registry`` turns those into ``CatalogImage``s; the
+pure functions below work on image attribute dicts as the Docker engine also gives them (keys
+``Id``, ``RepoTags``, ``Labels`` (``Config.Labels`` in the SDK's ``attrs``), ``Size``,
+``Created``). Only tagged images labelled ``org.bai-hub.kind`` = ``kernel`` (built from a recipe)
+or ``private`` (a user's snapshot, which also needs an owner) are part of the catalog; everything
+else is ignored.
 
-``load_catalog`` is the only function here that talks to Docker; it runs the
-blocking call in a worker thread.
+An entry's ``ref`` is the reference nodes pull and containers run
+(``127.0.0.1:5000/bai/sklearn:1.6.1``); ``short_ref`` is the name users see and type
+(``bai/sklearn:1.6.1``); ``id`` is the image id (its config's digest) that the pulled image must
+have. ``resolve_image`` accepts either name, the id, or an id prefix.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import re
@@ -23,6 +24,7 @@ from typing import Any, Iterable, Mapping
 from packaging.version import InvalidVersion, Version
 
 from . import labels as L
+from .registry import RegistryImage
 
 
 class ImageNotAllowed(Exception):
@@ -36,7 +38,7 @@ class ImageNotAllowed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class CatalogImage:
-    ref: str                 # "bai/sklearn:1.6.1" (first tag; untagged images are not listed)
+    ref: str                 # "127.0.0.1:5000/bai/sklearn:1.6.1" (first tag; untagged images are not listed)
     framework: str
     version: str
     display_name: str
@@ -49,10 +51,29 @@ class CatalogImage:
     id: str = ""
     tags: tuple[str, ...] = ()
     name: str = ""           # recipe name (kernel images)
+    short_ref: str = ""      # "bai/sklearn:1.6.1": ``ref`` without the registry's host, what users see
+    names: tuple[str, ...] = ()          # every tag without the registry's host
+    layers: tuple[tuple[str, int], ...] = ()   # (digest, bytes) a pull downloads
+
+    def __post_init__(self):
+        if not self.short_ref:  # an image named without a registry: its name is its reference
+            object.__setattr__(self, "short_ref", self.ref)
 
     @property
     def is_private(self) -> bool:
         return self.kind == L.KIND_PRIVATE
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CatalogImage":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        out = {k: v for k, v in data.items() if k in fields}
+        for k in ("tags", "names"):
+            out[k] = tuple(out.get(k) or ())
+        out["layers"] = tuple((str(d), int(n)) for d, n in out.get("layers") or ())
+        return cls(**out)
 
 
 def _labels(image: Mapping[str, Any]) -> dict[str, str]:
@@ -75,8 +96,13 @@ def _created(image: Mapping[str, Any], lab: Mapping[str, str]) -> str:
     return str(c or "")
 
 
-def to_catalog_image(image: Mapping[str, Any]) -> CatalogImage | None:
-    """One image dict → ``CatalogImage``, or None when it is not a catalog image."""
+def _short(ref: str, host: str) -> str:
+    return ref[len(host) + 1:] if host and ref.startswith(host + "/") else ref
+
+
+def to_catalog_image(image: Mapping[str, Any], host: str = "") -> CatalogImage | None:
+    """One image dict → ``CatalogImage``, or None when it is not a catalog image. ``host``: the
+    registry's, which the names users see leave out."""
     lab = _labels(image)
     kind = lab.get(L.KIND)
     if kind not in (L.KIND_KERNEL, L.KIND_PRIVATE):
@@ -105,16 +131,32 @@ def to_catalog_image(image: Mapping[str, Any]) -> CatalogImage | None:
         id=image_id,
         tags=tags,
         name=lab.get(L.NAME, ""),
+        short_ref=_short(tags[0], host),
+        names=tuple(_short(t, host) for t in tags),
+        layers=tuple(image.get("Layers") or ()),
     )
 
 
-def build_catalog(images: Iterable[Mapping[str, Any]]) -> list[CatalogImage]:
+def build_catalog(images: Iterable[Mapping[str, Any]], host: str = "") -> list[CatalogImage]:
     """Kernel and private images, one entry per image (first tag as ref),
     ordered by framework, newest version first, then private ones by time."""
-    out = [c for c in (to_catalog_image(i) for i in images) if c is not None]
+    out = [c for c in (to_catalog_image(i, host) for i in images) if c is not None]
     out.sort(key=lambda c: (c.is_private, c.framework.lower(), _neg_version(c.version),
                             c.created, c.ref))
     return out
+
+
+def catalog_from_registry(images: Iterable[RegistryImage], host: str) -> list[CatalogImage]:
+    """The catalog of what the registry at ``host`` holds: one entry per image (the tags that
+    name the same config, in any repository, are one image), as ``build_catalog`` orders them."""
+    by_config: dict[str, dict] = {}
+    for i in images:
+        entry = by_config.setdefault(i.config, {"Id": i.config, "RepoTags": [], "Labels": i.labels, "Size": i.size,
+                                                "Created": i.created, "Layers": i.layers})
+        entry["RepoTags"].append(f"{host}/{i.repository}:{i.tag}")
+    for entry in by_config.values():
+        entry["RepoTags"].sort()
+    return build_catalog(by_config.values(), host)
 
 
 def version_key(version: str):
@@ -173,7 +215,7 @@ def _normalize_ref(ref: str) -> str:
 
 
 def _matches(c: CatalogImage, ref: str) -> bool:
-    return ref in c.tags or ref == c.ref or (bool(c.id) and ref == c.id)
+    return ref in c.tags or ref in c.names or ref == c.ref or (bool(c.id) and ref == c.id)
 
 
 def _id_prefix_match(c: CatalogImage, ref: str) -> bool:
@@ -208,17 +250,3 @@ def resolve_image(catalog: Iterable[CatalogImage], user: str, requested_ref: str
         f"(your own snapshots are under “My private images”), or ask an admin for the framework "
         f"or version you need."
     )
-
-
-def list_images_blocking(api_client) -> list[dict]:
-    """Blocking: image dicts of labelled BAI images from a docker ``APIClient``
-    (or a ``DockerClient``, whose ``.api`` is used)."""
-    api = getattr(api_client, "api", api_client)
-    return api.images(filters={"label": L.KIND})
-
-
-async def load_catalog(api_client) -> list[CatalogImage]:
-    """The catalog on the engine behind ``api_client``; the Docker call runs in
-    a worker thread so the hub's event loop is never blocked."""
-    images = await asyncio.to_thread(list_images_blocking, api_client)
-    return build_catalog(images)

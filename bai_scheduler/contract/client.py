@@ -70,5 +70,9 @@ class SchedulerClient:
     async def capacity(self):
         return await self._call("GET", "/capacity")
 
+    async def catalog(self) -> dict:
+        """``{"images": [CatalogImage as JSON], "registry": host}``: every image, from the registry."""
+        return await self._call("GET", "/catalog")
+
     async def launch(self, user: str, count: int, options: dict):
         return await self._call("POST", "/launch", {"user": user, "count": count, "options": options})

@@ -22,11 +22,12 @@ TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 
 def image_groups(visible, selected: str) -> list[dict]:
     """The picker's ``<optgroup>``s: kernel images by framework (newest first), then the
-    user's private images; the selected image, else the first one, is marked."""
+    user's private images; the selected image, else the first one, is marked. Values are the
+    names users see (``bai/sklearn:1.6.1``, without the registry's host)."""
     groups = catalog_mod.group_by_framework([i for i in visible if i.kind == "kernel"])
     private = [i for i in visible if i.kind == "private"]
-    refs = [i.ref for imgs in groups.values() for i in imgs] + [i.ref for i in private]
-    default = selected if selected in refs else (refs[0] if refs else "")
+    names = [i.short_ref for imgs in groups.values() for i in imgs] + [i.short_ref for i in private]
+    default = selected if selected in names else (names[0] if names else "")
     out = []
     for framework, images in groups.items():
         options = []
@@ -35,14 +36,14 @@ def image_groups(visible, selected: str) -> list[dict]:
             if img.version and img.version not in label.split():
                 label += f" ({img.version})"
             label += (f" · Python {img.python}" if img.python else "") + (" · newest" if n == 0 and len(images) > 1 else "")
-            options.append({"value": img.ref, "label": label, "selected": img.ref == default})
+            options.append({"value": img.short_ref, "label": label, "selected": img.short_ref == default})
         out.append({"label": framework or "Other", "options": options})
     if private:
         out.append({"label": "My private images", "options": [{
-            "value": img.ref,
-            "label": img.ref + (f" (from {img.source_image})" if img.source_image else "")
+            "value": img.short_ref,
+            "label": img.short_ref + (f" (from {img.source_image})" if img.source_image else "")
             + (f" · {img.created[:10]}" if img.created else ""),
-            "selected": img.ref == default,
+            "selected": img.short_ref == default,
         } for img in private]})
     return out
 
@@ -91,6 +92,24 @@ def gpu_text(devices: list[dict]) -> str:
     return f"GPUs here: {', '.join(models)}." if models else ""
 
 
+def volumes_shared(explicit: bool | None, driver: str, options: dict) -> bool:
+    """Whether every node sees the same home folder (c.BaiSpawner.volumes_shared, else: a volume
+    driver other than 'local', or driver options such as NFS's)."""
+    if explicit is not None:
+        return bool(explicit)
+    return bool(options) or driver != "local"
+
+
+def home_note(shared: bool, nodes: list[str], home: str = "/home/jovyan") -> str:
+    """Where a user's files live, when the nodes do not share home folders (nothing to say on one
+    node, or when they do)."""
+    if shared or len(nodes) < 2:
+        return ""
+    return (f"Your home folder {home} is kept on each node separately ({', '.join(nodes)}): a session sees the "
+            "files saved by earlier sessions on its own node only. Keep what matters in the kernel image (a "
+            "snapshot), a git repository or MLflow.")
+
+
 def preset_choices(limits: Limits, units: FgpuUnits, selected: str | None) -> list[dict]:
     """The presets as radio choices, then "Custom" where allowed; ``selected`` (a slug, "" for
     custom, None: not chosen yet) else the default preset, else the first, is checked."""
@@ -132,7 +151,7 @@ def team_choices(capacity: dict, user_groups, values: dict) -> tuple[list[dict],
 
 def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits: Limits, note: dict,
                  capacity_url: str, static_url: str, values: dict | None = None, admin: bool = False,
-                 user_groups=()) -> dict:
+                 user_groups=(), home_note: str = "") -> dict:
     """Variables of ``session_form.html``.
 
     ``capacity``: ``api/capacity``'s answer (its devices); ``note``: ``{"level", "text"}`` for the
@@ -140,6 +159,7 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
     static folder (the form's script and style); ``values``: raw values of a refused post, shown again;
     ``admin``: the form is an admin's, who gets the advice only admins can follow.
     ``user_groups``: the user's JupyterHub groups (the form offers those with a policy).
+    ``home_note``: where the user's files live (``home_note()``), when that needs saying.
     """
     values = values or {}
     devices = [d for n in capacity.get("nodes", []) for d in n.get("devices", [])]
@@ -170,4 +190,5 @@ def form_context(*, visible, user: str, capacity: dict, units: FgpuUnits, limits
         "capacity_url": capacity_url,
         "form_static": static_url,
         "admin": admin,
+        "home_note": home_note,
     }

@@ -12,6 +12,7 @@ Images:
     {PREFIX}source-image  private images: the image the session ran
     {PREFIX}source-session private images: "user/server" snapshotted
     {PREFIX}created       private images: ISO time of the snapshot
+    {PREFIX}snapshot-job  private images: the snapshot job that made it
 
 Containers:
     {PREFIX}hub                    the hub deployment the session belongs to (several
@@ -40,6 +41,7 @@ OWNER = PREFIX + "owner"
 SOURCE_IMAGE = PREFIX + "source-image"
 SOURCE_SESSION = PREFIX + "source-session"
 CREATED = PREFIX + "created"
+SNAPSHOT_JOB = PREFIX + "snapshot-job"
 
 USER = PREFIX + "user"
 SERVER = PREFIX + "server"

@@ -26,6 +26,14 @@ Placement rules
   holds within them.
 * ``set_gpu_ready(node, False)`` takes a node's GPUs out of placement (its backend cannot enforce
   shares now); CPU-only requests still go there.  Allocations already made are kept.
+* Images (``set_node_images``): when the place chosen is on an empty node that lacks the request's
+  image, and an empty twin of that node (the same devices, CPU, memory, backend, readiness and pool,
+  no session, nothing reserved) holds it, the twin gets the request instead, so it pulls nothing.  The
+  two nodes also swap their places in the order that breaks every other tie (their *rank*), which
+  makes the result exactly the placement without images with the two nodes' names exchanged: the
+  preference never admits less, sooner or later (``benchmarks/scheduler_bench.py --images`` replays
+  the churn trace with and without it).  Among nodes with sessions there is no such exchange (their
+  sessions end at other times), so no preference either.
 
 Speed
 -----
@@ -44,6 +52,8 @@ from .units import FgpuUnits, format_bytes
 
 SPANS = ("whole-then-fraction", "whole-only")
 STRATEGIES = ("concentrate", "spread")
+# How many nodes holding a request's image the image preference looks at.
+TIE_SCAN = 32
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,13 @@ class Capacity:
         self._cpu_used = [0] * n
         self._mem_used = [0] * n
         self._ver = [0] * n
+        # Ties between otherwise equal nodes go to the lower rank (the image preference exchanges
+        # the ranks of two empty twins); a session count tells an empty node.
+        self._rank = list(range(n))
+        self._by_rank = list(range(n))
+        self._sessions = [0] * n
+        self._node_images: list[frozenset[str]] = [frozenset()] * n
+        self._holders: dict[str, set[int]] = {}  # image reference -> nodes holding it
         self._maxdevs = max((len(d) for d in self._node_devs), default=0)
         self.total_quanta = sum(self._cap)
         self.used_quanta = 0
@@ -234,7 +251,8 @@ class Capacity:
 
     # ------------------------------------------------------------------ indexes
     def _dkey(self, ni: int) -> int:
-        return self._node_free[ni] if self._concentrate else -self._node_free[ni]
+        fill = self._node_free[ni] if self._concentrate else -self._node_free[ni]
+        return fill * len(self.nodes) + self._rank[ni]
 
     def _rebuild(self):
         self._heaps: list[list] = [[] for _ in range(self._maxcap + 1)]
@@ -290,9 +308,68 @@ class Capacity:
                     return False
         return True
 
+    # ------------------------------------------------------------------ images
+    def set_node_images(self, name: str, refs) -> None:
+        """The image references node ``name`` holds (see "Images" in the module docstring)."""
+        ni = self._node_idx[name]
+        new, old = frozenset(refs), self._node_images[ni]
+        for ref in old - new:
+            held = self._holders[ref]
+            held.discard(ni)
+            if not held:
+                del self._holders[ref]
+        for ref in new - old:
+            self._holders.setdefault(ref, set()).add(ni)
+        self._node_images[ni] = new
+
+    def _twins(self, a: int, b: int) -> bool:
+        """Two nodes placement cannot tell apart: the same devices in the same order, the same CPU
+        and memory, GPU backend, readiness and pool, and no session on either."""
+        return (not self._sessions[a] and not self._sessions[b]
+                and [self._cap[d] for d in self._node_devs[a]] == [self._cap[d] for d in self._node_devs[b]]
+                and self._cpu_cap[a] == self._cpu_cap[b] and self._mem_cap[a] == self._mem_cap[b]
+                and self._gpu_off[a] == self._gpu_off[b] and self.nodes[a].gpu == self.nodes[b].gpu
+                and self.nodes[a].pool == self.nodes[b].pool)
+
+    @staticmethod
+    def _reserved_on(ni: int, devs, res: Reservations | None) -> bool:
+        return bool(res) and (ni in res.node_cpu or ni in res.node_mem or any(d in res.devices for d in devs))
+
+    def _prefer_holder(self, p: Placement, image: str, res: Reservations | None) -> Placement:
+        """``p``, or the same placement on an empty twin of its node that holds ``image``."""
+        ni = self._node_idx[p.node]
+        holders = self._holders.get(image)
+        if not holders or ni in holders or self._sessions[ni] or self._reserved_on(ni, self._node_devs[ni], res):
+            return p
+        for hi in sorted(holders, key=self._rank.__getitem__)[:TIE_SCAN]:
+            if self._twins(ni, hi) and not self._reserved_on(hi, self._node_devs[hi], res):
+                self._swap_ranks(ni, hi)
+                at = {self._dev_uuid[d]: pos for pos, d in enumerate(self._node_devs[ni])}
+                twin = self._node_devs[hi]
+                return Placement(self.nodes[hi].name,
+                                 tuple(Share(self._dev_uuid[twin[at[s.device_uuid]]], s.quanta) for s in p.shares),
+                                 p.cpu_millis, p.memory_bytes)
+        return p
+
+    def _swap_ranks(self, a: int, b: int) -> None:
+        """Exchange the tie-breaking places of two empty twins: nothing else can tell them apart, so
+        every later decision is the one it would have been, with their names exchanged."""
+        ra, rb = self._rank[a], self._rank[b]
+        self._rank[a], self._rank[b] = rb, ra
+        self._by_rank[ra], self._by_rank[rb] = b, a
+        self._touch(a)
+        self._touch(b)
+
     # ------------------------------------------------------------------ queries
     def place(self, request: Request, reserved: Reservations | None = None) -> Placement | None:
-        """Where ``request`` would go now (avoiding ``reserved``), or None.  Changes nothing."""
+        """Where ``request`` would go now (avoiding ``reserved``), or None.  Changes nothing but, for
+        the image preference, the tie order of two empty twin nodes (see the module docstring)."""
+        p = self._place(request, reserved)
+        if p is not None and request.image and self._holders:
+            p = self._prefer_holder(p, request.image, reserved)
+        return p
+
+    def _place(self, request: Request, reserved: Reservations | None) -> Placement | None:
         q = request.quanta
         cpu = request.cpu_millis
         mem = request.memory_bytes
@@ -314,7 +391,7 @@ class Capacity:
 
     def _place_cpu_only(self, cpu, mem, res, allowed):
         best = None
-        for ni in range(len(self.nodes)) if allowed is None else sorted(allowed):
+        for ni in self._by_rank if allowed is None else [ni for ni in self._by_rank if ni in allowed]:
             if self._room(ni, cpu, mem, res):
                 if self._concentrate:
                     return ni
@@ -447,7 +524,7 @@ class Capacity:
 
         For up to one GPU: the device (not yet reserved) with the most free quanta.  Above one
         GPU: the node with the most free quanta and its freest devices.  Without GPU: the first
-        node that could host it.  The node's CPU and memory the request needs are held too.
+        node (in tie order, see "Images") that could host it.  The node's CPU and memory the request needs are held too.
         ``only_nodes`` and ``only_devices`` (internal indexes) limit the choice, as do the
         request's pools.  The reservation
         is added to ``reserved`` when given.  None when nothing could host the request.
@@ -472,26 +549,29 @@ class Capacity:
 
         best = None
         if q == 0:
-            # Not by current use: that changes as backfill fills the node (see above).
-            ni = next((ni for ni in range(len(self.nodes)) if could_host(ni)), None)
+            # The first node in tie order, not by current use: that changes as backfill fills
+            # the node (see above).
+            ni = next((ni for ni in self._by_rank if could_host(ni)), None)
             if ni is not None:
                 best = (0, ni, ())
         elif q <= Q:
-            for di, f in enumerate(self._free):
-                if di in excl or self._cap[di] < q:
-                    continue
-                ni = self._dev_node[di]
-                if self._restricted and self._refuses(ni, di, q):
-                    continue
-                if could_host(ni) and (best is None or f > best[0]):
-                    best = (f, ni, (di,))
+            for ni in self._by_rank:
+                for di in self._node_devs[ni]:
+                    f = self._free[di]
+                    if di in excl or self._cap[di] < q:
+                        continue
+                    if self._restricted and self._refuses(ni, di, q):
+                        continue
+                    if could_host(ni) and (best is None or f > best[0]):
+                        best = (f, ni, (di,))
         else:
             k, r = divmod(q, Q)
             if r and self.span == "whole-only":
                 return None
             need = k + (1 if r else 0)
             free = self._free
-            for ni, devs in enumerate(self._node_devs):
+            for ni in self._by_rank:
+                devs = self._node_devs[ni]
                 if len(devs) < need or (best is not None and self._node_free[ni] <= best[0]):
                     continue  # cannot beat the best node found so far
                 if self._restricted and self._refuses_multi(ni, r):
@@ -789,6 +869,7 @@ class Capacity:
         self.used_quanta += placement.quanta
         self._cpu_used[ni] += cpu
         self._mem_used[ni] += mem
+        self._sessions[ni] += 1
         if total:
             self._touch(ni)
 
@@ -805,6 +886,8 @@ class Capacity:
         cpu, mem = placement.cpu_millis, placement.memory_bytes
         if cpu > self._cpu_used[ni] or mem > self._mem_used[ni]:
             raise ValueError(f"node {placement.node!r}: giving back more CPU or memory than in use")
+        if not self._sessions[ni]:
+            raise ValueError(f"node {placement.node!r} has no session to give back")
         if self._missing:
             self._missing = {}
         total = 0
@@ -817,6 +900,7 @@ class Capacity:
         self.used_quanta -= placement.quanta
         self._cpu_used[ni] -= cpu
         self._mem_used[ni] -= mem
+        self._sessions[ni] -= 1
         if total:
             self._touch(ni)
 

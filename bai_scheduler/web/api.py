@@ -1,4 +1,4 @@
-"""The REST API under ``{prefix}api/``: capacity, requests, the spawner's attempts, launches.
+"""The REST API under ``{prefix}api/``: capacity, the catalog, requests, the spawner's attempts, launches.
 
 The spawner's calls (register, wait, release, stop-failed) need the service's own token
 (``is_internal``); users and admins read through hub API tokens or the hub's
@@ -13,7 +13,9 @@ import re
 
 from tornado import web
 
+from ..contract.catalog import visible_to
 from ..contract.options import LAUNCHED, FormError, Limits, parse_options
+from ..contract.registry import RegistryError
 from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
 from ..core.quotas import resolve
 from ..hubapi import HubAPI, HubAPIError
@@ -176,6 +178,23 @@ class CapacityForFormsHandler(CapacityHandler):
             self.redirect(self.get_login_url())
             return
         super().get()
+
+
+class CatalogHandler(APIHandler):
+    """GET api/catalog: the images the caller may launch, read from the registry (cached for
+    ``c.BaiRegistry.catalog_ttl``): kernel images and the caller's own private images; admins and
+    the hub's spawner (which checks each spawn's image against it) get every image."""
+
+    async def get(self):
+        who = self.identity()
+        try:
+            images = await self.settings["catalog"].get()
+        except RegistryError as e:
+            raise web.HTTPError(503, e.message) from None
+        if not who["internal"]:
+            images = visible_to(images, who["name"], who["admin"])
+        self.set_header("Cache-Control", "no-store")
+        self.write_json({"images": [c.to_json() for c in images], "registry": self.settings["registry"].host})
 
 
 class RequestsHandler(APIHandler):
@@ -407,6 +426,7 @@ default_handlers = [
     (r"api/health", HealthHandler),
     (r"api/capacity", CapacityHandler),
     (r"capacity\.json", CapacityForFormsHandler),
+    (r"api/catalog", CatalogHandler),
     (r"api/requests", RequestsHandler),
     (rf"api/attempts/{ATTEMPT}", AttemptHandler),
     (rf"api/attempts/{ATTEMPT}/wait", WaitHandler),

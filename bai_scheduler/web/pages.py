@@ -23,8 +23,9 @@ from tornado import web
 
 from .. import inventory
 from ..contract import catalog as catalog_mod
-from ..contract.form import chosen_shape, form_context
+from ..contract.form import chosen_shape, form_context, home_note
 from ..contract.options import FIELDS, FormError, parse_options
+from ..contract.registry import RegistryError
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
 from .api import capacity_model, launch_sessions, stop_session, user_groups
@@ -86,8 +87,10 @@ def _gpu_text(placement: dict | None, units: FgpuUnits | None) -> str:
 
 
 def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnits | None = None,
-                 now: float | None = None) -> list[dict]:
-    """One row per session, joining the scheduler's records and the hub's servers.
+                 now: float | None = None, registry_host: str = "") -> list[dict]:
+    """One row per session, joining the scheduler's records and the hub's servers. ``image`` is
+    the name users picked (``bai/sklearn:1.6.1``, without ``registry_host``); ``reference`` is what
+    the container runs, that very image in the registry (``127.0.0.1:5000/bai/sklearn:1.6.1``).
 
     ``statuses``: ``Service.status()`` dicts. ``hub_users``: hub user
     models with their ``servers``. A session is RUNNING when the hub says its
@@ -131,7 +134,9 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
         else:
             continue
         opts = (s or {}).get("user_options") or {}
-        image = (r or {}).get("image") or opts.get("image") or ""
+        reference = (r or {}).get("image") or opts.get("image") or ""
+        image = reference[len(registry_host) + 1:] if registry_host and reference.startswith(registry_host + "/") \
+            else reference
         if r is not None:
             fgpu = r.get("fgpu", "")
             cpu_millis, memory = r.get("cpu_millis", 0), r.get("memory_bytes", 0)
@@ -174,6 +179,7 @@ def session_rows(statuses: list[dict], hub_users: list[dict], *, units: FgpuUnit
             "position": (r or {}).get("position") if state == "PENDING" else None,
             "detail": detail,
             "image": image,
+            "reference": reference,
             "fgpu": str(fgpu) if fgpu not in (None, "") else "0",
             "gpus": _gpu_text(placement, units),
             "node": (placement or {}).get("node", ""),
@@ -359,7 +365,7 @@ class PageHandler(BaseHandler):
         users = await self.hub_users(who)
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
-        rows = session_rows(statuses, users, units=units)
+        rows = session_rows(statuses, users, units=units, registry_host=self.settings["registry"].host)
         nodes, groups = [], []
         if who["admin"]:
             live = await asyncio.to_thread(inventory.live_stats, self.service.nodes)  # NVML calls block
@@ -388,10 +394,9 @@ class PageHandler(BaseHandler):
         cap = capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count)
         try:
             images = catalog_mod.visible_to(await self.settings["catalog"].get(), who["name"], is_admin=False)
-        except Exception as e:  # Docker down: the rest of the page still works
+        except RegistryError as e:  # the registry is down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
-            return {"form_error": f"The image catalog is unavailable (the Docker engine did not answer: "
-                                  f"{type(e).__name__})."}
+            return {"form_error": f"The image catalog is unavailable. {e.message}"}
         groups = []
         if self.service.groups and who["name"]:
             try:
@@ -401,7 +406,8 @@ class PageHandler(BaseHandler):
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
                             static_url=self.settings["static_url_prefix"], values=values, admin=who["admin"],
-                            user_groups=groups)
+                            user_groups=groups,
+                            home_note=home_note(self.bai.home_shared(), [n.name for n in self.service.nodes]))
 
     async def render_page(self, who: dict, values: dict | None = None, error: str | None = None):
         data = await self.page_data(who)
@@ -475,9 +481,9 @@ class NewSessionsHandler(PageHandler):
         try:
             opts = parse_options(raw, self.service.units, self.settings["limits"])
             try:
-                images = await self.settings["catalog"].get(max_age=0)
-            except Exception as e:
-                raise web.HTTPError(503, f"The image catalog is unavailable ({type(e).__name__}); try again shortly.") from None
+                images = await self.settings["catalog"].get()
+            except RegistryError as e:
+                raise web.HTTPError(503, f"The image catalog is unavailable. {e.message} Nothing was started.") from None
             image = catalog_mod.resolve_image(images, who["name"], opts.image, is_admin=False)
         except (FormError, catalog_mod.ImageNotAllowed) as e:
             self.set_status(400)

@@ -10,7 +10,8 @@ REST API (all JSON; admins only unless said otherwise; others get 403):
 * ``GET    {prefix}api/snapshots/{job}`` → ``{"job": …}``
 * ``GET    {prefix}api/images?mine=1`` → ``{"images"}``: any logged-in user, their own
   private images (admins without ``mine=1``: everyone's)
-* ``DELETE {prefix}api/images/{ref}`` → ``{"deleted", "nodes"}``; refused (400) for
+* ``DELETE {prefix}api/images/{ref}`` → ``{"deleted", "nodes"}``: the image's manifest is
+  deleted in the registry, and ``nodes`` lists where a copy was removed; refused (400) for
   images that are not private snapshots, 409 while a session still uses it.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SnapshotJobHandler(SnapshotsBase, APIHandler):
         self.require_admin()
         job = self.snapshots.jobs.get(job_id)
         if job is None:
-            raise web.HTTPError(404, "No such snapshot job (jobs are kept in memory until the service restarts).")
+            raise web.HTTPError(404, "No such snapshot job (the newest 100 finished jobs are kept).")
         self.write_json({"job": job.to_json()})
 
 
@@ -106,7 +107,7 @@ class SnapshotsPage(SnapshotsBase):
                                      "session into a private image.")
         mgr = self.snapshots
         self.finish(self.render_template("snapshots.html", who, bai_active="snapshots", repo=mgr.repo, cap=mgr.cap,
-                                         pause=mgr.pause))
+                                         pause=mgr.pause, registry=mgr.registry.host))
 
 
 default_handlers = [

@@ -1,4 +1,4 @@
-"""Build kernel images from recipes without a container registry.
+"""Build kernel images from recipes, and push them to the image registry.
 
 Steps for one recipe (see ``recipes.py`` for the format, ``layout.py`` for
 what lies where in an image), each reported as a ``Progress`` event:
@@ -20,11 +20,15 @@ what lies where in an image), each reported as a ``Progress`` event:
 5. ``commit`` with the image config (labels, env, user, entrypoint, cmd).
 6. ``test``: the recipe's test command runs in the new image, without network.
    Only then is the image tagged ``<prefix><image>:<version>``.
+7. ``push`` (with a registry): tagged ``<registry host>/<prefix><image>:<version>`` and pushed,
+   the bytes reported as they go; every node pulls it from there. An image the registry already
+   holds under that name (the same image id) is not pushed again (step ``registry``).
 
 Any failure names the recipe, the step and the reason, and removes the build
 container and the uncommitted or untested image: nothing half-made is ever
 tagged, and the catalog is unchanged. An image whose ``recipe-hash`` label
-matches the recipe is up to date and not rebuilt.
+matches the recipe is up to date and not rebuilt. A failed push leaves the
+tested image tagged on this engine only; the next build pushes it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from bai_scheduler.contract import labels as L
+from bai_scheduler.contract.registry import RegistryError, split_name
+from bai_scheduler.contract.transfer import Transfer, TransferFailed
 from . import layout as Y
 from . import recipes as R
 from . import sources
@@ -261,9 +267,11 @@ def _print(p: Progress) -> None:
 
 
 class Builder:
+    """``registry``: a ``BaiRegistry`` to push each image to, or None to build on this engine only."""
+
     def __init__(self, client=None, recipes_dir=None, cache_dir=None, prefix=None, extensions_dir=None,
                  mirror=None, verbose=False, on_progress: Callable[[Progress], None] = _print,
-                 progress_interval: float = 3.0):
+                 progress_interval: float = 3.0, registry=None):
         self.cache_dir = Path(cache_dir or os.environ.get("BAI_CACHE_DIR") or DEFAULT_CACHE)
         self.prefix = prefix if prefix is not None else os.environ.get("BAI_IMAGE_PREFIX", DEFAULT_PREFIX)
         self.mirror = mirror or os.environ.get("BAI_DEBIAN_MIRROR") or DEFAULT_MIRROR
@@ -272,6 +280,8 @@ class Builder:
         self.progress_interval = progress_interval
         self.recipes_dir, self.extensions_dir, self.recipes, self.hashes = plan(recipes_dir, extensions_dir)
         self._client = client
+        self.registry = registry
+        self._registry_client = None
         self._where = (0, 0, "")        # (index, total, ref) of the image being built
         self._last = ("", 0.0)          # (step, time) of the last event shown
 
@@ -339,6 +349,7 @@ class Builder:
                     how = ", tagged"
                 self.report("up to date", f"image {iid[7:19]}{how}")
                 ids[n] = iid
+                self.publish(r, iid)
                 continue
             parent = self.rootfs_image(r) if r.is_root else ids[r.base]
             self.report("start", f"recipe {n} (hash {self.hashes[n]}) on "
@@ -350,9 +361,53 @@ class Builder:
             except Exception as e:  # the engine or the host failed us: say where
                 raise BuildError(f"{type(e).__name__}: {e}; nothing was tagged, run the build again "
                                  f"(a busy Docker engine can time out)", r, self._last[0]) from e
+            self.publish(r, ids[n])
             size = self.api.inspect_image(ids[n]).get("Size") or 0
             self.report("done", f"built in {time.monotonic() - t0:.0f} s, {size / 1e9:.2f} GB")
         return ids
+
+    # ------------------------------------------------------------------ registry
+    def publish(self, r: R.Recipe, image_id: str) -> None:
+        """Push the tested image to the registry, unless it holds that very image under its name."""
+        if self.registry is None:
+            return
+        name = self.ref(r.name)
+        reference = self.registry.reference(name)
+        repo, tag = split_name(name)
+        try:
+            there = self.registry_client.image(repo, tag)
+        except RegistryError as e:
+            raise BuildError(f"{e.message} The image is built and tagged {name} on this engine; build again to "
+                             "push it, or pass --no-push.", r, "push") from None
+        if there is not None and there.config == image_id:
+            self.report("registry", f"{reference} is up to date in the registry (nothing pushed)")
+            return
+        self.api.tag(image_id, *split_name(reference))
+        meter = Transfer()
+        self.report("push", f"{reference}")
+        try:
+            for event in self.api.push(*split_name(reference), stream=True, decode=True,
+                                       auth_config=self.registry.auth_config()):
+                if meter.feed(event):
+                    self.report("push", f"{reference}: {meter.describe_push()}", meter.done_bytes,
+                                meter.total_bytes, "bytes", force=False)
+            there = self.registry_client.image(repo, tag)
+        except Exception as e:  # the stream's error, the registry's answer, the engine going away
+            why = e.message if isinstance(e, RegistryError) else str(e) if isinstance(e, TransferFailed) else \
+                f"{type(e).__name__}: {e}"
+            raise BuildError(f"pushing {reference} failed: {why}. The image is built and tagged {name} on this "
+                             "engine; build again to push it.", r, "push") from None
+        if there is None or there.config != image_id:
+            raise BuildError(f"after the push the registry does not hold {reference} as image {image_id[7:19]}; "
+                             "build again to push it.", r, "push")
+        self.report("push", f"{reference}: pushed {megabytes(there.size)} compressed ({there.digest[:19]})",
+                    meter.done_bytes, meter.total_bytes, "bytes")
+
+    @property
+    def registry_client(self):
+        if self._registry_client is None:
+            self._registry_client = self.registry.client()
+        return self._registry_client
 
     # ------------------------------------------------------------------ rootfs
     def rootfs_key(self, r: R.Recipe) -> str:

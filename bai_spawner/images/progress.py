@@ -13,7 +13,7 @@ import dataclasses
 import re
 
 STEPS = ("up to date", "start", "rootfs", "check", "download", "install", "compile", "kernelspec",
-         "commit", "test", "done")
+         "commit", "test", "push", "registry", "done")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import ARTIFACTS, KERNEL_IMAGE, OLD_IMAGE
+from helpers.registry import reference
 from helpers.images import assert_runs, chosen, choice_images, stop
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub, pytest.mark.docker]
@@ -251,7 +252,10 @@ def test_the_form_runs_the_validated_image_and_the_sessions_page_shows_it(hub, b
                 row = page.locator(f"tr.bai-row[data-server='{server}']")
                 row.wait_for()
                 running = hub.session_container(name, server)["Config"]["Image"]
-                assert row.locator(".bai-image").inner_text() == running == want
+                # The name picked, and (its title) the registry's reference of that image, which runs.
+                cell = row.locator(".bai-image")
+                assert running == reference(want) and cell.inner_text() == want
+                assert cell.get_attribute("title") == f"Runs {running}"
                 shot(page, f"image-choice-{i}")
                 stop(hub, name, server)
         finally:

@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,9 @@ from bai_spawner.images import layout as Y
 from bai_spawner.images import sources
 from bai_spawner.images.builder import DEFAULT_CACHE, BuildError, Builder, docker_client
 from bai_spawner.images.cli import main
+from bai_scheduler.contract.registry import BaiRegistry
 from helpers.images import catalog_recipes, make_wheel, recipe_params
+from helpers.registry import SHARED, delete_from, reference
 
 pytestmark = pytest.mark.docker
 
@@ -60,6 +63,10 @@ def client():
 
 
 def _cleanup(client):
+    for repository in SHARED.client().repositories():
+        if repository.startswith(PREFIX):
+            for tag in SHARED.client().tags(repository):
+                delete_from(SHARED, f"{repository}:{tag}")
     for c in client.containers.list(all=True, filters={"name": f"{L.TEST_PREFIX}{RUN}"}):
         c.remove(force=True)
     for img in client.images.list():
@@ -181,6 +188,38 @@ def test_kernel_recipe_builds_two_environments_with_progress_and_then_is_cached(
     assert ids2["bai-test-tiny"] == ids["bai-test-tiny"]
     assert [p.step for p in out2] == ["up to date", "up to date"], out2
     assert time.monotonic() - t0 < 15
+
+
+def test_a_build_pushes_its_images_and_a_second_build_pushes_nothing(client, recipes_dir):
+    """Into the registry every node pulls from (the suite's, scripts/setup.sh's): each image once
+    tested, under its name there; the base's layers are already there (bai-images build pushed the
+    real base), so this is quick."""
+    out = []
+    ids = builder(client, recipes_dir, out, progress_interval=0, registry=SHARED).build(["bai-test-tiny"])
+    for name, tag in (("base", "bookworm"), ("bai-test-tiny", "3.5.0")):
+        there = SHARED.client().image(f"{PREFIX}{name}", tag)
+        assert there is not None and there.config == ids[name], (name, there)
+        ref = f"{PREFIX}{name}:{tag}"
+        pushes = [p for p in out if p.ref.endswith(ref) and p.step == "push"]
+        assert pushes[0].detail == reference(ref)
+        assert re.fullmatch(rf"{re.escape(reference(ref))}: pushed [\d.]+ MB compressed \(sha256:[0-9a-f]{{12}}\)",
+                            pushes[-1].detail), pushes[-1]
+    mine = [p.step for p in out if p.ref == f"{PREFIX}bai-test-tiny:3.5.0"]
+    first_push = mine.index("push")  # after its test (in this build, or the one that made it)
+    assert "test" not in mine[first_push:] and ("test" in mine[:first_push] or mine[0] == "up to date")
+    out2 = []
+    builder(client, recipes_dir, out2, registry=SHARED).build(["bai-test-tiny"])
+    assert [p.step for p in out2] == ["up to date", "registry", "up to date", "registry"], out2
+    assert all("is up to date in the registry (nothing pushed)" in p.detail for p in out2 if p.step == "registry")
+
+
+def test_a_push_to_a_registry_that_is_down_says_so_and_keeps_the_tested_image(client, recipes_dir):
+    down = BaiRegistry(url="http://127.0.0.1:9")
+    with pytest.raises(BuildError) as e:
+        builder(client, recipes_dir, [], registry=down).build(["bai-test-tiny"])
+    assert e.value.step == "push" and "The image registry at http://127.0.0.1:9 does not answer" in str(e.value)
+    assert "build again to push it, or pass --no-push" in str(e.value)
+    assert client.images.get(f"{PREFIX}bai-test-tiny:3.5.0")  # built and tested: kept on this engine
 
 
 def test_failing_test_step_names_recipe_and_step_and_leaves_nothing(client, recipes_dir):
@@ -340,7 +379,8 @@ def test_engine_down_message(monkeypatch, capsys):
         docker_client()
     assert main(["build", "--prefix", PREFIX, "sklearn-1.6"]) == 1
     assert "Cannot reach the Docker engine" in capsys.readouterr().err
-    assert main(["list"]) == 1
+    assert main(["list", "--registry", "http://127.0.0.1:9"]) == 1
+    assert "The image registry at http://127.0.0.1:9 does not answer" in capsys.readouterr().err
 
 
 def test_unknown_recipe_name(client, capsys):

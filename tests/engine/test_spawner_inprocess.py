@@ -12,6 +12,7 @@ import secrets
 import pytest
 
 from helpers import KERNEL_IMAGE
+from helpers.registry import reference
 from helpers.hub import docker
 from helpers.service import PREFIX, standalone_service
 from helpers.spawner import make_spawner
@@ -106,7 +107,7 @@ async def test_queued_then_admitted_then_stopped_in_process(deployment):
     (info,) = json.loads(docker("inspect", sp.object_id).stdout)
     lab = info["Config"]["Labels"]
     assert lab[labels.REQUEST_ID] == sp.request_id == requests_of(d)["alice/work"]["id"]
-    assert lab[labels.HUB] == d["name"] and info["Config"]["Image"] == KERNEL_IMAGE
+    assert lab[labels.HUB] == d["name"] and info["Config"]["Image"] == reference(KERNEL_IMAGE)
     assert sp.get_state()["request_id"] == sp.request_id
     assert await sp.poll() is None
 

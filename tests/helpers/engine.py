@@ -27,6 +27,8 @@ class ExtraEngine:
         subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], capture_output=True)
         subprocess.run(["ip", "addr", "replace", self.gateway, "dev", self.bridge], check=True)
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        # A fresh engine: nothing left by a run that ended before destroy() (a test may rely on an empty node).
+        shutil.rmtree(self.data_root, ignore_errors=True)
         os.makedirs(self.data_root, exist_ok=True)
         os.makedirs(self.exec_root, exist_ok=True)
         # iptables off: the main engine owns the host's DOCKER chains; ports are

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from contextlib import contextmanager
+
 import requests
 
 from bai_spawner import pipconf
 
-from . import ROOT
+from . import ARTIFACTS, ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling out, which
@@ -57,7 +60,11 @@ def docker(*args, check=False) -> subprocess.CompletedProcess:
 
 
 def cleanup_docker(prefix: str):
-    """Remove the containers, volumes and images named with ``prefix``."""
+    """Remove the containers, volumes and images named with ``prefix``, on the engine and in the
+    registry."""
+    from .registry import forget  # (registry.py uses this module's helpers)
+
+    forget(prefix)
     ids = docker("ps", "-aq", "--filter", f"name=^/{prefix}").stdout.split()
     if ids:
         docker("rm", "-f", *ids)
@@ -301,3 +308,18 @@ class Hub:
         if not ids:
             return []
         return json.loads(docker(*host, "inspect", *ids).stdout)
+
+
+@contextmanager
+def running_hub(workdir: Path, log_name: str, **kw):
+    """A started hub of a test module's own (``Hub(workdir, **kw)``); afterwards stopped, its log kept
+    as test-artifacts/``log_name`` and what it made in Docker and the registry removed."""
+    h = Hub(workdir, **kw)
+    try:
+        h.start()
+        yield h
+    finally:
+        h.stop()
+        if h.log_path.exists():
+            shutil.copy(h.log_path, ARTIFACTS / log_name)
+        h.cleanup_docker()

@@ -20,6 +20,7 @@ from bai_spawner.images import sources
 
 from . import EXTRA_IMAGES, IMAGE_PREFIX, KERNEL_IMAGE, OLD_IMAGE
 from .hub import docker
+from .registry import SHARED, delete_from, push, reference
 
 # framework label -> (module the seed's check imports, distribution its recipes pin)
 FRAMEWORKS = {
@@ -101,8 +102,9 @@ def image_id(ref: str) -> str:
     return out.stdout.strip()
 
 
-def commit_image(hub, source: str, ref: str, *label_changes: str) -> str:
-    """An image made from ``source`` with changed labels, under the hub's bai-test- prefix."""
+def commit_image(hub, source: str, ref: str, *label_changes: str, pushed: bool = False) -> str:
+    """An image made from ``source`` with changed labels, under the hub's bai-test- prefix; with
+    ``pushed``, also in the registry (named there as users name it: ``ref`` without the host)."""
     tmp = f"{hub.prefix}mkimage"
     assert docker("create", "--name", tmp, source, "true").returncode == 0
     try:
@@ -111,7 +113,19 @@ def commit_image(hub, source: str, ref: str, *label_changes: str) -> str:
         assert out.returncode == 0, out.stderr
     finally:
         docker("rm", "-f", tmp)
+    if pushed:
+        assert docker("tag", ref, reference(ref)).returncode == 0
+        push(reference(ref))
     return image_id(ref)
+
+
+def wait_listed(hub, *names: str, timeout: float = 60) -> None:
+    """Until the service's catalog lists ``names`` (pushed from outside the hub, which announces
+    nothing: the service reads the registry again after ``c.BaiRegistry.catalog_ttl``)."""
+    def listed():
+        r = hub.service("GET", "api/catalog")
+        return r.status_code == 200 and set(names) <= {i["short_ref"] for i in r.json()["images"]}
+    hub.wait_for(listed, timeout, 1.0, what=f"{', '.join(names)} in the service's catalog")
 
 
 @contextmanager
@@ -121,11 +135,13 @@ def choice_images(hub):
     bai-test- prefix and removed afterwards."""
     owner = "imgchoiceowner"
     private = f"{hub.prefix}private/{owner}:secret"
+    # In the registry, in its owner's namespace: a real private image of someone else.
     private_id = commit_image(hub, KERNEL_IMAGE, private, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
-                        f"{L.DISPLAY_NAME}=someone-elses")
-    # On the engine, runnable, but no catalog image: its kind label is cleared.
+                              f"{L.DISPLAY_NAME}=someone-elses", pushed=True)
+    # In the registry and on the engine, runnable, but no catalog image: its kind label is cleared.
     plain = f"{hub.prefix}plain:1"
-    plain_id = commit_image(hub, KERNEL_IMAGE, plain, f"{L.KIND}=")
+    plain_id = commit_image(hub, KERNEL_IMAGE, plain, f"{L.KIND}=", pushed=True)
+    wait_listed(hub, private)  # so that the catalog's rules, not a stale cache, refuse it
     try:
         yield {
             "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),
@@ -138,7 +154,9 @@ def choice_images(hub):
             "nothing": ("", KERNEL_IMAGE),  # the hub's default image
         }
     finally:
-        docker("rmi", "-f", private, plain)
+        for name in (private, plain):
+            delete_from(SHARED, name)
+        docker("rmi", "-f", private, plain, reference(private), reference(plain))
 
 
 def chosen(values, picker: str, typed: str):
@@ -146,12 +164,14 @@ def chosen(values, picker: str, typed: str):
     return values[typed][1] if typed != "nothing" else values[picker][1]
 
 
-def assert_runs(hub, user, server, ref):
-    """The session's container, request and record all name ``ref``, and the container runs it."""
+def assert_runs(hub, user, server, name):
+    """The session's container, request and record all name the registry's reference of ``name``
+    (what users type, e.g. bai/sklearn:1.6.1), and the container runs that very image."""
+    ref = reference(name)
     c = hub.wait_for(lambda: hub.session_container(user, server, running_only=True), 120,
                      what=f"{user}/{server}'s container")
     assert c["Config"]["Image"] == ref, (c["Config"]["Image"], ref)
-    assert c["Image"] == image_id(ref)
+    assert c["Image"] == image_id(ref) == image_id(name)
     assert c["Config"]["Labels"][L.IMAGE] == ref
     assert hub.requests()[f"{user}/{server}"]["image"] == ref
     assert hub.servers(user)[server]["user_options"]["image"] == ref

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from bai_spawner.images import layout as Y
+from helpers.registry import reference
 from helpers.hub import docker
 from helpers.images import CatalogRecipe, catalog_recipes, make_wheel, recipe_params
 from helpers.session import run_in_kernel, run_in_lab_terminal, run_in_web_terminal
@@ -81,7 +82,7 @@ def _lines(out: str) -> list[str]:
 @pytest.mark.parametrize("image", recipe_params())
 def test_seed_check_in_both_terminals_and_the_framework_in_a_kernel(sessions, image: CatalogRecipe):
     session = sessions[image.name]
-    assert session.container()["Config"]["Image"] == image.ref
+    assert session.container()["Config"]["Image"] == reference(image.ref)
     command = f"echo shell=$(ps -o comm= -p $$) SHELL=$SHELL; command -v python pip; {image.seed_check()}"
     for run in (run_in_lab_terminal, run_in_web_terminal):
         lines = _lines(run(session, command, timeout=180))

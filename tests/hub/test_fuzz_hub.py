@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import KERNEL_IMAGE, OLD_IMAGE
+from helpers.images import commit_image, image_id, wait_listed
+from helpers.registry import SHARED, delete_from, reference
 from helpers.hub import docker
 from helpers.fuzz import (ACCESS, COUNTS, NARROW_SCOPES, ROUTE_NAMES, SPECIAL_NAMES, any_json,  # noqa: F401
                           bad_auth_headers, json_bytes, narrow_scopes, path_part, print_counts)
@@ -271,22 +273,6 @@ def test_fuzz_hub_callers(hub):
 
 # -- the image fields: picker, typed name, raw user_options ---------------------------------------------
 
-def image_id(ref: str) -> str:
-    return json.loads(docker("image", "inspect", ref).stdout)[0]["Id"]
-
-
-def commit_image(hub, ref: str, *labels: str) -> str:
-    """``ref``, made from the kernel image with changed labels (under the hub's bai-test- prefix)."""
-    tmp = f"{hub.prefix}fuzzimg"
-    assert docker("create", "--name", tmp, KERNEL_IMAGE, "true").returncode == 0
-    try:
-        out = docker("commit", *[a for lab in labels for a in ("--change", f"LABEL {lab}")], tmp, ref)
-        assert out.returncode == 0, out.stderr
-    finally:
-        docker("rm", "-f", tmp)
-    return image_id(ref)
-
-
 @pytest.fixture(scope="module")
 def image_values(hub):
     """name -> (what a field says, the reference that must then run for user "fuzzimg", or None: refused)."""
@@ -296,9 +282,12 @@ def image_values(hub):
     mine, theirs, plain = (f"{hub.prefix}private/{user}:v1", f"{hub.prefix}private/fuzzowner:v1",
                            f"{hub.prefix}plain:1")
     private = (f"{L.KIND}={L.KIND_PRIVATE}", f"{L.DISPLAY_NAME}=fuzz")
-    commit_image(hub, mine, *private, f"{L.OWNER}={user}")
-    theirs_id = commit_image(hub, theirs, *private, f"{L.OWNER}=fuzzowner")
-    plain_id = commit_image(hub, plain, f"{L.KIND}=")  # on the engine, not in the catalog
+    # All three in the registry (as a snapshot or a push puts them there), so only the catalog's
+    # rules refuse: another user's private image, and one without the catalog's kind label.
+    commit_image(hub, KERNEL_IMAGE, mine, *private, f"{L.OWNER}={user}", pushed=True)
+    theirs_id = commit_image(hub, KERNEL_IMAGE, theirs, *private, f"{L.OWNER}=fuzzowner", pushed=True)
+    plain_id = commit_image(hub, KERNEL_IMAGE, plain, f"{L.KIND}=", pushed=True)
+    wait_listed(hub, mine, theirs)
     try:
         yield user, {
             "catalog": (KERNEL_IMAGE, KERNEL_IMAGE),
@@ -314,7 +303,9 @@ def image_values(hub):
             "nothing": ("", KERNEL_IMAGE),  # the hub's default image
         }
     finally:
-        docker("rmi", "-f", mine, theirs, plain)
+        for name in (mine, theirs, plain):
+            delete_from(SHARED, name)
+        docker("rmi", "-f", mine, theirs, plain, *map(reference, (mine, theirs, plain)))
 
 
 IMAGE_VALUES = ["catalog", "old", "catalog-by-id", "mine", "theirs", "theirs-id", "theirs-id-prefix", "theirs-short-id",
@@ -360,7 +351,7 @@ def test_fuzz_hub_image_fields(hub, image_values):
                 assert r.status_code in (201, 202), f"{what} -> {r.status_code}: {r.text[:300]}"
                 c = hub.wait_for(lambda: hub.session_container(user, server, running_only=True), 120,
                                  what=f"{what}: the container")
-                assert (c["Config"]["Image"], c["Image"]) == (expected, image_id(expected)), what
+                assert (c["Config"]["Image"], c["Image"]) == (reference(expected), image_id(expected)), what
         finally:
             hub.stop_server(user, server)
             hub.wait_gone(user, server, timeout=90)

@@ -21,6 +21,7 @@ import requests
 
 from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
+from helpers.registry import reference
 from helpers.hub import docker
 from helpers.images import assert_refused
 
@@ -144,7 +145,7 @@ def test_a_launch_is_one_count_with_one_limit(hub, users):
         hub.wait_ready(name, server)
     assert sorted(hub.servers(name)) == ["session-1", "session-2", "trio"]
     for server, s in hub.servers(name).items():
-        assert s["user_options"] == {"image": KERNEL_IMAGE, "quanta": 0, "cpu_millis": 500,
+        assert s["user_options"] == {"image": reference(KERNEL_IMAGE), "quanta": 0, "cpu_millis": 500,
                                      "memory_bytes": 1024**3, "sessions": 1}, (server, s["user_options"])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import KERNEL_IMAGE, OLD_IMAGE
+from helpers.registry import reference
 from helpers.images import SHAPE, assert_refused, assert_runs, chosen, choice_images, stop
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
@@ -80,6 +81,10 @@ def test_raw_user_options_cannot_replace_the_validated_image(hub, users, values)
         ({"image": KERNEL_IMAGE, "fgpu": "0", **parsed}, None),
         ({"image": f" {OLD_IMAGE}\n", **parsed}, OLD_IMAGE),
         ({"image": values["catalog-by-id"][0], **parsed}, OLD_IMAGE),
+        # What the hub's record keeps (and a restart sends): the registry's reference of the image.
+        ({"image": reference(OLD_IMAGE), **parsed}, OLD_IMAGE),
+        # The same name in another registry is not the image the catalog allows.
+        ({"image": f"registry.invalid:5000/{OLD_IMAGE}", **parsed}, None),
         ({"image": f"  {values['private'][0]}  ", "image_name": f"\t{OLD_IMAGE} ", **SHAPE}, OLD_IMAGE),
     ]
     for i, (body, want) in enumerate(cases):

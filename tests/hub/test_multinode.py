@@ -6,6 +6,7 @@ from bai_scheduler.contract import labels
 from helpers import KERNEL_IMAGE
 from helpers.engine import ExtraEngine
 from helpers.invariants import check_invariants
+from helpers.registry import reference
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
 
@@ -16,7 +17,7 @@ ONE = {"image": KERNEL_IMAGE, "fgpu": "1", "cpu": "0.5", "memory": "1"}
 def node2(kernel_images):
     engine = ExtraEngine("bai-test-node2", 77).start()
     try:
-        engine.copy_image(KERNEL_IMAGE)
+        engine.copy_image(reference(KERNEL_IMAGE))  # what sessions run: no pull here (tests/hub/test_registry_nodes.py)
         yield engine
     finally:
         engine.destroy()

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from helpers import ARTIFACTS, KERNEL_IMAGE, ROOT
+from helpers.registry import reference
 from helpers.hub import cleanup_docker, docker, free_port, login, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub, pytest.mark.slow]
@@ -143,7 +144,7 @@ def test_run_hub_with_system_path_serves_a_session_and_ctrl_c_stops_all_it_start
         containers = docker("ps", "-q", "--filter", f"name=^/{run.prefix}").stdout.split()
         assert len(containers) == 1
         info = json.loads(docker("inspect", containers[0]).stdout)[0]
-        assert info["Config"]["Image"] == KERNEL_IMAGE and info["State"]["Running"]
+        assert info["Config"]["Image"] == reference(KERNEL_IMAGE) and info["State"]["Running"]
         token = s.post(f"{run.url}/hub/api/users/admin/tokens", json={"note": "run-hub test"}, timeout=30)
         assert token.status_code == 201, token.text
         r = requests.get(f"{run.url}/user/admin/first/api/status", timeout=30,

@@ -18,7 +18,8 @@ from bai_scheduler.contract import labels as L
 from helpers import KERNEL_IMAGE
 from helpers.fuzz import ACCESS
 from helpers.hub import docker
-from helpers.images import commit_image
+from helpers.images import commit_image, wait_listed
+from helpers.registry import SHARED, delete_from, reference
 from helpers.service import Raw, expanded_scopes
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
@@ -186,16 +187,19 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
     owner, otok = users("owner")
     thief, ttok = users("thief")
     ref = f"{hub.prefix}private/{owner}:sec"
+    # In the registry, as a snapshot puts it: the catalog lists it, and only its owner may launch it.
     image_id = commit_image(hub, KERNEL_IMAGE, ref, f"{L.KIND}={L.KIND_PRIVATE}", f"{L.OWNER}={owner}",
-                            f"{L.DISPLAY_NAME}=sec-private")
+                            f"{L.DISPLAY_NAME}=sec-private", pushed=True)
     try:
+        wait_listed(hub, ref)
         # The owner sees it; the thief does not.
         assert ref in json.dumps(hub.service("GET", "api/images?mine=1", token=otok).json()["images"])
         assert ref not in json.dumps(hub.service("GET", "api/images", token=ttok).json())
-        # The spawn form's catalog logic agrees.
-        images = catalog.build_catalog(json.loads(docker("image", "inspect", ref, KERNEL_IMAGE).stdout))
-        assert catalog.resolve_image(images, owner, ref).ref == ref
-        for r_ in (ref, image_id, image_id[:19], ref.split(":")[0] + ":latest"):
+        # The spawn form's catalog logic agrees, on the catalog the spawner gets (every image).
+        images = [catalog.CatalogImage.from_json(i) for i in hub.service("GET", "api/catalog").json()["images"]]
+        allowed = catalog.resolve_image(images, owner, ref)
+        assert (allowed.short_ref, allowed.ref, allowed.id) == (ref, reference(ref), image_id)
+        for r_ in (ref, reference(ref), image_id, image_id[:19], ref.split(":")[0] + ":latest"):
             with pytest.raises(catalog.ImageNotAllowed):
                 catalog.resolve_image(images, thief, r_)
         # Through the hub: by name, by id and by id prefix, refused before anything is made.
@@ -213,7 +217,8 @@ def test_a_user_cannot_use_another_users_private_image(hub, users):
             assert hub.session_container(thief, server) is None
             assert f"{thief}/{server}" not in hub.requests()
     finally:
-        docker("rmi", "-f", ref)
+        delete_from(SHARED, ref)
+        docker("rmi", "-f", ref, reference(ref))
 
 
 # -- the hub's internal API, engine addresses, metrics, tokens of narrower scope, bad headers ----------

@@ -1,30 +1,35 @@
 """Snapshots end to end through a real hub, proxy, scheduler service and Docker engine.
 
 The seed's workflow: a user installs a package system-wide in a running session,
-an admin snapshots it into a private image, the owner launches a new session
-from it and finds the package; nobody else can see or launch it. Plus the bad
-inputs, the REST API's permissions, and a browser test of the admin panel.
+an admin snapshots it into a private image (committed on the node, pushed to the
+image registry), the owner launches a new session from it and finds the package;
+nobody else can see or launch it. Plus the bad inputs, the REST API's permissions,
+jobs that outlive a restart of the service (and one a restart interrupts), and a
+browser test of the admin panel.
 
 All of it runs on a hub of its own whose private repository is
-``bai-test-<hex>-private`` so the images it makes are removed afterwards.
+``bai-test-<hex>-private`` so the images it makes (on the engine and in the
+registry) are removed afterwards.
 """
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import re
 import secrets
-import shutil
+import signal
 import time
 
 import pytest
 import requests
 
-from bai_scheduler.contract import catalog
 from bai_scheduler.contract import labels as L
+from bai_scheduler.contract.registry import split_name
 from bai_spawner.images.layout import KERNEL_ENV
 from helpers import ARTIFACTS, KERNEL_IMAGE
-from helpers.hub import ROOT, Hub, docker
+from helpers.hub import ROOT, docker, running_hub
 from helpers.images import make_wheel
+from helpers.registry import SHARED, reference
 
 pytestmark = [pytest.mark.docker, pytest.mark.hub]
 
@@ -55,11 +60,17 @@ def wait_job(hub, token, job_id, timeout=300) -> dict:
     return hub.wait_for(done, timeout, 1.0, what=f"snapshot job {job_id}")
 
 
-def image_labels(ref) -> dict | None:
-    out = docker("image", "inspect", ref)
+def image_labels(name) -> dict | None:
+    """The labels of the node's copy of private image ``name`` (bai-test-…-private/alice:v1)."""
+    out = docker("image", "inspect", reference(name))
     if out.returncode != 0:
         return None
     return json.loads(out.stdout)[0]["Config"]["Labels"] or {}
+
+
+def in_registry(name):
+    """The registry's image ``name`` (a RegistryImage), or None."""
+    return SHARED.client().image(*split_name(name))
 
 
 def wait_failed_spawn(hub, user, server, timeout=60) -> str:
@@ -81,22 +92,11 @@ def snap_hub(tmp_path_factory, kernel_images):
     prefix = f"bai-test-{secrets.token_hex(3)}-"
     repo = f"{prefix}private"
     # The test service may not grant admin rights: the panel's admin is made one by config.
-    h = Hub(tmp_path_factory.mktemp("snaphub"), prefix=prefix,
-            extra={"BaiScheduler": {"private_image_repo": repo, "max_private_images_per_user": CAP},
-                   "Authenticator": {"admin_users": [ADMIN]}})
-    h.repo = repo
-    try:
-        h.start()
+    with running_hub(tmp_path_factory.mktemp("snaphub"), "jupyterhub-snapshots.log", prefix=prefix,
+                     extra={"BaiScheduler": {"private_image_repo": repo, "max_private_images_per_user": CAP},
+                            "Authenticator": {"admin_users": [ADMIN]}}) as h:
+        h.repo = repo  # what it makes in Docker and the registry is removed with the hub's prefix
         yield h
-    finally:
-        h.stop()
-        if h.log_path.exists():
-            shutil.copy(h.log_path, ARTIFACTS / "jupyterhub-snapshots.log")
-        h.cleanup_docker()
-        refs = [r for r in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
-                if r.startswith(repo + "/")]
-        if refs:
-            docker("rmi", "-f", *refs)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,9 @@ def snapshot(snap_hub, people, prepared):
     assert hub.service("GET", "api/health").status_code == 200
     job = wait_job(hub, admin_token, job["id"])
     assert job["state"] == "done", job
+    # "done" once the push is complete: the registry has it, with the node's image id.
+    assert in_registry(job["ref"]).config == job["image_id"]
+    assert job["reference"] == reference(job["ref"])
     job["elapsed"] = time.time() - t0
     return job
 
@@ -175,12 +178,12 @@ def test_snapshot_is_a_private_image_of_the_owner_with_the_package(snap_hub, peo
     assert lab[L.CREATED].endswith("+00:00")
     # Nothing of the old session lives on in the image's config.
     assert lab.get(L.REQUEST_ID, "") == "" and lab.get(L.USER, "") == "" and lab.get(L.RECIPE_HASH, "") == ""
-    cfg = json.loads(docker("image", "inspect", ref).stdout)[0]["Config"]
+    cfg = json.loads(docker("image", "inspect", reference(ref)).stdout)[0]["Config"]
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert env.get("JUPYTERHUB_API_TOKEN", "") == ""
     assert cfg["Cmd"] == ["jupyterhub-singleuser"] and cfg["User"] == "jovyan"
     # The home folder is a volume: not in the image (run it bare, without the volume).
-    probe = docker("run", "--rm", "--name", f"{hub.prefix}probe", "--entrypoint", "sh", ref, "-c",
+    probe = docker("run", "--rm", "--name", f"{hub.prefix}probe", "--entrypoint", "sh", reference(ref), "-c",
                    f"python -c 'import {PKG}; print({PKG}.VALUE)'; ls /home/jovyan/home-marker.txt 2>&1 || true")
     assert probe.returncode == 0, probe.stderr
     assert PKG_VALUE in probe.stdout and "No such file" in probe.stdout
@@ -196,7 +199,7 @@ def test_owner_launches_the_private_image_and_finds_the_package(snap_hub, people
     try:
         hub.wait_ready(alice, "fromsnap")
         c = hub.session_container(alice, "fromsnap")
-        assert c["Config"]["Image"] == ref
+        assert c["Config"]["Image"] == reference(ref) and c["Image"] == snapshot["image_id"]
         assert run_in(c["Id"], "python", "-c", f"import {PKG}; print({PKG}.VALUE)") == PKG_VALUE
         assert run_in(c["Id"], "python", "-c", "import sklearn; print(sklearn.__version__)") == "1.6.1"
         # The home volume is mounted again, so the user's files are there as always.
@@ -226,17 +229,20 @@ def test_another_user_is_refused_the_private_image(snap_hub, people, snapshot, h
 
 
 def test_private_image_is_in_the_owners_catalog_only(snap_hub, people, snapshot):
-    import docker as docker_sdk
-
     hub = snap_hub
     alice, alice_token = people["alice"]
     bob, bob_token = people["bob"]
     admin, admin_token = people["admin"]
     ref = snapshot["ref"]
-    cat = asyncio.run(catalog.load_catalog(docker_sdk.APIClient(version="auto")))
-    assert ref in [c.ref for c in catalog.visible_to(cat, alice)]
-    assert ref not in [c.ref for c in catalog.visible_to(cat, bob)]
-    assert ref in [c.ref for c in catalog.visible_to(cat, admin, is_admin=True)]
+
+    def catalog_of(token):
+        r = hub.service("GET", "api/catalog", token=token)
+        assert r.status_code == 200, r.text
+        return [i["short_ref"] for i in r.json()["images"]]
+
+    assert ref in catalog_of(alice_token) and KERNEL_IMAGE in catalog_of(alice_token)
+    assert ref not in catalog_of(bob_token) and KERNEL_IMAGE in catalog_of(bob_token)
+    assert ref in catalog_of(admin_token)
     mine = hub.service("GET", "api/images?mine=1", token=alice_token)
     assert mine.status_code == 200 and [i["ref"] for i in mine.json()["images"]] == [ref]
     image = mine.json()["images"][0]
@@ -289,11 +295,11 @@ def test_name_taken_is_409(snap_hub, people, snapshot):
     hub = snap_hub
     alice, _ = people["alice"]
     _, admin_token = people["admin"]
-    before = json.loads(docker("image", "inspect", snapshot["ref"]).stdout)[0]["Id"]
+    before = in_registry(snapshot["ref"])
     r = hub.service("POST", "api/snapshots", token=admin_token, json={"user": alice, "server": "work", "tag": "v1"})
     assert r.status_code == 409, r.text
     assert "exists already" in r.json()["message"]
-    assert json.loads(docker("image", "inspect", snapshot["ref"]).stdout)[0]["Id"] == before
+    assert in_registry(snapshot["ref"]) == before
 
 
 def test_snapshot_of_a_queued_session_is_400(snap_hub, people, prepared):
@@ -346,10 +352,12 @@ def test_cap_and_delete(snap_hub, people, prepared, snapshot):
         assert r.status_code == 409 and "stop those sessions" in r.json()["message"], r.text
         stop(hub, alice, "user")
         for ref in made:
+            assert in_registry(ref) is not None
             r = hub.service("DELETE", "api/images/" + requests.utils.quote(ref, safe=""), token=admin_token)
             assert r.status_code == 200, r.text
             assert r.json() == {"deleted": ref, "nodes": ["local"]}
-            assert image_labels(ref) is None
+            # its manifest is gone from the registry, and the node's copy too
+            assert in_registry(ref) is None and image_labels(ref) is None
         made = []
         # Below the cap again.
         mine = hub.service("GET", "api/images?mine=1", token=alice_token).json()["images"]
@@ -357,7 +365,7 @@ def test_cap_and_delete(snap_hub, people, prepared, snapshot):
     finally:
         stop(hub, alice, "user")
         for ref in made:
-            docker("rmi", "-f", ref)
+            docker("rmi", "-f", reference(ref))
 
 
 # -- the admin panel in a browser ------------------------------------------------------------------------
@@ -437,4 +445,52 @@ def test_admin_panel_snapshots_a_session_and_deletes_the_image(snap_hub, people,
         assert image_labels(ref) is None
         ctx.close()
     finally:
-        docker("rmi", "-f", ref)
+        docker("rmi", "-f", reference(ref))
+
+
+# -- jobs across a restart of the service ----------------------------------------------------------------
+
+
+def test_jobs_outlive_a_restart_and_a_job_cut_short_leaves_nothing(snap_hub, people, snapshot):
+    """The service is killed while a snapshot of a session with 300 MB of new files is being
+    committed or pushed; after the restart every job shows its final state, the one cut short is
+    failed with that reason, and neither the node nor the registry keeps anything of it."""
+    hub = snap_hub
+    bob, bob_token = people["bob"]
+    _, admin_token = people["admin"]
+    assert hub.start_server(bob, "bigsnap", CPU_ONLY, token=bob_token).status_code in (201, 202)
+    try:
+        hub.wait_ready(bob, "bigsnap")
+        c = hub.session_container(bob, "bigsnap")
+        run_in(c["Id"], "dd", "if=/dev/urandom", f"of={KERNEL_ENV}/big.bin", "bs=1M", "count=300", user="jovyan")
+        r = hub.service("POST", "api/snapshots", token=admin_token, json={"user": bob, "server": "bigsnap", "tag": "cut"})
+        assert r.status_code == 202, r.text
+        job_id, name = r.json()["job"]["id"], r.json()["job"]["ref"]
+
+        def at_work():
+            state = hub.service("GET", f"api/snapshots/{job_id}", token=admin_token).json()["job"]["state"]
+            assert state not in ("done", "failed"), state
+            return state if state in ("committing", "pushing") else None
+
+        was = hub.wait_for(at_work, 60, 0.1, what="the snapshot to start")
+        for pid in hub.service_pids():
+            os.kill(pid, signal.SIGKILL)
+        hub.stop()
+        hub.start()
+        jobs = {j["id"]: j for j in hub.service("GET", "api/snapshots", token=admin_token).json()["jobs"]}
+        assert jobs[snapshot["id"]]["state"] == "done" and jobs[snapshot["id"]]["ref"] == snapshot["ref"]
+        cut = jobs[job_id]
+        assert cut["state"] == "failed", cut
+        assert was in ("committing", "pushing")
+        assert re.search("The scheduler service restarted while this snapshot was (committing|pushing)", cut["reason"])
+        # What it had made is removed in the background, then the reason says so.
+        cut = hub.wait_for(lambda: (lambda j: j if "Nothing was kept" in j["reason"] else None)(
+            hub.service("GET", f"api/snapshots/{job_id}", token=admin_token).json()["job"]), 120, 1.0,
+            what="the interrupted job's clean-up")
+        assert image_labels(name) is None and in_registry(name) is None
+        leftovers = docker("images", "-aq", "--filter", f"label={L.SNAPSHOT_JOB}={job_id}").stdout.split()
+        assert leftovers == [], leftovers
+        # The session was not harmed, and it can be snapshotted again under the same name.
+        assert json.loads(docker("inspect", c["Id"]).stdout)[0]["State"]["Running"]
+    finally:
+        stop(hub, bob, "bigsnap")

@@ -80,14 +80,16 @@
       el("td", { title: when(s.started_at) }, age(s.age_s)), el("td", {}, form));
   }
 
-  const BADGE = { queued: "secondary", committing: "warning", done: "success", failed: "danger" };
+  const BADGE = { queued: "secondary", committing: "warning", pushing: "info", done: "success", failed: "danger" };
+  const WORKING = ["queued", "committing", "pushing"];
   function jobRow(j) {
     const state = el("td", { "data-role": "state" });
     const badge = el("span", { class: "badge text-bg-" + (BADGE[j.state] || "secondary") }, j.state);
-    if (j.state === "committing") {
+    if (j.state === "committing" || j.state === "pushing") {
       state.append(el("span", { class: "spinner-border spinner-border-sm me-2", role: "status" }));
     }
     state.append(badge);
+    if (j.state === "pushing" && j.progress) state.append(el("div", { class: "small", "data-role": "progress" }, j.progress));
     if (j.reason) state.append(el("div", { class: "small text-danger" }, j.reason));
     const t0 = j.started_at || j.created_at;
     const elapsed = Math.round(((j.finished_at || Date.now() / 1000) - t0));
@@ -130,7 +132,7 @@
         fill("sessions", data.sessions.map(sessionRow), "No session is running.", 7);
         tbody.dataset.key = sessKey;
       }
-      fill("jobs", data.jobs.map(jobRow), "No snapshot since the service started.", 5);
+      fill("jobs", data.jobs.map(jobRow), "No snapshot yet.", 5);
       for (const j of data.jobs) {  // the banner of a snapshot started here follows it to its end
         if (!watched.has(j.id) || (j.state !== "done" && j.state !== "failed")) continue;
         if (j.state === "done") {
@@ -145,9 +147,9 @@
       const errors = document.getElementById("errors");
       errors.classList.toggle("d-none", !data.errors.length);
       errors.textContent = data.errors.join(" · ");
-      busy = data.jobs.some(j => j.state === "queued" || j.state === "committing");
+      busy = data.jobs.some(j => WORKING.includes(j.state));
       document.getElementById("refreshed").textContent =
-        "Updated " + new Date().toLocaleTimeString() + (busy ? " · refreshing every 2 s while a commit runs" : "");
+        "Updated " + new Date().toLocaleTimeString() + (busy ? " · refreshing every 2 s while a snapshot is made" : "");
     } catch (e) {
       flash("danger", "Cannot load: " + e.message);
     }
