@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from bai_scheduler.core.nodes import simulated_nodes  # noqa: E402
 from bai_scheduler.core.model import Placement, Request, RequestKey, Share  # noqa: E402
@@ -35,6 +36,7 @@ from bai_scheduler.core.queue import QueuePolicy  # noqa: E402
 from bai_scheduler.service import ContainerFacts, Service  # noqa: E402
 from bai_scheduler.store import Record, Store, StoreUnavailable  # noqa: E402
 from bai_scheduler.core.units import FgpuUnits  # noqa: E402
+from helpers.loopwatch import Heartbeat  # noqa: E402
 
 UNITS = FgpuUnits(2, "0.5")
 
@@ -86,27 +88,17 @@ async def loop_stall(tmp, timeout: float) -> tuple[float, bool]:
     t = threading.Thread(target=hold)
     t.start()
     locked.wait(5)
-    gaps, last = [0.0], time.monotonic()
-
-    async def beat():
-        nonlocal last
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.ensure_future(beat())
     failed = False
     try:
-        await svc.submit(RequestKey("u", "s"), 1)
-    except StoreUnavailable:
-        failed = True
-    await asyncio.sleep(0.02)
-    task.cancel()
-    done.set()
-    t.join()
-    return max(gaps) * 1000, failed
+        async with Heartbeat(0.005) as beat:
+            try:
+                await svc.submit(RequestKey("u", "s"), 1)
+            except StoreUnavailable:
+                failed = True
+    finally:
+        done.set()
+        t.join()
+    return beat.longest * 1000, failed
 
 
 async def reconcile_one_change(tmp, running: int) -> tuple[int, float]:

@@ -9,29 +9,9 @@ import types
 
 from bai_scheduler.core.model import Device, Node
 
+from helpers.loopwatch import longest_stall
+
 SLOW = 0.6
-
-
-async def stalls_of(coro) -> float:
-    """Run ``coro``; return the longest the loop went without running the heartbeat."""
-    gaps, last = [0.0], time.monotonic()
-
-    async def beat():
-        nonlocal last
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.ensure_future(beat())
-    await asyncio.sleep(0.02)
-    try:
-        await coro
-        await asyncio.sleep(0.05)  # the heartbeat notes a stall only when it runs again
-    finally:
-        task.cancel()
-    return max(gaps)
 
 
 class SlowRegistry:
@@ -46,7 +26,7 @@ async def test_launch_catalog_reads_the_registry_off_the_loop():
 
     cache = CatalogCache(BaiRegistry(url="http://127.0.0.1:5000"), "bai-private")
     cache.client = SlowRegistry()
-    assert await stalls_of(cache.get(max_age=0)) < SLOW / 2
+    assert await longest_stall(cache.get(max_age=0)) < SLOW / 2
 
 
 async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
@@ -75,7 +55,7 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
         return []
 
     handler.hub_users = no_users
-    gap = await stalls_of(pages.PageHandler.page_data(handler, {"admin": True, "name": "boss"}))
+    gap = await longest_stall(pages.PageHandler.page_data(handler, {"admin": True, "name": "boss"}))
     assert gap < SLOW / 2
 
 
@@ -98,4 +78,4 @@ async def test_spawner_makes_its_docker_client_off_the_loop(monkeypatch):
     image = CatalogImage("127.0.0.1:5000/bai/x:1", "x", "1", "x", "3.12", "kernel", id="sha256:1")
     monkeypatch.setattr(spawner_mod, "local_id", lambda client, ref: image.id)  # the node holds it: no pull
     # The first call on a node (before the pull or the container) makes the node's client.
-    assert await stalls_of(spawner._ensure_image(image, "local", {"epoch": 0})) < SLOW / 2
+    assert await longest_stall(spawner._ensure_image(image, "local", {"epoch": 0})) < SLOW / 2

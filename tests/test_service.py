@@ -14,6 +14,8 @@ from bai_scheduler.core.units import FgpuUnits
 from bai_scheduler.service import ContainerFacts, Refused, Service
 from bai_scheduler.store import Store, StoreUnavailable
 
+from helpers.loopwatch import Heartbeat
+
 UNITS = FgpuUnits(2, "0.5")  # the seed: 1 GPU = 2 fGPU, steps of 0.5
 ONE_FGPU = 2  # quanta
 WHOLE = 4
@@ -358,26 +360,14 @@ async def test_finding_6_a_locked_database_does_not_block_the_loop(tmp_path):
     t = threading.Thread(target=hold_the_write_lock)
     t.start()
     locked.wait(5)
-    gaps, last = [], time.monotonic()
-
-    async def heartbeat():
-        nonlocal last
-        while True:
-            await asyncio.sleep(0.02)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    beat = asyncio.ensure_future(heartbeat())
     try:
-        with pytest.raises(StoreUnavailable):
-            await svc.submit(key(0), ONE_FGPU)
-        await asyncio.sleep(0.05)  # the heartbeat notes a stall only when it runs again
+        async with Heartbeat(0.02) as beat:
+            with pytest.raises(StoreUnavailable):
+                await svc.submit(key(0), ONE_FGPU)
     finally:
-        beat.cancel()
         release.set()
         t.join()
-    assert max(gaps) < 0.5, f"the loop stalled {max(gaps):.2f} s"
+    assert beat.longest < 0.5, f"the loop stalled {beat.longest:.2f} s"
     assert svc.records == {} and sum(held(svc).values()) == 0  # nothing half-done
     assert (await svc.submit(key(0), ONE_FGPU)).state == "RUNNING"
 
