@@ -7,6 +7,8 @@ from the servers' paths, so that no server name can collide with them.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import re
 
@@ -283,7 +285,16 @@ class WaitHandler(AttemptHandler):
             # NaN would hold the long-poll open for ever (every comparison is False).
             raise web.HTTPError(400, "timeout must be a finite number of seconds.")
         timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(attempt_id, epoch, timeout)
+        try:
+            rec = await self.service.wait(attempt_id, epoch, timeout)
+        except asyncio.CancelledError:
+            # The service is stopping (a hub restart): the request stays queued in the database.
+            # A 503 (tornado would answer 500) tells the spawner to wait for the service, not give up.
+            if not self._finished:
+                self.set_status(503)
+                self.finish(json.dumps({"status": 503, "message": "The scheduler is restarting; "
+                                        "the request stays queued."}))
+            raise
         if rec is None:
             self.write_json({"id": attempt_id, "state": "GONE", "epoch": self.service.epoch,
                              "reason": self.service.gone_reason(attempt_id) or "The request was cancelled."})
