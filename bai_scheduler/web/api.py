@@ -15,7 +15,7 @@ import re
 from tornado import web
 
 from ..contract.options import FormError, Limits, parse_options
-from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
+from ..core.forecast import capacity_note, kept_for_queue, never_fits, sessions_that_fit, trial_capacity
 from ..core.quotas import resolve
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
@@ -70,8 +70,10 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
                            span=service.span, strategy=service.strategy)
     queue_length = len(service.pending())
     never = never_fits(trial, quanta)
-    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count), queue_length,
-                                never)
+    queue = service.queue
+    kept = kept_for_queue(trial, queue.pending(), queue.pin, queue.policy)
+    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count, kept),
+                                queue_length, never, kept=bool(kept))
     return {
         "fgpu_per_gpu": units.fgpu_per_gpu,
         "fgpu_step": str(units.fgpu_step),
