@@ -119,14 +119,15 @@ class BaiScheduler(Application):
         inventory; an int: that many simulated GPUs; a list of real GPUs by UUID, each
         {uuid, index, memory, name, sm_count[, mig_parent, mig_profile]}, for engines NVML cannot
         read from here), gpu_memory (e.g. "8GiB"), gpu_name, sm_count, cpu (cores the scheduler
-        may hand out, 0 = unlimited), memory (bytes or "64GiB"), and the node's GPU backend:
+        may hand out, 0 = unlimited, "auto" = the engine's CPU count), memory (bytes or "64GiB",
+        0 = unlimited, "auto" = the engine's total memory), and the node's GPU backend:
         gpu_backend, hami_library, hami_lock_dir, mps_pipe_directory, mps_shm_directory (each
         defaults to the c.BaiScheduler option of that name).""",
     )
 
     @default("nodes")
     def _default_nodes(self):
-        return [{"name": "local", "docker_url": "", "gpus": "auto"}]
+        return [{"name": "local", "docker_url": "", "gpus": "auto", "cpu": "auto", "memory": "auto"}]
 
     simulated_gpus = Dict(
         {"gpus": 1, "gpu_memory": "8GiB", "gpu_name": "Simulated GPU (8 GiB)", "sm_count": 108},
@@ -349,7 +350,8 @@ class BaiScheduler(Application):
         defaults = GpuBackend(self.gpu_backend, self.hami_library, self.hami_lock_dir,
                               self.mps_pipe_directory, self.mps_shm_directory)
         return nodes_from_config(self.nodes, self.units, defaults, self.simulated_gpus,
-                                 detect=inventory.nvml_devices, log=self.log)
+                                 detect=inventory.nvml_devices, log=self.log,
+                                 engine_resources=engines.engine_resources)
 
     def user_limits(self) -> UserLimits:
         return UserLimits(

@@ -27,14 +27,33 @@ EXITED_EVENTS = {"die", "stop"}
 
 
 def make_client(node: Node, timeout: int = 30) -> docker.APIClient:
+    return _client(node.docker_url, node.tls, timeout)
+
+
+def _client(docker_url: str, tls: dict, timeout: int) -> docker.APIClient:
     kwargs = {"version": "auto", "timeout": timeout}
-    if node.docker_url:
-        kwargs["base_url"] = node.docker_url
-        if node.tls:
-            kwargs["tls"] = docker.tls.TLSConfig(**node.tls)
+    if docker_url:
+        kwargs["base_url"] = docker_url
+        if tls:
+            kwargs["tls"] = docker.tls.TLSConfig(**tls)
     else:
         kwargs.update(kwargs_from_env())
     return docker.APIClient(**kwargs)
+
+
+def engine_resources(entry: dict) -> tuple[int, int] | None:
+    """(CPU millicores, memory bytes) the Docker engine of node ``entry`` reports (NCPU,
+    MemTotal), or None if it cannot be read (a node's "auto" cpu/memory; at start only)."""
+    try:
+        client = _client(entry.get("docker_url") or "", entry.get("tls") or {}, 10)
+        try:
+            info = client.info()
+        finally:
+            client.close()
+        return int(info["NCPU"]) * 1000, int(info["MemTotal"])
+    except (docker.errors.DockerException, OSError, KeyError, TypeError, ValueError) as e:
+        log.warning("Node %s: engine info unreadable: %s", entry.get("name", "local"), e)
+        return None
 
 
 def facts_from_labels(node: str, container_id: str, lab: dict, state: str) -> ContainerFacts | None:

@@ -83,3 +83,9 @@ class HubAPIError(Exception):
     def __init__(self, code: int, text: str):
         super().__init__(f"hub API answered {code}: {text[:300]}")
         self.code = code
+        # What a user may read: the hub's own message from its JSON error body, else the text.
+        try:
+            message = json.loads(text).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        self.message = (message if isinstance(message, str) and message else text)[:300]

@@ -51,6 +51,12 @@ TEMPLATES = Environment(loader=FileSystemLoader([os.path.join(os.path.dirname(__
 ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.ConnectionError)
 
 
+class StillQueued(web.HTTPError):
+    """This spawn gives up waiting, but its request stays queued at the scheduler (the service
+    was unreachable: a hub shutdown stops it first). The service asks the hub to start the
+    server once it is admitted, so neither the request nor the server may be removed."""
+
+
 class BaiSpawner(DockerSpawner):
     """Spawn sessions with fractional GPUs, versioned kernel images and a pending queue."""
 
@@ -466,8 +472,8 @@ class BaiSpawner(DockerSpawner):
         fresh = bool(self.name) and self.orm_spawner is not None and self.orm_spawner.state is None
         try:
             return await self._start()
-        except asyncio.CancelledError:
-            raise  # a stop, or the hub shutting down: the queued request and its server stay
+        except (asyncio.CancelledError, StillQueued):
+            raise  # a stop, the hub shutting down, or a lost scheduler: the queued request and its server stay
         except Exception:
             if fresh:
                 asyncio.ensure_future(self._remove_failed_server())
@@ -574,7 +580,9 @@ class BaiSpawner(DockerSpawner):
                 return await self.scheduler.wait(self.request_id, status["epoch"], self.wait_poll_seconds)
             except SchedulerError as e:
                 if e.status not in (502, 503, 599) or asyncio.get_running_loop().time() > deadline:
-                    raise web.HTTPError(503, f"Lost the scheduler while queued: {e}") from None
+                    self.request_id = ""  # still queued there: neither this spawn nor stop() releases it
+                    raise StillQueued(503, f"Lost the scheduler while queued ({e}). The request stays queued: "
+                                           "the session starts by itself once it is admitted.") from None
                 self._emit(10, "The scheduler is restarting; your place in the queue is kept")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)

@@ -154,7 +154,13 @@ c.BaiScheduler.db_url = env("BAI_SCHEDULER_DB_URL", f"sqlite:///{data / 'bai_sch
 c.BaiScheduler.hub_id = prefix.rstrip("-") or "bai"
 c.BaiScheduler.fgpu_per_gpu = 2
 c.BaiScheduler.fgpu_step = "0.5"
-c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto"}]
+# CPU and memory: what the local engine has (its NCPU and MemTotal), so sessions cannot be
+# promised more than the machine holds.
+c.BaiScheduler.nodes = [{"name": "local", "docker_url": "", "gpus": "auto", "cpu": "auto", "memory": "auto"}]
+# Modest per-user limits, so that one user cannot take the whole machine or the whole queue
+# (0 = no limit; raise them for a site with more capacity).
+c.BaiScheduler.max_running_per_user = 4
+c.BaiScheduler.max_pending_per_user = 4
 # How real GPUs enforce a share (per node: "gpu_backend" in its entry); docs/install.md.
 c.BaiScheduler.gpu_backend = "hami"
 

@@ -1,7 +1,7 @@
 """The session form's live note: the real placement on a trial copy of the capacity."""
 from decimal import Decimal
 
-from bai_scheduler.core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
+from bai_scheduler.core.forecast import capacity_note, kept_for_queue, never_fits, sessions_that_fit, trial_capacity
 from bai_scheduler.core.model import Placement, Share
 from bai_scheduler.core.nodes import simulated_nodes
 from bai_scheduler.core.units import FgpuUnits
@@ -69,3 +69,32 @@ def test_capacity_note_levels():
     assert level == "warning" and "more than this hub has" in text
     level, text = capacity_note(usage(3, 0), U, 1, 1, fit=1, queue_length=0)
     assert "Free now: 2.5 of 4 fGPU (largest piece on one GPU: 2)." in text
+
+
+def test_the_note_does_not_promise_what_the_queue_keeps_for_requests_ahead():
+    """Review finding 3: a 2-fGPU head waits for the GPU; a newcomer's 1 fGPU fits in what is free,
+    but the queue keeps it for the head, so the note must not say "at once" (it did)."""
+    from bai_scheduler.core.model import Request, RequestKey
+    from bai_scheduler.core.queue import AdmissionQueue, QueuePolicy
+
+    ns = nodes(1)
+    queue = AdmissionQueue(trial_capacity(ns, U, []))
+    for name, quanta in (("a1", 1), ("a2", 1), ("head", 4)):
+        queue.submit(Request(RequestKey("alice" if name != "head" else "bob", name), quanta))
+    queue.release(RequestKey("alice", "a1"))
+    held = [p for _, p in queue.admitted().values()]
+    assert sessions_that_fit(trial_capacity(ns, U, held), 2, 1) == 1  # free, if nobody waited
+
+    trial = trial_capacity(ns, U, held)
+    kept = kept_for_queue(trial, queue.pending(), queue.pin, queue.policy)
+    fit = sessions_that_fit(trial, 2, 1, kept)
+    level, text = capacity_note(trial.usage(), U, 2, 1, fit, len(queue), kept=bool(kept))
+    assert fit == 0 and level == "warning"
+    assert "at once" not in text and "kept for the requests ahead" in text, text
+    assert queue.submit(Request(RequestKey("carol", "x"), 2)).state == "PENDING"  # what the scheduler does
+
+    # A pinned senior keeps its devices under every head rule.
+    pin = (RequestKey("bob", "head"), queue.capacity.reserve(Request(RequestKey("bob", "head"), 4)))
+    for head in ("strict", "skip", "backfill"):
+        trial = trial_capacity(ns, U, held)
+        assert sessions_that_fit(trial, 2, 1, kept_for_queue(trial, [], pin, QueuePolicy(head=head))) == 0

@@ -163,3 +163,37 @@ def test_sessions_page_is_a_hub_page_with_the_form_or_what_is_missing(service):
     assert code == 403 and "Admins only" in html and headers["content-type"].startswith("text/html")
     code, headers, html = get("admin/snapshots", "boss")
     assert code == 200 and re.search(r'class="nav-link active" id="bai-nav-snapshots"', html)
+
+
+def shipped_config(tmp_path, monkeypatch) -> Config:
+    """hub_config/jupyterhub_config.py as scripts/run-hub loads it (no test overrides)."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    from helpers import ROOT
+
+    monkeypatch.setenv("BAI_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.delenv("BAI_EXTRA_CONFIG", raising=False)
+    return PyFileConfigLoader("jupyterhub_config.py", str(ROOT / "hub_config")).load_config()
+
+
+@pytest.mark.docker
+def test_the_shipped_config_limits_each_user_and_counts_the_engines_cpu_and_memory(tmp_path, monkeypatch):
+    """Finding 1 of the adversarial review: with the defaults run-hub ships, one user could take
+    the whole machine (no per-user limits, the local node's CPU and memory unlimited)."""
+    import subprocess
+
+    a = BaiScheduler(config=shipped_config(tmp_path, monkeypatch))
+    limits = a.user_limits()
+    assert 0 < limits.max_running <= 4 and 0 < limits.max_pending <= 4
+    (node,) = a.build_nodes()
+    ncpu, mem_total = subprocess.run(["docker", "info", "--format", "{{.NCPU}} {{.MemTotal}}"], capture_output=True,
+                                     text=True, check=True).stdout.split()
+    assert (node.cpu_millis, node.memory_bytes) == (int(ncpu) * 1000, int(mem_total))
+
+
+def test_auto_cpu_and_memory_of_an_unreadable_engine_are_not_limited(warnings):
+    a = app(BaiScheduler={"nodes": [{"name": "far", "docker_url": "tcp://127.0.0.1:1", "gpus": 1,
+                                     "gpu_memory": "8GiB", "cpu": "auto", "memory": "auto"}]})
+    (node,) = a.build_nodes()
+    assert (node.cpu_millis, node.memory_bytes) == (0, 0)
+    assert "Node far: its engine's CPUs and memory could not be read" in warnings.text

@@ -168,7 +168,9 @@ def test_a_token_without_server_scopes_cannot_stop_or_start_through_the_service(
                 assert code == 403 and b"delete:servers" in out, (who, method, path, code, out[:300])
     for who in ("alice-access-only", "alice-read", "alice-other-server", "boss-access-only"):
         code, _, out = svc.call("POST", "api/launch", who, {"count": 1, "user": "alice"})
-        assert code == (404 if who == "boss-access-only" else 403), (who, code, out[:300])
+        assert code == 403, (who, code, out[:300])
+        if who == "boss-access-only":  # not an admin with this token: alice's sessions are not his
+            assert b"Only admins may launch sessions for another user" in out, out[:300]
         code, _, out = svc.call("POST", "api/launch", who, {"count": 1})
         assert code == 403 and b"start:servers" in out, (who, code, out[:300])
         code, _, out = svc.call("POST", "sessions/new", who, urlencode({"fgpu": "0", "cpu": "1", "memory": "1"}).encode(),
@@ -176,6 +178,17 @@ def test_a_token_without_server_scopes_cannot_stop_or_start_through_the_service(
         assert code == 403 and b"start:servers" in out, (who, code, out[:300])
     assert svc.requests() == before
     assert len(svc.hub_changes()) == calls, svc.hub_changes()[calls:]
+
+
+def test_a_hub_token_without_the_access_scope_is_told_which_scope_it_lacks(svc):
+    """Review finding 5: such a token was told to 'send a hub API token', which it is."""
+    token = svc.hub.user("alice", scopes=["servers!user=alice"])
+    for method, path in [("GET", "api/requests"), ("POST", "api/launch")]:
+        code, _, out = svc.call(method, path, body={"count": 1} if method == "POST" else None,
+                                headers={"Authorization": f"token {token}"})
+        assert code == 403 and b"access:services" in out, (method, path, code, out[:300])
+    code, _, out = svc.call("GET", "api/requests")  # no token at all
+    assert code == 403 and b"Log in through the hub, or send a hub API token." in out, out[:300]
 
 
 def test_an_admins_token_limited_to_the_service_is_not_an_admin_here(svc):
@@ -197,10 +210,12 @@ def test_a_token_with_the_users_server_scopes_acts_for_that_user_only(svc):
     for who in ("alice-servers", "alice-start-only", "alice"):
         code, _, out = svc.call("POST", "api/launch", who, {"count": 1})
         assert code == 400 and b"the fake hub starts nothing" in out, (who, code, out[:300])
+        # the hub's own message, not its JSON body nested in ours (review finding 5)
+        assert json.loads(out)["message"] == "Started none; the hub refused session-1: the fake hub starts nothing"
     assert [c[0] for c in svc.hub_changes()[calls:]] == ["POST"] * 3
     # ...and not for bob, whose requests alice's tokens cannot even see.
     code, _, out = svc.call("POST", "api/launch", "alice-servers", {"count": 1, "user": "bob"})
-    assert code == 404
+    assert code == 403 and b"Only admins may launch sessions for another user" in out, out[:300]
     code, _, out = svc.call("DELETE", "api/requests/alice/b", "alice-servers")
     assert code == 200, out
     # The fake hub does not know the server, so the service stops it itself: its share is held

@@ -78,3 +78,44 @@ async def test_queued_spawn_stop_releases_without_touching_docker(spawner, monke
     assert await sp.poll() is None  # a queued request counts as alive, so the hub calls stop()
     await sp.stop()
     assert fake.calls == [("release", (ATTEMPT,))]
+
+
+async def test_lost_scheduler_while_queued_keeps_the_request_and_the_server(spawner, monkeypatch):
+    """A hub shutdown stops the service first: the queued spawn's long-poll fails. That is no
+    refusal: nothing is released (not by the spawn, nor by the hub's stop() after it) and the
+    named server is not removed, so the request starts by itself after the restart."""
+    from bai_scheduler.contract.catalog import CatalogImage
+    from bai_scheduler.contract.client import SchedulerError
+    from bai_scheduler.contract.options import SessionOptions
+    from bai_scheduler.core.units import FgpuUnits
+    from bai_spawner.spawner import StillQueued
+
+    sp, fake = spawner
+    sp.request_id, sp.object_id = "", ""
+    image = CatalogImage("bai/sklearn:1.6.1", "sklearn", "1.6.1", "scikit-learn 1.6", "3.11", "kernel")
+
+    async def resolve(self):
+        return SessionOptions(image.ref, 2, 500, 2**30), FgpuUnits(), image
+
+    async def register(*args, **kw):
+        fake.calls.append(("register", args))
+        return {"id": ATTEMPT, "state": "PENDING", "epoch": 1, "position": 1}
+
+    async def wait(*args):
+        fake.calls.append(("wait", args))
+        raise SchedulerError(500, "Internal Server Error")
+
+    monkeypatch.setattr(BaiSpawner, "_resolve", resolve)
+    fake.register, fake.wait = register, wait
+    removals = []
+
+    async def remove_failed_server(self):
+        removals.append(self.name)
+
+    monkeypatch.setattr(BaiSpawner, "_remove_failed_server", remove_failed_server)
+    sp.orm_spawner = types.SimpleNamespace(name="c", state=None, user_options=None, server=None)  # a fresh named server
+    with pytest.raises(StillQueued, match="stays queued"):
+        await sp.start()
+    await sp.stop()  # what the hub does after a failed spawn
+    assert [name for name, _ in fake.calls] == ["register", "wait"]
+    assert removals == []

@@ -155,3 +155,13 @@ def test_every_number_is_bounded_or_refused(raw):
     else:
         assert value.is_finite()
         assert value == 0 or -MAX_MAGNITUDE <= value.adjusted() <= MAX_MAGNITUDE
+
+
+@pytest.mark.parametrize("amount, shown", [("1e9", "1000000000"), (1e9, "1000000000"), ("200", "200"),
+                                           ("1E+2", "100"), ("2.50", "2.5")])
+def test_amounts_in_messages_are_in_plain_notation(amount, shown):
+    """Review finding 5: '1E+9 fGPU is more than allowed', '2E+2 fGPU ...'."""
+    with pytest.raises(FgpuError) as e:
+        U.to_quanta(amount, max_quanta=4)
+    assert str(e.value).startswith(f"{shown} fGPU is more than allowed")
+    assert "E+" not in str(e.value)

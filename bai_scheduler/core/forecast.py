@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from .model import Node, Placement, Request, RequestKey
-from .placement import Capacity
+from .placement import Capacity, Reservation, Reservations
+from .queue import QueuePolicy
 from .units import FgpuUnits
 
 _TRIAL = RequestKey("", "")
@@ -26,12 +27,29 @@ def trial_capacity(nodes: Iterable[Node], units: FgpuUnits, held: Iterable[Place
     return capacity
 
 
-def sessions_that_fit(capacity: Capacity, quanta: int, count: int) -> int:
-    """How many of ``count`` sessions of ``quanta`` each ``capacity`` takes now, one after the other.
+def kept_for_queue(capacity: Capacity, pending: Iterable[Request], pin: tuple[RequestKey, Reservation] | None,
+                   policy: QueuePolicy) -> Reservations:
+    """What the queue keeps from a newcomer now: the senior's pinned reservation, and under the
+    'backfill' head a reservation for each of the first ``policy.reservations`` other waiting
+    requests, as a pass makes them (``Capacity.reserve``). Requests that their own user's limits
+    hold back get one too, so the note errs on the side of waiting."""
+    kept = Reservations()
+    if pin is not None:
+        capacity.hold(pin[1], kept)
+    if policy.head == "backfill":
+        others = (r for r in pending if pin is None or r.key != pin[0])
+        for req, _ in zip(others, range(policy.reservations)):
+            capacity.reserve(req, kept)
+    return kept
+
+
+def sessions_that_fit(capacity: Capacity, quanta: int, count: int, kept: Reservations | None = None) -> int:
+    """How many of ``count`` sessions of ``quanta`` each ``capacity`` takes now, one after the other,
+    outside ``kept`` (``kept_for_queue``).
 
     ``capacity`` is changed: pass a trial copy."""
     for n in range(max(0, count)):
-        placement = capacity.place(Request(_TRIAL, quanta))
+        placement = capacity.place(Request(_TRIAL, quanta), kept)
         if placement is None:
             return n
         capacity.take(placement)
@@ -44,11 +62,12 @@ def never_fits(capacity: Capacity, quanta: int) -> str | None:
 
 
 def capacity_note(usage: list[dict], units: FgpuUnits, quanta: int, count: int, fit: int,
-                  queue_length: int, never: str | None = None) -> tuple[str, str]:
+                  queue_length: int, never: str | None = None, kept: bool = False) -> tuple[str, str]:
     """(level, text) of the note: what is free and whether ``count`` × ``quanta`` would start or queue.
 
-    ``usage``: ``Capacity.usage()``; ``fit``: ``sessions_that_fit`` of this shape; ``never``:
-    ``never_fits`` of it. ``level`` is a Bootstrap contextual class: "success", "warning" or "secondary".
+    ``usage``: ``Capacity.usage()``; ``fit``: ``sessions_that_fit`` of this shape outside what the
+    queue keeps; ``never``: ``never_fits`` of it; ``kept``: whether the queue keeps anything
+    (``kept_for_queue``). ``level`` is a Bootstrap contextual class: "success", "warning" or "secondary".
     """
     devices = [d for n in usage for d in n.get("devices", [])]
     total = sum(d["capacity_quanta"] for d in devices)
@@ -73,9 +92,13 @@ def capacity_note(usage: list[dict], units: FgpuUnits, quanta: int, count: int, 
     elif fit == 0:
         verdict = ((f"This {what} would wait in the queue" if count == 1
                     else f"These {count} {what} would wait in the queue")
-                   + " until enough fGPU is free; it starts by itself.")
+                   + (" behind them: what is free is kept for the requests ahead" if kept
+                      else " until enough fGPU is free")
+                   + "; it starts by itself.")
         level = "warning"
     else:
-        verdict = f"{fit} of {count} would start at once; {count - fit} would wait in the queue and start by themselves."
+        verdict = (f"{fit} of {count} would start at once; {count - fit} would wait in the queue"
+                   + (" (what is free is kept for the requests ahead)" if kept else "")
+                   + " and start by themselves.")
         level = "warning"
     return level, f"{free_text}{waiting} {verdict}"

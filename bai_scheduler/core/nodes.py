@@ -12,7 +12,7 @@ import re
 from decimal import Decimal, InvalidOperation
 
 from .model import DEFAULT_POOL, GPU_BACKENDS, Device, GpuBackend, Node
-from .units import FgpuUnits
+from .units import FgpuUnits, format_bytes
 
 
 class NoGpuError(RuntimeError):
@@ -253,8 +253,32 @@ def simulated_nodes(spec, units: FgpuUnits, gpu_defaults: GpuBackend = GpuBacken
     return nodes
 
 
+def with_engine_resources(entry, engine_resources, log=None):
+    """``entry`` with ``cpu``/``memory`` "auto" replaced by what its Docker engine reports.
+
+    ``engine_resources(entry)``: (CPU millicores, memory bytes) of the engine (its NCPU and
+    MemTotal), or None when the engine cannot be read; then "auto" is 0 (not limited)."""
+    if not isinstance(entry, dict) or "auto" not in (entry.get("cpu"), entry.get("memory")):
+        return entry
+    name = entry.get("name", "local")
+    found = engine_resources(entry) if engine_resources is not None else None
+    cpu_millis, memory_bytes = found or (0, 0)
+    out = dict(entry)
+    if out.get("cpu") == "auto":
+        out["cpu"] = str(Decimal(cpu_millis) / 1000)
+    if out.get("memory") == "auto":
+        out["memory"] = memory_bytes
+    if log and found:
+        log.info("Node %s: its engine has %g CPUs and %s of memory", name, cpu_millis / 1000,
+                 format_bytes(memory_bytes))
+    elif log:
+        log.warning("Node %s: its engine's CPUs and memory could not be read; its 'auto' CPU and memory "
+                    "are not limited", name)
+    return out
+
+
 def nodes_from_config(spec, units: FgpuUnits, gpu_defaults: GpuBackend, simulated_gpus: dict,
-                      detect, log=None) -> list[Node]:
+                      detect, log=None, engine_resources=None) -> list[Node]:
     """The scheduler's nodes from ``c.BaiScheduler.nodes``.
 
     Each entry's ``gpus`` is "auto" (real GPUs read by ``detect(units)``, i.e.
@@ -267,13 +291,15 @@ def nodes_from_config(spec, units: FgpuUnits, gpu_defaults: GpuBackend, simulate
 
     Real nodes are checked for their backend before any GPU share is placed there
     (``bai_scheduler.readiness``); simulated ones need nothing.  ``log``: a ``logging.Logger``
-    told which inventory each node got.
+    told which inventory each node got.  A ``cpu`` or ``memory`` of "auto" is the node's engine's
+    own (``with_engine_resources``).
     """
     if not isinstance(spec, (list, tuple)):
         raise ValueError(f"nodes must be a list of node dicts, not {type(spec).__name__}")
     nodes: list[Node] = []
     seen: set[str] = set()
     for i, entry in enumerate(spec):
+        entry = with_engine_resources(entry, engine_resources, log)
         where, fields = _base(entry, i, len(spec), seen, units, gpu_defaults)
         gpus = entry.get("gpus", "auto")
         if gpus == "auto":

@@ -126,17 +126,15 @@ class FgpuUnits:
             raise FgpuError(f"fGPU cannot be negative{limit}")
         steps = Fraction(value) / Fraction(self.fgpu_step)
         if steps.denominator != 1:
-            raise FgpuError(f"{value.normalize()} fGPU is not a whole number of steps{limit}")
+            raise FgpuError(f"{plain(value)} fGPU is not a whole number of steps{limit}")
         quanta = steps.numerator
         if max_quanta is not None and quanta > max_quanta:
-            raise FgpuError(f"{value.normalize()} fGPU is more than allowed{limit}")
+            raise FgpuError(f"{plain(value)} fGPU is more than allowed{limit}")
         return quanta
 
     def to_fgpu(self, quanta: int) -> str:
         """Quanta shown as a decimal fGPU amount, e.g. 1 -> "0.5"."""
-        value = (self.fgpu_step * quanta).normalize()
-        text = format(value, "f")
-        return text
+        return plain(self.fgpu_step * quanta)
 
     def gpu_fraction(self, quanta: int) -> Fraction:
         """Share of one physical GPU that ``quanta`` is (may exceed 1)."""
@@ -149,6 +147,11 @@ class FgpuUnits:
     def sm_percent(self, quanta: int) -> int:
         """Share of one device's streaming multiprocessors, as a whole percent (at least 1)."""
         return max(1, 100 * quanta // self.quanta_per_gpu)
+
+
+def plain(value: Decimal) -> str:
+    """A decimal in plain notation, without trailing zeros: 1E+9 -> "1000000000", 0.50 -> "0.5"."""
+    return format(value.normalize(), "f")
 
 
 GIB = 1024**3

@@ -8,6 +8,7 @@ from the servers' paths, so that no server name can collide with them.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 
@@ -16,7 +17,7 @@ from tornado import web
 from ..contract.catalog import visible_to
 from ..contract.options import LAUNCHED, FormError, Limits, parse_options
 from ..contract.registry import RegistryError
-from ..core.forecast import capacity_note, never_fits, sessions_that_fit, trial_capacity
+from ..core.forecast import capacity_note, kept_for_queue, never_fits, sessions_that_fit, trial_capacity
 from ..core.quotas import resolve
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
@@ -71,8 +72,10 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
                            span=service.span, strategy=service.strategy)
     queue_length = len(service.pending())
     never = never_fits(trial, quanta)
-    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count), queue_length,
-                                never)
+    queue = service.queue
+    kept = kept_for_queue(trial, queue.pending(), queue.pin, queue.policy)
+    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count, kept),
+                                queue_length, never, kept=bool(kept))
     return {
         "fgpu_per_gpu": units.fgpu_per_gpu,
         "fgpu_step": str(units.fgpu_step),
@@ -316,7 +319,16 @@ class WaitHandler(AttemptHandler):
             # NaN would hold the long-poll open for ever (every comparison is False).
             raise web.HTTPError(400, "timeout must be a finite number of seconds.")
         timeout = min(max(timeout, 0.0), 300.0)
-        rec = await self.service.wait(attempt_id, epoch, timeout)
+        try:
+            rec = await self.service.wait(attempt_id, epoch, timeout)
+        except asyncio.CancelledError:
+            # The service is stopping (a hub restart): the request stays queued in the database.
+            # A 503 (tornado would answer 500) tells the spawner to wait for the service, not give up.
+            if not self._finished:
+                self.set_status(503)
+                self.finish(json.dumps({"status": 503, "message": "The scheduler is restarting; "
+                                        "the request stays queued."}))
+            raise
         if rec is None:
             self.write_json({"id": attempt_id, "state": "GONE", "epoch": self.service.epoch,
                              "reason": self.service.gone_reason(attempt_id) or "The request was cancelled."})
@@ -355,7 +367,9 @@ class LaunchHandler(APIHandler):
         user = body.get("user") or who["name"]
         if not isinstance(user, str) or not user:
             raise web.HTTPError(400, "Say which user launches.")
-        self.check_owner(who, user)
+        if not who["admin"] and user != who["name"]:
+            raise web.HTTPError(403, 'Only admins may launch sessions for another user; leave out "user" '
+                                     "to launch your own.")
         self.check_may(who, "start", user)
         count = body.get("count", 1)
         most = self.settings["limits"].max_sessions
@@ -418,7 +432,7 @@ async def launch_sessions(hub: HubAPI, user: str, prefix: str, count: int, optio
         worst = max(r.code for _, r in refused)
         raise web.HTTPError(400 if worst < 500 else 502,
                             f"Started {', '.join(started) or 'none'}; the hub refused "
-                            + "; ".join(f"{name}: {r}" for name, r in refused))
+                            + "; ".join(f"{name}: {r.message}" for name, r in refused))
     return names
 
 

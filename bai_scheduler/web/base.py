@@ -157,6 +157,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             return {"name": None, "admin": True, "internal": True, "by_token": True, "scopes": set()}
         user = self.current_user
         if not user:
+            if self.hub_auth.get_token(self, in_cookie=False):
+                # A token the hub knows but without the access scope looks here like an unknown one.
+                needed = " or ".join(sorted(self.hub_auth.access_scopes)) or "access:services"
+                raise web.HTTPError(403, f"This token is not accepted here: it must be a hub API token with "
+                                         f"the scope {needed} (or log in through the hub).")
             raise web.HTTPError(403, "Log in through the hub, or send a hub API token.")
         scopes = set(user.get("scopes") or ())
         by_token = bool(getattr(self, "_token_authenticated", False))

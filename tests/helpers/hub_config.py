@@ -13,6 +13,9 @@ c.JupyterHub.load_roles.append({
     "services": ["test-admin"],
 })
 c.BaiScheduler.nodes = json.loads(os.environ["BAI_TEST_NODES"])
+# The deployment's per-user limits are off in tests unless a test sets them (BAI_TEST_EXTRA).
+c.BaiScheduler.max_running_per_user = 0
+c.BaiScheduler.max_pending_per_user = 0
 c.JupyterHub.log_level = "DEBUG" if os.environ.get("BAI_TEST_DEBUG") else "INFO"
 c.BaiSpawner.container_start_timeout = 90
 # Private images of a test hub carry its bai-test- prefix, so cleanup finds them.

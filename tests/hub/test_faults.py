@@ -20,16 +20,24 @@ def reachable(hub, user, server, token):
     return r.status_code == 200
 
 
-def test_hub_restart_keeps_running_and_queued_sessions(fresh_hub):
+@pytest.mark.parametrize("stop", ["process_group", "hub_only"])
+def test_hub_restart_keeps_running_and_queued_sessions(fresh_hub, stop):
     hub = fresh_hub().start()
     token = hub.add_user("rita")
     hub.fill("rita", ONE)
+    if stop == "hub_only":
+        # As scripts/run-hub's Ctrl-C does: SIGTERM to the hub alone, which stops its
+        # managed service first and then cancels the queued spawn.
+        hub.proc.send_signal(signal.SIGTERM)
+        hub.proc.wait(60)
     hub.stop()
+    assert "its first spawn failed" not in hub.tail(400)
     # While the hub is down the sessions keep running.
     assert len([c for c in hub.containers() if c["State"]["Running"]]) == 2
     hub.start()
     assert reachable(hub, "rita", "a", token) and reachable(hub, "rita", "b", token)
     assert hub.requests()["rita/c"]["state"] == "PENDING"
+    assert "c" in hub.servers("rita", include_stopped=True)  # the hub still has the queued server
     check_invariants(hub, expect_queued=["rita/c"])
     hub.stop_server("rita", "a")
     # Nobody waits for c any more (its spawn died with the hub): the service
