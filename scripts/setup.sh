@@ -138,7 +138,10 @@ fi
 if [ -x .venv/node/node_modules/.bin/configurable-http-proxy ]; then
   done_step "configurable-http-proxy" "present"
 else
-  quietly npm install -s --prefix .venv/node configurable-http-proxy
+  # Node trusts only the CAs built into it; --use-openssl-ca makes npm trust the system's store as pip
+  # and apt do (a site's own CA, e.g. of a TLS-inspecting proxy, is there). Without it npm retries a
+  # failing TLS handshake for many minutes without a word.
+  NODE_OPTIONS="--use-openssl-ca ${NODE_OPTIONS:-}" quietly npm install -s --prefix .venv/node configurable-http-proxy
   done_step "configurable-http-proxy" "installed"
 fi
 ln -sf ../node/node_modules/.bin/configurable-http-proxy .venv/bin/configurable-http-proxy
