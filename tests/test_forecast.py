@@ -98,3 +98,30 @@ def test_the_note_does_not_promise_what_the_queue_keeps_for_requests_ahead():
     for head in ("strict", "skip", "backfill"):
         trial = trial_capacity(ns, U, held)
         assert sessions_that_fit(trial, 2, 1, kept_for_queue(trial, [], pin, QueuePolicy(head=head))) == 0
+
+
+def test_the_note_counts_only_the_pools_the_session_may_go_to():
+    """Issue 18: pool a is free, pool b is full. A session limited to pool b (its group's only pool)
+    waits; the note said "would start at once" and counted pool a's free fGPU."""
+    pooled = simulated_nodes([{"name": "a", "gpus": 1, "gpu_memory": "8GiB", "pool": "a"},
+                              {"name": "b", "gpus": 1, "gpu_memory": "8GiB", "pool": "b"}], U)
+    full_b = [Placement("b", (Share("GPU-sim-b-0", 4),))]
+
+    def note(quanta, count, pools):
+        trial = trial_capacity(pooled, U, full_b)
+        usage = trial.usage()  # before the trial placements
+        fit = sessions_that_fit(trial, quanta, count, pools=pools)
+        never = never_fits(trial, quanta, pools)
+        return fit, capacity_note(usage, U, quanta, count, fit, queue_length=0, never=never, pools=pools)
+
+    assert note(2, 1, ()) == (1, ("success", "Free now: 2 of 4 fGPU (largest piece on one GPU: 2). Nobody is "
+                                             "waiting. This session would start at once."))
+    assert note(2, 1, ("b",)) == (0, ("warning", "Free now in pool b: 0 of 2 fGPU. Nobody is waiting. This "
+                                                 "session would wait in the queue until enough fGPU is free; "
+                                                 "it starts by itself."))
+    assert note(2, 3, ("a",)) == (2, ("warning", "Free now in pool a: 2 of 2 fGPU. Nobody is waiting. 2 of 3 "
+                                                 "would start at once; 1 would wait in the queue and start "
+                                                 "by themselves."))
+    assert note(4, 2, ("a", "b"))[0] == 1
+    assert note(5, 1, ("b",))[1] == ("warning", "Free now in pool b: 0 of 2 fGPU. Nobody is waiting. 2.5 fGPU is "
+                                                "more than pool b has.")

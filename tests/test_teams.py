@@ -360,6 +360,20 @@ def test_resolve_group_and_pools():
         resolve(["staff"], policies, pools, ungrouped=False)
 
 
+def test_the_form_note_is_about_the_pools_a_launch_may_use():
+    from bai_scheduler.core.quotas import note_pools
+    policies = {"vision": GroupPolicy(pools=("a100",)), "nlp": GroupPolicy(pools=("cheap",)), "all": GroupPolicy()}
+    pools = {"a100", "cheap"}
+    assert note_pools(["nlp", "vision"], policies, pools) == (("cheap",), "")  # the default group's
+    assert note_pools(["nlp", "vision"], policies, pools, "vision") == (("a100",), "")
+    assert note_pools(["all"], policies, pools, "all", "cheap") == (("cheap",), "")
+    assert note_pools(["all"], policies, pools) == ((), "")  # any node
+    # Not the user's group (a stale form, a hand-made URL): the default group, never wider pools.
+    assert note_pools(["nlp"], policies, pools, "all") == (("cheap",), "")
+    assert note_pools(["nlp"], policies, pools, "", "a100") == ((), "nlp may not use pool 'a100'; allowed: cheap.")
+    assert note_pools(["staff"], policies, pools, ungrouped=False)[1].startswith("You are in no group that may")
+
+
 def test_start_up_refuses_teams_that_could_never_run():
     from traitlets.config import Config
 

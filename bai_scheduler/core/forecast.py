@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .model import Node, Placement, Request, RequestKey
+from .model import DEFAULT_POOL, Node, Placement, Request, RequestKey
 from .placement import Capacity, Reservation, Reservations
 from .queue import QueuePolicy
 from .units import FgpuUnits
@@ -43,43 +43,49 @@ def kept_for_queue(capacity: Capacity, pending: Iterable[Request], pin: tuple[Re
     return kept
 
 
-def sessions_that_fit(capacity: Capacity, quanta: int, count: int, kept: Reservations | None = None) -> int:
+def sessions_that_fit(capacity: Capacity, quanta: int, count: int, kept: Reservations | None = None,
+                      pools: tuple[str, ...] = ()) -> int:
     """How many of ``count`` sessions of ``quanta`` each ``capacity`` takes now, one after the other,
-    outside ``kept`` (``kept_for_queue``).
+    outside ``kept`` (``kept_for_queue``), on the nodes of ``pools`` (a request's ``pools``:
+    ``quotas.resolve``; () = any node).
 
     ``capacity`` is changed: pass a trial copy."""
     for n in range(max(0, count)):
-        placement = capacity.place(Request(_TRIAL, quanta), kept)
+        placement = capacity.place(Request(_TRIAL, quanta, pools=pools), kept)
         if placement is None:
             return n
         capacity.take(placement)
     return max(0, count)
 
 
-def never_fits(capacity: Capacity, quanta: int) -> str | None:
-    """Why a session of ``quanta`` can never start on these nodes (even empty), or None."""
-    return capacity.can_ever_fit(Request(_TRIAL, quanta))
+def never_fits(capacity: Capacity, quanta: int, pools: tuple[str, ...] = ()) -> str | None:
+    """Why a session of ``quanta`` can never start on these nodes (of ``pools``; even empty), or None."""
+    return capacity.can_ever_fit(Request(_TRIAL, quanta, pools=pools))
 
 
 def capacity_note(usage: list[dict], units: FgpuUnits, quanta: int, count: int, fit: int,
-                  queue_length: int, never: str | None = None, kept: bool = False) -> tuple[str, str]:
+                  queue_length: int, never: str | None = None, kept: bool = False,
+                  pools: tuple[str, ...] = ()) -> tuple[str, str]:
     """(level, text) of the note: what is free and whether ``count`` × ``quanta`` would start or queue.
 
     ``usage``: ``Capacity.usage()``; ``fit``: ``sessions_that_fit`` of this shape outside what the
     queue keeps; ``never``: ``never_fits`` of it; ``kept``: whether the queue keeps anything
-    (``kept_for_queue``). ``level`` is a Bootstrap contextual class: "success", "warning" or "secondary".
+    (``kept_for_queue``); ``pools``: the pools the session may go to (() = any node), the only
+    nodes whose free fGPU the note counts. ``level`` is a Bootstrap contextual class: "success",
+    "warning" or "secondary".
     """
-    devices = [d for n in usage for d in n.get("devices", [])]
+    devices = [d for n in usage if not pools or n.get("pool", DEFAULT_POOL) in pools for d in n.get("devices", [])]
     total = sum(d["capacity_quanta"] for d in devices)
     free = total - sum(d["used_quanta"] for d in devices)
     largest = max((d["capacity_quanta"] - d["used_quanta"] for d in devices), default=0)
-    free_text = (f"Free now: {units.to_fgpu(free)} of {units.to_fgpu(total)} fGPU"
+    where = f"pool{'s' if len(pools) > 1 else ''} {', '.join(pools)}" if pools else ""
+    free_text = (f"Free now{' in ' + where if where else ''}: {units.to_fgpu(free)} of {units.to_fgpu(total)} fGPU"
                  + (f" (largest piece on one GPU: {units.to_fgpu(largest)})" if len(devices) > 1 else "")
                  + ".")
     waiting = (f" {queue_length} request{'s' if queue_length != 1 else ''} already waiting." if queue_length
                else " Nobody is waiting.")
     if quanta and total and quanta > total:
-        return "warning", f"{free_text}{waiting} {units.to_fgpu(quanta)} fGPU is more than this hub has."
+        return "warning", f"{free_text}{waiting} {units.to_fgpu(quanta)} fGPU is more than {where or 'this hub'} has."
     if never:
         return "warning", f"{free_text}{waiting} This session {never}: it cannot start here."
     what = "session" if count == 1 else "sessions"

@@ -133,3 +133,17 @@ def resolve(user_groups: list[str], policies: dict[str, GroupPolicy], all_pools,
     if allowed and chosen_pool not in allowed:
         raise ValueError(f"{group or 'You'} may not use pool {chosen_pool!r}; allowed: {', '.join(allowed)}.")
     return group, (chosen_pool,)
+
+
+def note_pools(user_groups: list[str], policies: dict[str, GroupPolicy], all_pools, chosen_group: str = "",
+               chosen_pool: str = "", ungrouped: bool = True) -> tuple[tuple[str, ...], str]:
+    """(pools, refusal) of the session the spawn form's note is about: the pools ``resolve`` lets a
+    launch with the form's group and pool go to, and what that launch would be told instead ("" if
+    nothing).  A ``chosen_group`` that is not one of ``user_groups`` counts as none chosen (the
+    user's default group), so a stale or hand-made choice never widens the pools."""
+    if chosen_group not in user_groups:
+        chosen_group = ""
+    try:
+        return resolve(user_groups, policies, all_pools, chosen_group, chosen_pool, ungrouped)[1], ""
+    except ValueError as e:
+        return (), str(e)

@@ -18,7 +18,7 @@ from ..contract.catalog import visible_to
 from ..contract.options import LAUNCHED, FormError, Limits, parse_options
 from ..contract.registry import RegistryError
 from ..core.forecast import capacity_note, kept_for_queue, never_fits, sessions_that_fit, trial_capacity
-from ..core.quotas import resolve
+from ..core.quotas import note_pools, resolve
 from ..hubapi import HubAPI, HubAPIError
 from ..service import Refused
 from .base import APIHandler, ReadOnlyGetMixin, in_background, log
@@ -44,11 +44,12 @@ def public_status(status: dict, who: dict) -> dict:
 
 
 def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta: int | None = None,
-                   count: int = 1) -> dict:
+                   count: int = 1, team: tuple[tuple[str, ...], str] = ((), "")) -> dict:
     """What GET api/capacity answers: nodes (with their GPU backend and whether it is ready; for
     admins why, and when it was checked, and each node's engine address), devices, use, queue
     length, the form's limits, and the form's live note for ``count`` sessions of ``quanta``
-    (default: the form's first choice). ``readiness``: {node name: ``readiness.Readiness``}."""
+    (default: the form's first choice). ``readiness``: {node name: ``readiness.Readiness``};
+    ``team``: ``note_team``'s (pools, refusal) of the session the note is about."""
     units = service.units
     if quanta is None:
         quanta = min(1, limits.max_quanta)
@@ -71,11 +72,14 @@ def capacity_model(service, limits: Limits, readiness: dict, admin: bool, quanta
     trial = trial_capacity(service.nodes, units, (r.placement for r in service.holding()),
                            span=service.span, strategy=service.strategy)
     queue_length = len(service.pending())
-    never = never_fits(trial, quanta)
+    pools, refused = team
+    never = never_fits(trial, quanta, pools)
     queue = service.queue
     kept = kept_for_queue(trial, queue.pending(), queue.pin, queue.policy)
-    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count, kept),
-                                queue_length, never, kept=bool(kept))
+    level, text = capacity_note(usage, units, quanta, count, sessions_that_fit(trial, quanta, count, kept, pools),
+                                queue_length, never, kept=bool(kept), pools=pools)
+    if refused:
+        level, text = "warning", f"This session would be refused: {refused}"
     return {
         "fgpu_per_gpu": units.fgpu_per_gpu,
         "fgpu_step": str(units.fgpu_step),
@@ -141,6 +145,11 @@ async def team_of(service, hub: HubAPI, user: str, options: dict, ungrouped: boo
         raise web.HTTPError(400, str(e)) from None
 
 
+def note_team(service, groups: list[str], group: str, pool: str, ungrouped: bool) -> tuple[tuple[str, ...], str]:
+    """``quotas.note_pools`` on this service's groups and pools: (pools, refusal) for the form's note."""
+    return note_pools(groups, service.groups, {n.pool for n in service.nodes}, group, pool, ungrouped)
+
+
 class HealthHandler(APIHandler):
     """Open to anyone (load balancers, start-up checks): ok or not, nothing more."""
 
@@ -151,7 +160,8 @@ class HealthHandler(APIHandler):
 
 class CapacityHandler(ReadOnlyGetMixin, APIHandler):
     """GET api/capacity (also ``capacity.json``, which the spawn form's script on the hub's
-    page polls with ``?quanta=Q&count=N`` for its live note)."""
+    page polls with ``?quanta=Q&count=N&group=G&pool=P`` for its live note: a user's note counts
+    only the nodes of the pools that group and pool allow, ``quotas.note_pools``)."""
 
     def _whole(self, name: str, lo: int, hi: int) -> int | None:
         raw = self.get_argument(name, None)
@@ -161,13 +171,26 @@ class CapacityHandler(ReadOnlyGetMixin, APIHandler):
             raise web.HTTPError(400, f"{name} must be a whole number from {lo} to {hi}.")
         return int(raw)
 
-    def get(self):
+    def _name(self, name: str) -> str:
+        raw = self.get_argument(name, "")
+        if len(raw) > 63 or any(c.isspace() for c in raw):
+            raise web.HTTPError(400, f"{name} must be a name.")
+        return raw
+
+    async def get(self):
         who = self.identity()
         limits: Limits = self.settings["limits"]
         quanta = self._whole("quanta", 0, limits.max_quanta)
         count = self._whole("count", 1, limits.max_sessions) or 1
+        group, pool = self._name("group"), self._name("pool")
+        team = ((), "")
+        if who["name"] and (self.service.groups or pool):
+            # The note is about the caller's own session: only the nodes it could be placed on.
+            groups = await user_groups(self.hub, who["name"]) if self.service.groups else []
+            team = note_team(self.service, groups, group, pool, self.bai.allow_ungrouped)
         self.set_header("Cache-Control", "no-store")
-        self.write_json(capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count))
+        self.write_json(capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count,
+                                       team))
 
 
 class CapacityForFormsHandler(CapacityHandler):
@@ -176,11 +199,11 @@ class CapacityForFormsHandler(CapacityHandler):
     hub's OAuth (this service needs no consent) and comes back here logged in; the script's fetch
     follows those redirects, so the live note works before the sessions page was ever opened."""
 
-    def get(self):
+    async def get(self):
         if not self.current_user and not self.is_internal():
             self.redirect(self.get_login_url())
             return
-        super().get()
+        await super().get()
 
 
 class CatalogHandler(APIHandler):

@@ -28,7 +28,7 @@ from ..contract.options import FIELDS, FormError, parse_options
 from ..contract.registry import RegistryError
 from ..core.units import FgpuUnits, format_bytes
 from ..hubapi import HubAPIError
-from .api import capacity_model, launch_sessions, stop_session, user_groups
+from .api import capacity_model, launch_sessions, note_team, stop_session, user_groups
 from .base import APIHandler, BaseHandler, ReadOnlyGetMixin, in_background, log
 
 POLL_SECONDS = 2
@@ -391,18 +391,21 @@ class PageHandler(BaseHandler):
         """The launch form's variables, or ``form_error`` when the catalog cannot be read."""
         limits = self.settings["limits"]
         quanta, count = chosen_shape(values, self.service.units, limits)
-        cap = capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count)
         try:
             images = catalog_mod.visible_to(await self.settings["catalog"].get(), who["name"], is_admin=False)
         except RegistryError as e:  # the registry is down: the rest of the page still works
             log.warning("Sessions page: cannot build the launch form: %s", e)
             return {"form_error": f"The image catalog is unavailable. {e.message}"}
-        groups = []
-        if self.service.groups and who["name"]:
+        groups, team = [], ((), "")
+        if who["name"]:
             try:
-                groups = await user_groups(self.hub, who["name"])
+                groups = await user_groups(self.hub, who["name"]) if self.service.groups else []
+                # The note counts the nodes of the session's pools only, as the form's script asks.
+                team = note_team(self.service, groups, str((values or {}).get("group") or ""),
+                                 str((values or {}).get("pool") or ""), self.bai.allow_ungrouped)
             except web.HTTPError as e:  # the hub is down: the form offers the default group
                 log.warning("Sessions page: %s", e.log_message)
+        cap = capacity_model(self.service, limits, self.settings["readiness"], who["admin"], quanta, count, team)
         return form_context(visible=images, user=who["name"], capacity=cap, units=self.service.units,
                             limits=limits, note=cap["note"], capacity_url=self.prefix + "capacity.json",
                             static_url=self.settings["static_url_prefix"], values=values, admin=who["admin"],

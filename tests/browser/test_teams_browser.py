@@ -35,6 +35,11 @@ def test_form_offers_presets_and_pools_and_the_sessions_page_shows_the_eta(teams
         assert page.eval_on_selector_all("#bai-group option", "os => os.map(o => o.value)") == ["team-nlp"]
         pools = page.inner_text("#bai-pool")
         assert "cheap: 2 of 2 fGPU free (1 node)" in pools and "fast:" not in pools  # its pool only
+        # The live note counts team-nlp's pool only (it said "Free now: 4 of 4 fGPU", both pools).
+        page.wait_for_function("document.getElementById('bai-live-when').textContent.startsWith('Live')",
+                               timeout=60000)
+        note = page.inner_text("#bai-live-text")
+        assert note.startswith("Free now in pool cheap: 2 of 2 fGPU.") and "would start at once" in note, note
         shot(page, "form-presets")
 
         # Custom: the whole of pool cheap; then a preset that has to wait for it.
@@ -45,6 +50,12 @@ def test_form_offers_presets_and_pools_and_the_sessions_page_shows_the_eta(teams
         page.click("#spawn_form button[type=submit]")
         page.wait_for_url(lambda u: "/spawn-pending/" in u or "/user/" in u, timeout=60000)
         hub.wait_ready("nia", "first", timeout=180)
+        # Pool cheap is full, pool fast free: a session of team-nlp would wait, and the note says so.
+        page.goto(f"{hub.url}/hub/spawn/nia/third")
+        page.wait_for_function("document.getElementById('bai-live-text').textContent.includes('in pool cheap')",
+                               timeout=60000)
+        note = page.inner_text("#bai-live-text")
+        assert note.startswith("Free now in pool cheap: 0 of 2 fGPU.") and "would wait in the queue" in note, note
         r = hub.start_server("nia", "second", {"image": KERNEL_IMAGE, "preset": "half"})
         assert r.status_code in (201, 202), r.text
         hub.wait_for(lambda: (q := hub.requests().get("nia/second")) and q["state"] == "PENDING", 60,

@@ -8,6 +8,9 @@
   var form = document.getElementById("bai-form");
   if (!form || !window.fetch) return;
   var fgpu = document.getElementById("bai-fgpu"), sessions = document.getElementById("bai-sessions");
+  // The team fields (absent when the hub has no groups and one pool): the note counts only the
+  // nodes a session of that group in that pool could be placed on.
+  var group = document.getElementById("bai-group"), pool = document.getElementById("bai-pool");
   var box = document.getElementById("bai-live"), text = document.getElementById("bai-live-text"),
       when = document.getElementById("bai-live-when");
   var lastUpdate = "", asked = 0;
@@ -35,7 +38,10 @@
     }
     var opt = fgpu.options[fgpu.selectedIndex];
     var quanta = opt ? parseInt(opt.getAttribute("data-quanta") || "0", 10) : 0;
-    fetch(form.getAttribute("data-capacity-url") + "?quanta=" + quanta + "&count=" + n,
+    var query = "?quanta=" + quanta + "&count=" + n +
+        (group ? "&group=" + encodeURIComponent(group.value) : "") +
+        (pool ? "&pool=" + encodeURIComponent(pool.value) : "");
+    fetch(form.getAttribute("data-capacity-url") + query,
           {credentials: "same-origin", headers: {"Accept": "application/json"}})
       .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
       .then(function (c) {
@@ -52,6 +58,7 @@
 
   fgpu.addEventListener("change", refresh);
   sessions.addEventListener("input", refresh);
+  [group, pool].forEach(function (field) { if (field) field.addEventListener("change", refresh); });
   refresh();
   setInterval(refresh, 5000);
 })();
