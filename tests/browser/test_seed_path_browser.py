@@ -229,17 +229,20 @@ def test_a_new_user_walks_the_seeds_path(hub, browser):
         page.wait_for_function("document.getElementById('bai-live-text').textContent.includes('2 of 3 would start')")
         with page.expect_navigation():
             page.click("#bai-launch")
-        first_seen = None
+        first_at = all_at = None
         deadline = time.time() + 90
         while time.time() < deadline:
             seen = rows(page)
             if seen:
-                first_seen = first_seen or seen
+                first_at = first_at or time.monotonic()
                 if len(seen) == 3:
+                    all_at = time.monotonic()
                     break
             page.wait_for_timeout(250)
-        # All rows show together (they showed one at a time over 22 s).
-        assert first_seen and len(first_seen) == 3, first_seen
+        # The three rows show at once (they showed one at a time over 22 s). The hub registers the
+        # three servers side by side, so a page poll may land between two of them: a few seconds.
+        assert all_at is not None, rows(page)
+        assert all_at - first_at < 8, f"the rows took {all_at - first_at:.1f} s to show together"
         page.wait_for_function(
             "document.querySelectorAll('tr.bai-row[data-state=RUNNING]').length === 2 && "
             "document.querySelectorAll('tr.bai-row[data-state=PENDING]').length === 1", timeout=240_000)

@@ -89,12 +89,14 @@ def test_docker_engine_restart_fails_cleanly_and_recovers(fresh_hub):
 
 def test_idle_session_is_culled_and_its_share_goes_to_the_queue(fresh_hub):
     hub = fresh_hub()
-    hub.env.update(BAI_IDLE_TIMEOUT="20", BAI_IDLE_CULL_EVERY="5")
+    # Idle longer than filling takes (three spawns, 8 s each on a loaded machine): a culled before
+    # fill() saw it ready made the test wait for a server that was gone.
+    hub.env.update(BAI_IDLE_TIMEOUT="45", BAI_IDLE_CULL_EVERY="5")
     hub.start()
     hub.add_user("ivy")
     hub.fill("ivy", ONE)
-    # Nobody uses a or b: the culler stops them after 20 s idle, and c starts.
-    hub.wait_ready("ivy", "c", timeout=150)
+    # Nobody uses a or b: the culler stops them after 45 s idle, and c starts.
+    hub.wait_ready("ivy", "c", timeout=240)
     assert "ivy/a" not in hub.requests() or "ivy/b" not in hub.requests()
     check_invariants(hub)
 
