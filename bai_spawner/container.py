@@ -207,7 +207,10 @@ def make_container(
         "command": list(command),
         "environment": env,
         "labels": container_labels,
-        "volumes": sorted(b.split(":")[1] for b in binds),
+        # Data volumes only: the package index's files are configuration, and a target listed here
+        # becomes a VOLUME of a snapshot made by docker commit (a bare run of it then fails with
+        # "cannot mount volume over existing file" at the CA bundle's mount point).
+        "volumes": sorted(b.split(":")[1] for b in binds if b not in package_index.binds()),
         "ports": {f"{port}/tcp": None},
     }
     _merge(create, extra_create)
