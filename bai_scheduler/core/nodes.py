@@ -111,17 +111,20 @@ def gpu_backend(entry: dict, defaults: GpuBackend, where: str) -> GpuBackend:
     return GpuBackend(**values)
 
 
+def check_keys(entry, allowed: frozenset | set, where: str) -> None:
+    """ValueError unless ``entry`` is a dict whose keys are all in ``allowed`` (config entries)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: must be a dict, not {type(entry).__name__}")
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
 def _base(entry, i: int, count: int, seen: set, units: FgpuUnits, defaults: GpuBackend) -> tuple[str, dict]:
     """Checks every node form shares; returns (where, the Node fields other than devices)."""
     where = f"node #{i}"
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: must be a dict, not {type(entry).__name__}")
-    unknown = set(entry) - _NODE_KEYS
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-            f"allowed: {', '.join(sorted(_NODE_KEYS))}"
-        )
+    check_keys(entry, _NODE_KEYS, where)
     name = entry.get("name", "local" if count == 1 else None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"{where}: 'name' must be 1-63 letters, digits, '.', '_' or '-' (got {name!r})")
@@ -182,10 +185,7 @@ def _declared_devices(gpus: list, where: str, units: FgpuUnits, gpu: GpuBackend)
         at = f"{where}: gpus[{j}]"
         if not isinstance(d, dict):
             raise ValueError(f"{at} must be a dict with uuid, index and memory")
-        unknown = set(d) - _DEVICE_KEYS
-        if unknown:
-            raise ValueError(f"{at}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                             f"allowed: {', '.join(sorted(_DEVICE_KEYS))}")
+        check_keys(d, _DEVICE_KEYS, at)
         uuid = d.get("uuid")
         if not isinstance(uuid, str) or not re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9/-]{1,120}", uuid):
             raise ValueError(f"{at}: uuid must be the device's UUID as nvidia-smi -L shows it "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from .model import Request, RequestKey
-from .nodes import parse_bytes
+from .nodes import check_keys, parse_bytes
 from .quotas import GroupPolicy, never_reason
 from .units import FgpuError, FgpuUnits, NumberError, parse_number
 
@@ -67,12 +67,7 @@ def presets_from_config(entries, units: FgpuUnits) -> tuple[Preset, ...]:
     out, seen = [], set()
     for i, entry in enumerate(entries):
         where = f"preset #{i}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: must be a dict, not {type(entry).__name__}")
-        unknown = set(entry) - _KEYS
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                             f"allowed: {', '.join(sorted(_KEYS))}")
+        check_keys(entry, _KEYS, where)
         name = entry.get("display_name")
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{where}: display_name must be a non-empty string")
