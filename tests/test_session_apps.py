@@ -363,7 +363,18 @@ def _wait_mlflow_gone(home: Path, timeout=20):
         if not _procs_of(home):
             return True
         time.sleep(0.5)
-    print("left behind:", _procs_of(home))
+    left = _procs_of(home)
+    print("left behind:", left)
+    for entry in left:  # enough to tell a hang from a slow exit if it ever happens again
+        pid = entry.split()[0]
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            print({k: v.strip() for k, _, v in (line.partition(":") for line in status.splitlines())
+                   if k in ("State", "PPid", "SigBlk", "SigCgt", "Threads")})
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                print(" task", task.name, (task / "comm").read_text().strip(), (task / "wchan").read_text())
+        except OSError as e:
+            print(" cannot read", pid, e)
     return False
 
 
@@ -515,6 +526,37 @@ def test_mlflow_that_exits_shows_its_output(home, tmp_path):
     finally:
         server.stop()
     assert _wait_mlflow_gone(home), "processes left behind after the server stopped"
+
+
+def test_error_page_launcher_stops_with_an_idle_client_connected(home, tmp_path):
+    """A client that connected and sent nothing (a proxy's readiness probe cut short) must not
+    keep the error-page launcher alive after SIGTERM (its handler threads are never waited for)."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    port = _free_port()
+    env = {**os.environ, "HOME": str(home), config.MLFLOW_DIR_ENV: str(blocker / "mlflow")}
+    launcher = subprocess.Popen([sys.executable, "-m", "bai_session_apps.mlflow_launcher", "--port", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    idle = None
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 503
+                break
+            except requests.ConnectionError:
+                assert time.time() < deadline and launcher.poll() is None, "the error page never came up"
+                time.sleep(0.2)
+        idle = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.5)  # accepted and waiting for a request line
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(15)  # raises TimeoutExpired if the idle client holds it
+    finally:
+        if idle is not None:
+            idle.close()
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
 
 
 def test_mlflow_missing_is_explained(home, tmp_path):

@@ -128,12 +128,22 @@ Stop My Server, then start it) to try again.</p>
     return body.encode()
 
 
-def serve_error(port: int, reason: str, log_lines: list[str]) -> int:
-    """Answer every request on ``port`` with the reason, until terminated."""
+class _ErrorPageServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # never wait for a client's connection when stopping
+    block_on_close = False
+
+
+def serve_error(port: int, reason: str, log_lines: list[str],
+                stop_requested: threading.Event | None = None) -> int:
+    """Answer every request on ``port`` with the reason, until terminated (a signal, the
+    parent gone, or ``stop_requested`` set)."""
     log(f"ERROR: {reason}")
     page = error_page(reason, log_lines)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # a client that sends nothing does not hold a thread for ever
+
         def _send(self, with_body=True):
             self.send_response(503)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -156,25 +166,28 @@ def serve_error(port: int, reason: str, log_lines: list[str]) -> int:
             pass
 
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server = _ErrorPageServer(("127.0.0.1", port), Handler)
     except OSError as e:
         # Someone else holds the port: nothing we can serve on it.
         log(f"cannot serve the error page on port {port}: {e}")
         return 1
-    server.timeout = 0.5
-    stop = threading.Event()
+    stopping: list = []
 
     def _term(signum, frame):
-        # only set a flag: creating threads or taking locks inside a signal
-        # handler can deadlock with the interrupted main thread
-        stop.set()
+        # only append to a list: taking a lock (Event.set) inside a signal handler can
+        # deadlock with the interrupted main thread
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    watch_parent(lambda: _term(None, None))
-    while not stop.is_set():
-        server.handle_request()
-    server.server_close()
+    watch_parent(lambda: stopping.append("orphaned"))
+    # The page is served from a daemon thread and the main thread only watches for the stop:
+    # whatever a client does to the listening socket (a connection reset between select and
+    # accept leaves a blocking accept waiting), the launcher still exits when told to.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                     daemon=True, name="error-page").start()
+    while not stopping and not (stop_requested is not None and stop_requested.is_set()):
+        time.sleep(0.2)
     return 1
 
 
@@ -245,7 +258,7 @@ def run(argv=None, environ=None) -> int:
             errors="replace",
         )
     except OSError as e:
-        return serve_error(args.port, f"cannot run {mlflow_bin}: {e}", [])
+        return serve_error(args.port, f"cannot run {mlflow_bin}: {e}", [], terminated)
     holder["child"] = child
     if terminated.is_set():
         _term(None, None)
@@ -268,7 +281,7 @@ def run(argv=None, environ=None) -> int:
         reason += f": port {args.port} is already in use"
     elif "unable to open database file" in text or "readonly database" in text:
         reason += f": the database {paths['db']} cannot be written"
-    return serve_error(args.port, reason, list(lines))
+    return serve_error(args.port, reason, list(lines), terminated)
 
 
 def main():
