@@ -184,8 +184,9 @@ class CapacityHandler(ReadOnlyGetMixin, APIHandler):
         count = self._whole("count", 1, limits.max_sessions) or 1
         group, pool = self._name("group"), self._name("pool")
         team = ((), "")
-        if who["name"] and (self.service.groups or pool):
+        if who["name"] and who["kind"] == "user" and (self.service.groups or pool):
             # The note is about the caller's own session: only the nodes it could be placed on.
+            # (A service, an admin's tool for instance, has no groups of its own: it sees all.)
             groups = await user_groups(self.hub, who["name"]) if self.service.groups else []
             team = note_team(self.service, groups, group, pool, self.bai.allow_ungrouped)
         self.set_header("Cache-Control", "no-store")

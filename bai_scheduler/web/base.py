@@ -154,7 +154,8 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         holds (the hub's OAuth step takes no token), acting as that user with their rights.
         """
         if self.is_internal():
-            return {"name": None, "admin": True, "internal": True, "by_token": True, "scopes": set()}
+            return {"name": None, "admin": True, "internal": True, "by_token": True, "scopes": set(),
+                    "kind": "service"}
         user = self.current_user
         if not user:
             if self.hub_auth.get_token(self, in_cookie=False):
@@ -168,7 +169,8 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         # A token is an admin's only when it carries admin scopes (an admin's token limited to
         # this service's access is not); a browser login is the user's own.
         admin = bool(check_scopes(ADMIN_SCOPES, scopes)) if by_token else bool(user.get("admin"))
-        return {"name": user["name"], "admin": admin, "internal": False, "by_token": by_token, "scopes": scopes}
+        return {"name": user["name"], "admin": admin, "internal": False, "by_token": by_token, "scopes": scopes,
+                "kind": user.get("kind") or "user"}
 
     def check_owner(self, who: dict, user: str) -> None:
         if not (who["admin"] or who["name"] == user):
