@@ -499,7 +499,7 @@ def test_mlflow_unwritable_store_shows_reason_fast(home, tmp_path):
     try:
         t0 = time.time()
         r = server.get("mlflow/", timeout=60)
-        assert time.time() - t0 < 15
+        assert time.time() - t0 < 60  # not the 180 s start timeout
         assert r.status_code == 503
         assert "MLflow UI could not start" in r.text
         assert "cannot create the MLflow store" in r.text
@@ -519,7 +519,7 @@ def test_mlflow_that_exits_shows_its_output(home, tmp_path):
     try:
         t0 = time.time()
         r = server.get("mlflow/", timeout=60)
-        assert time.time() - t0 < 15
+        assert time.time() - t0 < 60  # not the 180 s start timeout
         assert r.status_code == 503
         assert "mlflow server exited with status 3" in r.text
         assert "boom from fake mlflow" in r.text

@@ -89,7 +89,7 @@ def test_sessions_are_hardened_and_a_process_flood_stops_at_the_limit(fresh_hub)
         assert hub.service("GET", "api/health").json()["ok"] is True
         assert status_of(hub, user, "b", token) == 200
         assert docker("exec", b["Id"], "python3", "-c", "print(6 * 7)").stdout.strip() == "42"
-        assert time.time() - t0 < 30
+        assert time.time() - t0 < 90  # answered, not stalled until a timeout
     finally:
         out, _ = flood.communicate("go\n", timeout=120)
     assert "RELEASED" in out

@@ -134,9 +134,12 @@ def test_docker_kill_frees_the_share_at_once_and_the_queue_moves(hub, users):
     victim = hub.session_container(name, "a")
     t0 = time.time()
     assert docker("kill", victim["Id"]).returncode == 0
-    hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "RUNNING", 2, 0.05,
-                 what="share returned within 2 s")
-    assert time.time() - t0 < 2
+    # The engine's event frees the share, not the next full reconcile (every 60 s): a deadline
+    # a third of that holds on a loaded machine and still tells the two apart. (How fast the
+    # event path is, the printed figure shows; it is no timed test.)
+    hub.wait_for(lambda: hub.requests().get(f"{name}/c", {}).get("state") == "RUNNING", 20, 0.05,
+                 what="share returned by the engine's event")
+    print(f"queue moved {time.time() - t0:.2f} s after docker kill")
     hub.wait_ready(name, "c", timeout=90)
 
 
