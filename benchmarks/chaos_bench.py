@@ -361,7 +361,7 @@ def run(actions: int, seed: int, work: Path) -> dict:
     finally:
         if hub is not None:
             hub.stop()
-            hub.cleanup_docker()
+            hub.cleanup()
         engine.destroy()
 
 

@@ -268,7 +268,7 @@ def main():
         result["simulated_gpus"] = gpus
     finally:
         hub.stop()
-        hub.cleanup_docker()
+        hub.cleanup()
         if not args.keep:
             shutil.copy(hub.log_path, ROOT / "test-artifacts" / "load-bench-hub.log") \
                 if (ROOT / "test-artifacts").is_dir() and hub.log_path.exists() else None

@@ -125,7 +125,7 @@ def main():
     finally:
         for hub, _ in hubs.values():
             hub.stop()
-            hub.cleanup_docker()
+            hub.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     b, d = statistics.median(times["bai"]), statistics.median(times["dockerspawner"])
     result = {

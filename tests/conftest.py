@@ -61,7 +61,7 @@ def hub(tmp_path_factory, kernel_images):
     finally:
         h.stop()
         shutil.copy(h.log_path, ARTIFACTS / "jupyterhub-main.log") if h.log_path.exists() else None
-        h.cleanup_docker()
+        h.cleanup()
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def fresh_hub(tmp_path, kernel_images):
     yield make
     for h in hubs:
         h.stop()
-        h.cleanup_docker()
+        h.cleanup()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def teams_hub(tmp_path_factory, kernel_images):
         yield hub
     finally:
         hub.stop()
-        hub.cleanup_docker()
+        hub.cleanup()
 
 
 def test_form_offers_presets_and_pools_and_the_sessions_page_shows_the_eta(teams_hub, browser):

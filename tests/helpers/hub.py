@@ -169,7 +169,33 @@ class Hub:
                 pids.append(int(pid))
         return pids
 
-    def cleanup_docker(self):
+    def leftover_pids(self) -> list[int]:
+        """Processes this hub started that outlived it. Its proxy and managed services run in process
+        groups of their own, so a hub that died without cleaning up (a crash test's SIGKILL, a
+        restart that adopted the old proxy) leaves them running: the proxy carries this hub's
+        BAI_NAME_PREFIX, a managed service the hub's API port in JUPYTERHUB_API_URL."""
+        prefix = f"BAI_NAME_PREFIX={self.prefix}".encode()
+        api = f":{self.env['BAI_HUB_API_PORT']}/hub/api".encode()
+        found = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                env = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if prefix in env or any(e.startswith(b"JUPYTERHUB_API_URL=") and e.endswith(api) for e in env):
+                found.append(int(d.name))
+        return found
+
+    def cleanup(self):
+        """After stop(): end what the hub left running, then remove what it made in Docker and the
+        registry."""
+        for pid in self.leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         cleanup_docker(self.prefix)
 
     # -- REST -----------------------------------------------------------------------
@@ -322,4 +348,4 @@ def running_hub(workdir: Path, log_name: str, **kw):
         h.stop()
         if h.log_path.exists():
             shutil.copy(h.log_path, ARTIFACTS / log_name)
-        h.cleanup_docker()
+        h.cleanup()

@@ -22,7 +22,7 @@ def teams_hub(tmp_path_factory, kernel_images):
         yield hub
     finally:
         hub.stop()
-        hub.cleanup_docker()
+        hub.cleanup()
 
 
 def start(hub, user, server, **options):
