@@ -476,7 +476,10 @@ class BaiScheduler(Application):
     async def start_orphan(self, rec, attempts: int = 60):
         """Ask the hub to start a server admitted while nobody waited for it."""
         for _ in range(attempts):
-            if self.service.get(rec.key) is not rec or self.service.is_attached(rec):
+            # A spawner that waits now, or got the admission, makes the container itself. (Not
+            # is_attached: a spawner seen a moment ago may have died with the hub, and then the
+            # reconcile asks for this start while it still counts as attached.)
+            if self.service.get(rec.key) is not rec or rec.delivered or self.service.is_waited_on(rec):
                 return
             try:
                 await self.hub.start_server(rec.key.user, rec.key.server, rec.user_options)

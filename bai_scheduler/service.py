@@ -35,7 +35,9 @@ Reconcile (``reconcile``)
     * a record's container exited: it is removed, then the share is freed;
     * no container: the share is freed once no spawner can still be making one: nobody waits
       on it, and it was admitted more than ``admission_grace`` seconds ago or the hub neither
-      runs nor starts its server;
+      runs nor starts its server; but an admission no spawner ever heard of (its spawner died
+      with the hub between two polls) is still wanted: the hub is asked to start it, within
+      the admission grace;
     * a container no record knows (complete labels): it is adopted with the share its labels
       state; if its server has another live attempt, it is adopted as STOPPING and removed.
       An adopted share that does not fit sends the newest admissions not yet handed to a
@@ -698,8 +700,13 @@ class Service:
 
     # -- spawner long-poll -----------------------------------------------------
 
+    def is_waited_on(self, rec: Record) -> bool:
+        """A spawner's long-poll for this attempt is open now."""
+        return bool(self._open_waits.get(rec.id))
+
     def is_attached(self, rec: Record) -> bool:
-        if self._open_waits.get(rec.id):
+        """A spawner waits for this attempt, or did a moment ago (it may be between two polls)."""
+        if self.is_waited_on(rec):
             return True
         seen = self._seen.get(rec.id)
         return seen is not None and time.monotonic() - seen < self.WAITER_GRACE_S
@@ -759,7 +766,7 @@ class Service:
             now = time.time()
             listed = {n for n, facts in listing.items() if facts is not None}
             facts_by_id = {f.request_id: f for facts in listing.values() if facts for f in facts}
-            changed, deleted, stopping, pairs = {}, {}, [], []
+            changed, deleted, stopping, pairs, unclaimed = {}, {}, [], [], []
             report = {k: [] for k in ("restored", "repaired", "released", "exited", "orphans",
                                       "requeued", "unknown_removed")}
             sched = self.queue
@@ -786,6 +793,16 @@ class Service:
                 elif f is not None:
                     self._to_stopping(rec, changed, stopping)
                     report["exited"].append(str(rec.key))
+                elif (hub_servers is not None and rec.key not in hub_servers and not self._open_waits.get(rec.id)
+                      and rec.state == "RUNNING" and not rec.delivered
+                      and (rec.admitted_at or 0) > now - self.admission_grace
+                      and self.on_orphan_admitted is not None):
+                    # Admitted, but the spawner that queued it never heard: it died with the hub
+                    # between two polls (so the admission took it for attached). The session is
+                    # still wanted: the hub is asked to start it, as for any admission nobody
+                    # waits for, until the admission grace ends.
+                    unclaimed.append(rec)
+                    report["orphans"].append(str(rec.key))
                 elif not self._may_be_starting(rec, now) or (
                         hub_servers is not None and rec.key not in hub_servers and not self._open_waits.get(rec.id)):
                     # No container, and no spawner can make one: either the grace is over, or the
@@ -821,6 +838,8 @@ class Service:
         if self.overcommitted():
             log.error("Over-commit on the engines (quanta beyond capacity by device): %s", self.overcommitted())
         self._after(admitted, stopping)
+        for rec in unclaimed:
+            asyncio.ensure_future(self.on_orphan_admitted(rec))
         return report
 
     def _to_stopping(self, rec: Record, changed: dict, stopping: list) -> None:

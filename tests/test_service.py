@@ -319,6 +319,41 @@ async def test_reconcile_writes_only_what_changed(db):
 # -- finding 3: a hub restart during container start ------------------------------------------------------
 
 
+async def test_admission_whose_spawner_died_with_the_hub_is_started_not_dropped(db):
+    """A queued session admitted a moment after its spawner's long-poll ended (the hub restarted,
+    so the admission took the spawner for one between two polls) is still wanted: when the hub
+    says it does not start that server, it is asked to, and the share is kept. The code before
+    freed the share and forgot the session (the service model test found it)."""
+    engines = FakeEngines()
+    svc = make(db, engines=engines)
+    asked = []
+
+    async def orphan(rec):
+        asked.append(rec.key)
+
+    svc.on_orphan_admitted = orphan
+    first = await svc.submit(key(0), WHOLE)
+    engines.run(first)
+    queued = await svc.submit(key(1), WHOLE)
+    assert queued.state == "PENDING"
+    await svc.wait(queued.id, svc.epoch, timeout=0.01)  # its spawner's last poll, then the hub died
+    del engines.containers[first.id]
+    await svc.release(first.id)  # its container is gone
+    assert svc.get(key(1)) is queued and queued.state == "RUNNING"
+    await asyncio.sleep(0)
+    assert asked == []  # taken for attached: its spawner was seen a moment ago
+    report = await reconcile(svc, engines, hub=set())  # the restarted hub starts nothing
+    await asyncio.sleep(0)
+    assert svc.get(key(1)) is queued and queued.state == "RUNNING", report
+    assert asked == [key(1)] and report["orphans"] == [str(key(1))]
+    assert sum(held(svc).values()) == WHOLE
+    # Once the hub starts it, its spawner's registration claims the admission as usual; a
+    # session nobody starts within the admission grace is freed as before.
+    svc.admission_grace = 0
+    report = await reconcile(svc, engines, hub=set())
+    assert svc.get(key(1)) is None and report["released"] == [str(key(1))]
+
+
 async def test_finding_3_container_the_hub_does_not_know_is_removed(db):
     engines = FakeEngines()
     svc = make(db, engines=engines, orphan_grace=0)
