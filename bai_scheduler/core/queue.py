@@ -610,8 +610,11 @@ class AdmissionQueue:
     def position(self, key: RequestKey) -> int | None:
         """1-based place in the queue, or None if not pending."""
         req = self._pending.get(key)
-        if req is None:
-            return None
+        return None if req is None else self.position_of(req)
+
+    def position_of(self, req: Request) -> int:
+        """1-based place of ``req``, one of this queue's pending requests (as ``pending()`` or
+        ``request_by_seq`` give them: no key to look up)."""
         if self.policy.order == "drf":
             self._drf_refresh()
             first = self._drf_first
@@ -625,18 +628,20 @@ class AdmissionQueue:
         that it fits but earlier requests go first; None if not pending.  Its place in the queue
         is ``position`` (pages show both); pass it when the caller has it already."""
         req = self._pending.get(key)
-        if req is None:
-            return None
+        return None if req is None else self.wait_reason_of(req, position)
+
+    def wait_reason_of(self, req: Request, position: int | None = None) -> str:
+        """``wait_reason`` of ``req``, one of this queue's pending requests."""
         limit = self._limit_reason(req) if self._has_limits else None
         if limit:
             return limit
         held = ""
-        if self._pin is not None and self._pin[0] == key:
+        if self._pin is not None and self._pin[0] == req.key:
             held = f"; node {self._pin[1].node} is kept free for it"
         missing = self.capacity.missing(req)
         if missing:
             return missing[0].upper() + missing[1:] + held
-        ahead = (position or self.position(key)) - 1
+        ahead = (position or self.position_of(req)) - 1
         if not ahead:
             return "Fits now; starts on the scheduler's next pass" + held
         return f"Fits now, but waits behind {ahead} earlier request{'s' if ahead != 1 else ''} (queue policy){held}"
