@@ -117,8 +117,8 @@ quota = st.builds(Quota, max_running=st.integers(0, 2), max_pending=st.sampled_f
                   max_quanta=st.sampled_from([0, 2, 6]), max_cpu_millis=st.sampled_from([0, 2000]))
 group = st.builds(GroupPolicy, quota=quota, pools=st.sampled_from([(), ("a",)]),
                   lifetime_s=st.sampled_from([0, 600, 7200]))
-limits = st.just(UserLimits()) | st.builds(UserLimits, max_running=st.sampled_from([0, 0, 2]), max_pending=st.sampled_from([0, 0, 4]),
-                   max_quanta=st.sampled_from([0, 0, 6]))
+limits = st.just(UserLimits()) | st.builds(UserLimits, max_running=st.sampled_from([0, 0, 2]),
+                                           max_pending=st.sampled_from([0, 0, 4]), max_quanta=st.sampled_from([0, 0, 6]))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -154,9 +154,13 @@ def test_status_is_the_reference_status_for_every_attempt_after_every_step(
                     clock.now += args[0]
             except Refused:
                 pass
-            for rec in list(svc.records.values()):
-                status = svc.status(rec)
-                assert status == reference_status(svc, rec, clock.now), (op, args, rec.id)
+            records = list(svc.records.values())
+            expected = [reference_status(svc, rec, clock.now) for rec in records]
+            assert svc.statuses(records) == expected, (op, args)
+            subset = records[::3]  # a part of the list (a user's own), in its order
+            assert svc.statuses(subset) == expected[::3], (op, args)
+            for rec, status in zip(records, expected):
+                assert svc.status(rec) == status, (op, args, rec.id)
                 if rec.state == "PENDING":
                     reason = status["reason"]
                     kinds.add(f"{order} ETA {status['eta']['basis']}, {reason.split(' ')[0]}")

@@ -47,6 +47,7 @@ import gc
 import heapq
 from bisect import bisect_left, insort
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from .model import Placement, Request, RequestKey
@@ -55,6 +56,20 @@ from .quotas import Quota, Usage, held_reason, never_reason, pending_reason
 from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
+
+
+@contextmanager
+def cyclic_gc_paused():
+    """CPython's cyclic collector paused while many short-lived objects are made that form no
+    cycles (a pass, the status of every request): each collection it would start meanwhile
+    rescans the whole large, long-lived queue and index again, making big builds super-linear."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 HEADS = ("strict", "skip", "backfill")
 
 
@@ -612,6 +627,11 @@ class AdmissionQueue:
         req = self._pending.get(key)
         return None if req is None else self.position_of(req)
 
+    def places(self) -> dict[int, int]:
+        """Every pending request's ``position``, by seq: one walk of the queue order (for a list
+        of many requests, instead of a search for each)."""
+        return {r.seq: i for i, r in enumerate(self.pending(), 1)}
+
     def position_of(self, req: Request) -> int:
         """1-based place of ``req``, one of this queue's pending requests (as ``pending()`` or
         ``request_by_seq`` give them: no key to look up)."""
@@ -716,19 +736,13 @@ class AdmissionQueue:
         if not self._pending:
             self._pin = None
             return []
-        # A pass allocates many short-lived objects; CPython's cyclic collector
-        # would rescan the whole (large, long-lived) queue and index again and
-        # again, making big passes super-linear. Nothing here forms cycles.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            if self.policy.order == "drf":
-                return self._pass_drf()
-            return self._pass_fifo()
-        finally:
-            self._compact()  # no-op when the pass already compacted
-            if gc_was_enabled:
-                gc.enable()
+        with cyclic_gc_paused():
+            try:
+                if self.policy.order == "drf":
+                    return self._pass_drf()
+                return self._pass_fifo()
+            finally:
+                self._compact()  # no-op when the pass already compacted
 
     def _pass_setup(self):
         self._settled = None
