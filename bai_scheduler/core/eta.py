@@ -116,7 +116,7 @@ class QueueEta:
         """The proven upper bound on ``req``'s start (see the module docstring), or None."""
         q = self.queue
         if self._seqs is None:
-            self._seqs = sorted(r.seq for r in q.pending())
+            self._seqs = q.pending_seqs()
         k = bisect_left(self._seqs, req.seq)
         if k == 0:
             if q.may_be_held(req):

@@ -627,6 +627,10 @@ class AdmissionQueue:
         req = self._pending.get(key)
         return None if req is None else self.position_of(req)
 
+    def pending_seqs(self) -> list[int]:
+        """The pending requests' seqs, ascending (their order of arrival, whatever the policy)."""
+        return list(self._order)
+
     def places(self) -> dict[int, int]:
         """Every pending request's ``position``, by seq: one walk of the queue order (for a list
         of many requests, instead of a search for each)."""
