@@ -56,6 +56,7 @@ from .quotas import Quota, Usage, held_reason, never_reason, pending_reason
 from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
+HEADS = ("strict", "skip", "backfill")
 
 
 @contextmanager
@@ -70,7 +71,6 @@ def cyclic_gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-HEADS = ("strict", "skip", "backfill")
 
 
 class DuplicateRequest(ValueError):
