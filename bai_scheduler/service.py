@@ -55,10 +55,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Awaitable, Callable, Iterable, Protocol
 
-from .core.eta import UNKNOWN, Eta, QueueEta
+from .core.eta import QueueEta
 from .core.model import Placement, Request, RequestKey, Share
 from .core.placement import Capacity
-from .core.queue import AdmissionQueue, QueuePolicy, UserLimits
+from .core.queue import AdmissionQueue, QueuePolicy, UserLimits, cyclic_gc_paused
 from .core.quotas import GroupPolicy, Usage, pending_reason
 from .core.units import FgpuUnits
 from .store import Record, Store, StoreUnavailable
@@ -199,6 +199,13 @@ class Service:
         return AdmissionQueue(capacity, self.policy, self.limits,
                               {g: p.quota for g, p in self.groups.items()})
 
+    def _queued(self, rec: Record) -> Request | None:
+        """The queue's own request of a PENDING attempt, or None if the queue does not hold it.
+        Found by seq, which the record keeps in step with the queue: no key to build and hash
+        (a status refresh asks this for every waiting attempt)."""
+        core = self.queue.request_by_seq(rec.request.seq)
+        return core if core is not None and core.key.id == rec.id else None
+
     @staticmethod
     def _core(rec: Record) -> Request:
         return replace(rec.request, key=Attempt(rec.key.user, rec.key.server, rec.id))
@@ -328,6 +335,19 @@ class Service:
 
     def status(self, rec: Record) -> dict:
         """The public view of one attempt."""
+        return self._status(rec, None)
+
+    def statuses(self, records: Iterable[Record]) -> list[dict]:
+        """``status`` of each of ``records``: one refresh of a list (GET api/requests, the sessions
+        page).  When the list covers much of the queue, the places in it come from one walk of
+        the queue order rather than a search for each."""
+        records = list(records)
+        with cyclic_gc_paused():
+            places = self.queue.places() if 8 * len(records) >= len(self.queue) else None
+            return [self._status(rec, places) for rec in records]
+
+    def _status(self, rec: Record, places: dict[int, int] | None) -> dict:
+        """``status``; ``places``: ``AdmissionQueue.places()`` (None: search the queue)."""
         req = rec.request
         key = req.key
         fgpu = self._fgpu_text.get(req.quanta)
@@ -349,16 +369,14 @@ class Service:
             "group": req.group,
             "pools": list(req.pools),
         }
-        if rec.state == "PENDING":
-            core_key = Attempt(key.user, key.server, rec.id)
-            out["position"] = position = self.queue.position(core_key)
-            out["reason"] = self.queue.wait_reason(core_key, position)
+        if rec.state == "PENDING" and (core := self._queued(rec)) is not None:
+            out["position"] = position = places[core.seq] if places is not None else self.queue.position_of(core)
+            out["reason"] = self.queue.wait_reason_of(core, position)
             if req.quanta and self.gpu_not_ready:
                 out["reason"] += f" (GPUs not ready on {', '.join(sorted(self.gpu_not_ready))})"
             now = time.time()
-            out["eta"] = self.eta(rec, now).to_json(now)
-        deadline = self.deadline(rec)
-        if deadline is not None and rec.state == "RUNNING":
+            out["eta"] = self._queue_eta(now).eta(core).to_json(now)
+        if rec.state == "RUNNING" and (deadline := self.deadline(rec)) is not None:
             out["deadline"] = deadline
             out["lifetime_notice"] = self.lifetime_notice(rec, deadline)
         if rec.state == "STOPPING":
@@ -425,15 +443,13 @@ class Service:
             return None
         return max([self.default_lifetime] + [p.lifetime_s for p in self.groups.values()])
 
-    def eta(self, rec: Record, now: float) -> Eta:
-        """When a waiting attempt starts (``core.eta``); one snapshot per change and second."""
-        if rec.state != "PENDING":
-            return UNKNOWN
+    def _queue_eta(self, now: float) -> QueueEta:
+        """When the waiting attempts start (``core.eta``); one snapshot per change and second."""
         stamp = (self.epoch, int(now))
         if self._eta is None or self._eta[0] != stamp:
-            deadlines = {self._core(r).key: self.deadline(r) for r in self.holding()}
+            deadlines = {Attempt(r.key.user, r.key.server, r.id): self.deadline(r) for r in self.holding()}
             self._eta = (stamp, QueueEta(self.queue, deadlines, self.max_lifetime(), self.departures, now))
-        return self._eta[1].eta(self._core(rec))
+        return self._eta[1]
 
     def group_usage(self) -> dict[str, dict]:
         """Per group with a quota: what it holds and has waiting, and its quota (admin view)."""

@@ -46,7 +46,7 @@ async def test_live_gpu_stats_read_nvml_off_the_loop(monkeypatch):
     node = Node("local", "", (Device("GPU-1", 0, "real", 2, 1, 4),))
     handler = types.SimpleNamespace(
         service=types.SimpleNamespace(units=FgpuUnits(2, "0.5"), nodes=[node], records={}, capacity=lambda: [],
-                                      group_usage=lambda: {}, groups={}),
+                                      statuses=lambda records: [], group_usage=lambda: {}, groups={}),
         settings={"readiness": {}, "registry": types.SimpleNamespace(host="127.0.0.1:5000")},
         notices=types.SimpleNamespace(for_user=lambda user, listed=None: []),
     )

@@ -58,12 +58,12 @@ class Eta:
     def text(self, now: float, clock: Callable[[float], str] | None = None) -> str:
         """E.g. "about 12 min, from recent departures (at the latest 14:20, when sessions reach
         their lifetime)"."""
-        clock = clock or (lambda t: time.strftime("%H:%M", time.localtime(t)))
         parts = []
         if self.expected is not None:
             parts.append(f"about {_span(self.expected - now)}, from recent departures")
         if self.latest is not None:
-            bound = f"at the latest {clock(self.latest)}, when sessions reach their lifetime"
+            when = clock(self.latest) if clock else time.strftime("%H:%M", time.localtime(self.latest))
+            bound = f"at the latest {when}, when sessions reach their lifetime"
             parts.append(f"({bound})" if parts else bound)
         return " ".join(parts) or "unknown"
 
@@ -99,11 +99,15 @@ class QueueEta:
         self.deadlines = deadlines
         self.max_lifetime = max_lifetime
         self.now = now
-        self.departures = list(departures)
+        # The departures the estimate counts, once per snapshot rather than per request.
+        departed = [d for d in departures if d[0] <= now]
+        self._span = now - departed[0][0] if departed else 0.0  # <= 0: no estimate
+        self._departed = len(departed)
+        self._freed = sum(q for _, q in departed)
         self.c = 2 if queue.policy.order == "drf" else 1
         self._seqs: list[int] | None = None
         self._first_bound: float | None | bool = False  # False: not computed yet
-        self._ahead: dict[RequestKey, tuple[int, int]] | None = None
+        self._ahead: dict[int, tuple[int, int]] | None = None  # by seq: (quanta, count) up to it
         self._by_device: dict[int, float | None] | None = None
         self._by_node: dict[int, float | None] = {}
 
@@ -112,7 +116,7 @@ class QueueEta:
         """The proven upper bound on ``req``'s start (see the module docstring), or None."""
         q = self.queue
         if self._seqs is None:
-            self._seqs = sorted(r.seq for r in q.pending())
+            self._seqs = q.pending_seqs()
         k = bisect_left(self._seqs, req.seq)
         if k == 0:
             if q.may_be_held(req):
@@ -192,10 +196,7 @@ class QueueEta:
     # -- the estimate ---------------------------------------------------------------
     def expected(self, req: Request) -> float | None:
         """When ``req`` may start at the rate recent sessions ended, or None without departures."""
-        deps = [d for d in self.departures if d[0] <= self.now]
-        if not deps:
-            return None
-        span = self.now - deps[0][0]
+        span = self._span
         if span <= 0:
             return None
         if self._ahead is None:
@@ -203,13 +204,13 @@ class QueueEta:
             for r in self.queue.pending():
                 quanta += r.quanta
                 count += 1
-                self._ahead[r.key] = (quanta, count)
-        quanta, count = self._ahead[req.key]
-        freed = sum(q for _, q in deps)
+                self._ahead[r.seq] = (quanta, count)
+        quanta, count = self._ahead[req.seq]
+        freed = self._freed
         if req.quanta and freed:
             need = max(quanta - self.queue.capacity.free_quanta, req.quanta)
             return self.now + need * span / freed
-        return self.now + count * span / len(deps)
+        return self.now + count * span / self._departed
 
     def eta(self, req: Request) -> Eta:
         latest = self.latest(req)

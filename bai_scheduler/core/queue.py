@@ -47,6 +47,7 @@ import gc
 import heapq
 from bisect import bisect_left, insort
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from .model import Placement, Request, RequestKey
@@ -56,6 +57,20 @@ from .units import format_bytes
 
 ORDERS = ("fifo", "drf")
 HEADS = ("strict", "skip", "backfill")
+
+
+@contextmanager
+def cyclic_gc_paused():
+    """CPython's cyclic collector paused while many short-lived objects are made that form no
+    cycles (a pass, the status of every request): each collection it would start meanwhile
+    rescans the whole large, long-lived queue and index again, making big builds super-linear."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class DuplicateRequest(ValueError):
@@ -610,8 +625,20 @@ class AdmissionQueue:
     def position(self, key: RequestKey) -> int | None:
         """1-based place in the queue, or None if not pending."""
         req = self._pending.get(key)
-        if req is None:
-            return None
+        return None if req is None else self.position_of(req)
+
+    def pending_seqs(self) -> list[int]:
+        """The pending requests' seqs, ascending (their order of arrival, whatever the policy)."""
+        return list(self._order)
+
+    def places(self) -> dict[int, int]:
+        """Every pending request's ``position``, by seq: one walk of the queue order (for a list
+        of many requests, instead of a search for each)."""
+        return {r.seq: i for i, r in enumerate(self.pending(), 1)}
+
+    def position_of(self, req: Request) -> int:
+        """1-based place of ``req``, one of this queue's pending requests (as ``pending()`` or
+        ``request_by_seq`` give them: no key to look up)."""
         if self.policy.order == "drf":
             self._drf_refresh()
             first = self._drf_first
@@ -625,18 +652,20 @@ class AdmissionQueue:
         that it fits but earlier requests go first; None if not pending.  Its place in the queue
         is ``position`` (pages show both); pass it when the caller has it already."""
         req = self._pending.get(key)
-        if req is None:
-            return None
+        return None if req is None else self.wait_reason_of(req, position)
+
+    def wait_reason_of(self, req: Request, position: int | None = None) -> str:
+        """``wait_reason`` of ``req``, one of this queue's pending requests."""
         limit = self._limit_reason(req) if self._has_limits else None
         if limit:
             return limit
         held = ""
-        if self._pin is not None and self._pin[0] == key:
+        if self._pin is not None and self._pin[0] == req.key:
             held = f"; node {self._pin[1].node} is kept free for it"
         missing = self.capacity.missing(req)
         if missing:
             return missing[0].upper() + missing[1:] + held
-        ahead = (position or self.position(key)) - 1
+        ahead = (position or self.position_of(req)) - 1
         if not ahead:
             return "Fits now; starts on the scheduler's next pass" + held
         return f"Fits now, but waits behind {ahead} earlier request{'s' if ahead != 1 else ''} (queue policy){held}"
@@ -711,19 +740,13 @@ class AdmissionQueue:
         if not self._pending:
             self._pin = None
             return []
-        # A pass allocates many short-lived objects; CPython's cyclic collector
-        # would rescan the whole (large, long-lived) queue and index again and
-        # again, making big passes super-linear. Nothing here forms cycles.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            if self.policy.order == "drf":
-                return self._pass_drf()
-            return self._pass_fifo()
-        finally:
-            self._compact()  # no-op when the pass already compacted
-            if gc_was_enabled:
-                gc.enable()
+        with cyclic_gc_paused():
+            try:
+                if self.policy.order == "drf":
+                    return self._pass_drf()
+                return self._pass_fifo()
+            finally:
+                self._compact()  # no-op when the pass already compacted
 
     def _pass_setup(self):
         self._settled = None

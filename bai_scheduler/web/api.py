@@ -227,10 +227,8 @@ class CatalogHandler(APIHandler):
 class RequestsHandler(APIHandler):
     def get(self):
         who = self.identity()
-        out = [
-            public_status(self.service.status(r), who) for r in self.service.records.values()
-            if who["admin"] or r.key.user == who["name"]
-        ]
+        out = [public_status(s, who) for s in self.service.statuses(
+            r for r in self.service.records.values() if who["admin"] or r.key.user == who["name"])]
         out.sort(key=lambda s: (s["state"] != "RUNNING", s["state"] == "STOPPING", s.get("position") or 0,
                                 s["submitted_at"]))
         self.write_json({"requests": out, "epoch": self.service.epoch})

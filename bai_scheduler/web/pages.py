@@ -360,8 +360,8 @@ class PageHandler(BaseHandler):
 
     async def page_data(self, who: dict) -> dict:
         units = self.service.units
-        statuses = [self.service.status(r) for r in self.service.records.values()
-                    if who["admin"] or r.key.user == who["name"]]
+        statuses = self.service.statuses(r for r in self.service.records.values()
+                                         if who["admin"] or r.key.user == who["name"])
         users = await self.hub_users(who)
         if not who["admin"]:
             users = [u for u in users if u.get("name") == who["name"]]
