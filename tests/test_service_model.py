@@ -178,10 +178,14 @@ class ServiceModel(RuleBasedStateMachine):
                 return
         raise AssertionError("the service's background work did not settle")
 
+    def stop_service(self):
+        self.svc.close()
+        self.svc.store.engine.dispose()  # its pooled connections, else every run leaks file handles
+
     def teardown(self):
         try:
             if self.svc is not None:
-                self.svc.close()
+                self.stop_service()
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
             self.loop.run_until_complete(asyncio.sleep(0))
@@ -437,7 +441,7 @@ class ServiceModel(RuleBasedStateMachine):
     @rule()
     def service_restarts(self):
         """The service process restarts: memory is rebuilt from the database, then the engines."""
-        self.svc.close()
+        self.stop_service()
         self.start_service()
         self.reconcile()
 
