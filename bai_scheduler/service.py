@@ -37,7 +37,8 @@ Reconcile (``reconcile``)
       on it, and it was admitted more than ``admission_grace`` seconds ago or the hub neither
       runs nor starts its server; but an admission no spawner ever heard of (its spawner died
       with the hub between two polls) is still wanted: the hub is asked to start it, within
-      the admission grace;
+      the admission grace; one its spawner released while the database could not take it is
+      not (a waiting one of those is dropped from the queue);
     * a container no record knows (complete labels): it is adopted with the share its labels
       state; if its server has another live attempt, it is adopted as STOPPING and removed.
       An adopted share that does not fit sends the newest admissions not yet handed to a
@@ -170,6 +171,9 @@ class Service:
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._open_waits: dict[str, int] = {}
         self._seen: dict[str, float] = {}  # attempt id -> when its spawner last waited
+        # Attempts whose spawner released them while the database could not take it: memory went
+        # back, but nobody wants them; the reconcile drops them (never asks the hub to start one).
+        self._cancelled: set[str] = set()
         self._orphan_since: dict[str, float] = {}  # attempt id -> when the hub was seen not to know it
         self._gone: OrderedDict[str, tuple[int, str]] = OrderedDict()  # id -> (epoch, reason)
         self._removals: dict[str, asyncio.Task] = {}
@@ -308,6 +312,7 @@ class Service:
         self.degraded = None
         for attempt_id, (rec, reason) in deleted.items():
             self._committed.pop(attempt_id, None)
+            self._cancelled.discard(attempt_id)
             self._forget(attempt_id, reason)
         for rec in changed.values():
             self.epoch += 1
@@ -607,7 +612,11 @@ class Service:
             if self.live.get(rec.key) == rec.id:
                 del self.live[rec.key]
             admitted = self._admitted(pairs, changed)
-            await self._commit(changed, {rec.id: (rec, reason)})
+            try:
+                await self._commit(changed, {rec.id: (rec, reason)})
+            except StoreUnavailable:
+                self._cancelled.add(attempt_id)
+                raise
         if admitted:
             self.admission_latencies.append(time.perf_counter() - t0)
             del self.admission_latencies[:-10000]
@@ -787,6 +796,10 @@ class Service:
                                       "requeued", "unknown_removed")}
             sched = self.queue
             for rec in list(self.records.values()):
+                if rec.id in self._cancelled and rec.state == "PENDING" and rec.changed <= since:
+                    pairs += self._drop(rec, "The request was cancelled.", deleted)  # the release that failed
+                    report["released"].append(str(rec.key))
+                    continue
                 if rec.changed > since or not rec.holds_share or rec.placement.node not in listed:
                     continue
                 f = facts_by_id.get(rec.id)
@@ -810,7 +823,7 @@ class Service:
                     self._to_stopping(rec, changed, stopping)
                     report["exited"].append(str(rec.key))
                 elif (hub_servers is not None and rec.key not in hub_servers and not self._open_waits.get(rec.id)
-                      and rec.state == "RUNNING" and not rec.delivered
+                      and rec.state == "RUNNING" and not rec.delivered and rec.id not in self._cancelled
                       and (rec.admitted_at or 0) > now - self.admission_grace
                       and self.on_orphan_admitted is not None):
                     # Admitted, but the spawner that queued it never heard: it died with the hub
@@ -824,11 +837,7 @@ class Service:
                     # No container, and no spawner can make one: either the grace is over, or the
                     # hub (asked after the listing began) neither runs nor starts that server (a
                     # spawn that stopped while this service was away, so its release was lost).
-                    pairs += sched.release(self._core(rec).key)
-                    del self.records[rec.id]
-                    if self.live.get(rec.key) == rec.id:
-                        del self.live[rec.key]
-                    deleted[rec.id] = (rec, "No container of the session was found.")
+                    pairs += self._drop(rec, "No container of the session was found.", deleted)
                     report["released"].append(str(rec.key))
                 elif rec.state == "STOPPING":
                     stopping.append(rec)  # its removal frees the share once no container can come
@@ -857,6 +866,15 @@ class Service:
         for rec in unclaimed:
             asyncio.ensure_future(self.on_orphan_admitted(rec))
         return report
+
+    def _drop(self, rec: Record, reason: str, deleted: dict) -> list:
+        """Take ``rec`` out of the queue and the records (written with ``deleted``); what that admits."""
+        pairs = self.queue.release(self._core(rec).key)
+        del self.records[rec.id]
+        if self.live.get(rec.key) == rec.id:
+            del self.live[rec.key]
+        deleted[rec.id] = (rec, reason)
+        return pairs
 
     def _to_stopping(self, rec: Record, changed: dict, stopping: list) -> None:
         rec.state = "STOPPING"

@@ -354,6 +354,37 @@ async def test_admission_whose_spawner_died_with_the_hub_is_started_not_dropped(
     assert svc.get(key(1)) is None and report["released"] == [str(key(1))]
 
 
+async def test_a_release_the_database_missed_is_dropped_not_started(db):
+    """A spawner released its waiting request (the user stopped it) while the database was down:
+    memory went back, so the request lives on and may be admitted later. Nobody wants it: the
+    reconcile drops it and never asks the hub to start it."""
+    engines = FakeEngines()
+    svc = make(db, engines=engines)
+    asked = []
+
+    async def orphan(rec):
+        asked.append(rec.key)
+
+    svc.on_orphan_admitted = orphan
+    first = await svc.submit(key(0), WHOLE)
+    engines.run(first)
+    queued = await svc.submit(key(1), WHOLE)
+    apply = svc.store.apply
+
+    def down_once(*args):
+        svc.store.apply = apply
+        raise StoreUnavailable("database unavailable (the test's)")
+
+    svc.store.apply = down_once
+    with pytest.raises(StoreUnavailable):
+        await svc.release(queued.id)
+    assert svc.get(key(1)) is not None  # not written, so not forgotten either
+    report = await reconcile(svc, engines, hub={key(0)})
+    assert svc.get(key(1)) is None and report["released"] == [str(key(1))]
+    await asyncio.sleep(0)
+    assert asked == []
+
+
 async def test_finding_3_container_the_hub_does_not_know_is_removed(db):
     engines = FakeEngines()
     svc = make(db, engines=engines, orphan_grace=0)
