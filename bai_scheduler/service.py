@@ -795,6 +795,7 @@ class Service:
             report = {k: [] for k in ("restored", "repaired", "released", "exited", "orphans",
                                       "requeued", "unknown_removed")}
             sched = self.queue
+            unseen = {r.id for r in self.records.values() if r.changed > since}  # new since the hub was asked
             for rec in list(self.records.values()):
                 if rec.id in self._cancelled and rec.state == "PENDING" and rec.changed <= since:
                     pairs += self._drop(rec, "The request was cancelled.", deleted)  # the release that failed
@@ -858,11 +859,17 @@ class Service:
                 report["restored"].append(str(rec.key))
             pairs += sched.schedule()
             admitted = self._admitted(pairs, changed)
+            if hub_servers is not None:
+                # Admitted now, and the hub (asked after the listing began) does not start them:
+                # their spawners died with it, even one seen a moment ago. Asked to start them.
+                unclaimed += [r for r in admitted if r.key not in hub_servers and r.id not in unseen
+                              and not self.is_waited_on(r) and r.id not in self._cancelled]
             if changed or deleted:
                 await self._commit(changed, deleted)
         if self.overcommitted():
             log.error("Over-commit on the engines (quanta beyond capacity by device): %s", self.overcommitted())
-        self._after(admitted, stopping)
+        asked = {r.id for r in unclaimed}
+        self._after([r for r in admitted if r.id not in asked], stopping)
         for rec in unclaimed:
             asyncio.ensure_future(self.on_orphan_admitted(rec))
         return report

@@ -541,3 +541,26 @@ def test_refused_registration_changes_nothing():
         svc.close()
 
     asyncio.run(go())
+
+
+def test_found_queued_session_admitted_after_a_hub_restart_is_started():
+    """A case the model found (shrunk): the hub restarts while ann/b waits; the reconcile frees
+    the two sessions that never got a container and admits ann/b, whose spawner died with the
+    hub a moment after it was last seen. The hub must be asked to start it (before, its share
+    was held for nothing and then freed: the queued session was lost)."""
+    m = ServiceModel()
+    try:
+        m.boot()
+        m.register(RequestKey("ann", ""), 8)
+        m.register(RequestKey("ann", "a"), 4)
+        m.register(RequestKey("ann", "b"), 8)
+        assert m.svc.get(RequestKey("ann", "b")).state == "PENDING"
+        m.hub_restarts(None, False)
+        m.reconcile()  # checks every share has a reason
+        m.holds()
+        assert m.orphans == [RequestKey("ann", "b")]
+        m.hub_starts_an_orphan(type("Draw", (), {"draw": staticmethod(lambda s: RequestKey("ann", "b"))})())
+        m.poll_one(RequestKey("ann", "b"))
+        assert m.hub[RequestKey("ann", "b")].phase == "admitted"
+    finally:
+        m.teardown()
