@@ -90,7 +90,10 @@ async def test_queued_then_admitted_then_stopped_in_process(deployment):
     sp = spawner_for(d)
     start = asyncio.ensure_future(sp.start())
     events = asyncio.ensure_future(watch(sp))
-    await until(lambda: requests_of(d).get("alice/work", {}).get("state") == "PENDING", what="alice/work queued")
+    # (the spawner knows its request once the registration's answer is back, a moment after the
+    # service lists it: on a loaded machine poll() came in between)
+    await until(lambda: sp.request_id and requests_of(d).get("alice/work", {}).get("state") == "PENDING",
+                what="alice/work queued")
     assert await sp.poll() is None  # queued counts as alive: the hub's Stop must reach stop()
     assert not start.done()
 
