@@ -319,11 +319,9 @@ async def test_reconcile_writes_only_what_changed(db):
 # -- finding 3: a hub restart during container start ------------------------------------------------------
 
 
-async def test_admission_whose_spawner_died_with_the_hub_is_started_not_dropped(db):
-    """A queued session admitted a moment after its spawner's long-poll ended (the hub restarted,
-    so the admission took the spawner for one between two polls) is still wanted: when the hub
-    says it does not start that server, it is asked to, and the share is kept. The code before
-    freed the share and forgot the session (the service model test found it)."""
+async def whole_gpu_taken_and_one_queued(db):
+    """A service whose hub-start requests are recorded in ``asked``; ``first`` runs on the whole
+    GPU (with its container), ``queued`` waits for it."""
     engines = FakeEngines()
     svc = make(db, engines=engines)
     asked = []
@@ -334,7 +332,15 @@ async def test_admission_whose_spawner_died_with_the_hub_is_started_not_dropped(
     svc.on_orphan_admitted = orphan
     first = await svc.submit(key(0), WHOLE)
     engines.run(first)
-    queued = await svc.submit(key(1), WHOLE)
+    return engines, svc, asked, first, await svc.submit(key(1), WHOLE)
+
+
+async def test_admission_whose_spawner_died_with_the_hub_is_started_not_dropped(db):
+    """A queued session admitted a moment after its spawner's long-poll ended (the hub restarted,
+    so the admission took the spawner for one between two polls) is still wanted: when the hub
+    says it does not start that server, it is asked to, and the share is kept. The code before
+    freed the share and forgot the session (the service model test found it)."""
+    engines, svc, asked, first, queued = await whole_gpu_taken_and_one_queued(db)
     assert queued.state == "PENDING"
     await svc.wait(queued.id, svc.epoch, timeout=0.01)  # its spawner's last poll, then the hub died
     del engines.containers[first.id]
@@ -358,17 +364,7 @@ async def test_a_release_the_database_missed_is_dropped_not_started(db):
     """A spawner released its waiting request (the user stopped it) while the database was down:
     memory went back, so the request lives on and may be admitted later. Nobody wants it: the
     reconcile drops it and never asks the hub to start it."""
-    engines = FakeEngines()
-    svc = make(db, engines=engines)
-    asked = []
-
-    async def orphan(rec):
-        asked.append(rec.key)
-
-    svc.on_orphan_admitted = orphan
-    first = await svc.submit(key(0), WHOLE)
-    engines.run(first)
-    queued = await svc.submit(key(1), WHOLE)
+    engines, svc, asked, first, queued = await whole_gpu_taken_and_one_queued(db)
     apply = svc.store.apply
 
     def down_once(*args):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import pids_whose_environ
+
 bai_session_apps = pytest.importorskip(
     "bai_session_apps", reason="run `pip install -e extensions` first"
 )
@@ -345,14 +347,11 @@ def _procs_of(home: Path) -> list[str]:
     """Processes started for the server with this HOME (launcher, MLflow, shells)."""
     marker = f"HOME={home}".encode()
     found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
+    for pid in pids_whose_environ(lambda env: marker in env):
         try:
-            if marker in (d / "environ").read_bytes().split(b"\0"):
-                found.append(d.name + " " + (d / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            found.append(f"{pid} " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
         except OSError:
-            pass
+            pass  # ended meanwhile
     return found
 
 

@@ -24,7 +24,7 @@ import requests
 
 from bai_spawner import pipconf
 
-from . import ARTIFACTS, ROOT
+from . import ARTIFACTS, ROOT, pids_whose_environ
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling out, which
@@ -176,17 +176,8 @@ class Hub:
         BAI_NAME_PREFIX, a managed service the hub's API port in JUPYTERHUB_API_URL."""
         prefix = f"BAI_NAME_PREFIX={self.prefix}".encode()
         api = f":{self.env['BAI_HUB_API_PORT']}/hub/api".encode()
-        found = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == os.getpid():
-                continue
-            try:
-                env = (d / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if prefix in env or any(e.startswith(b"JUPYTERHUB_API_URL=") and e.endswith(api) for e in env):
-                found.append(int(d.name))
-        return found
+        return pids_whose_environ(lambda env: prefix in env or any(
+            e.startswith(b"JUPYTERHUB_API_URL=") and e.endswith(api) for e in env))
 
     def cleanup(self):
         """After stop(): end what the hub left running, then remove what it made in Docker and the
